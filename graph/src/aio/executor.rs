@@ -1,0 +1,280 @@
+//! A single-threaded executor for block requests, driven by an event loop.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::uring::{Reactor, ReactorGuard};
+
+/// Number of submission queue entries of each executor's io_uring.
+const RING_ENTRIES: u32 = 512;
+
+thread_local! {
+    /// The wake queue of the executor running on this thread, if any.
+    static RUNNING: Cell<*const WakeQueue> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Tasks that were woken and wait to be polled.
+struct WakeQueue {
+    ready: Mutex<Vec<usize>>,
+    event: EventFd,
+}
+
+impl WakeQueue {
+    fn push(self: &Arc<Self>, id: usize) {
+        self.ready.lock().unwrap().push(id);
+        // The running executor looks at its queue again before it sleeps, so
+        // only a wake from elsewhere needs the eventfd.
+        if RUNNING.with(|r| r.get()) != Arc::as_ptr(self) {
+            let _ = self.event.write(1);
+        }
+    }
+
+    fn take(&self, into: &mut Vec<usize>) {
+        std::mem::swap(&mut *self.ready.lock().unwrap(), into);
+    }
+}
+
+struct TaskWaker {
+    id: usize,
+    queue: Arc<WakeQueue>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.queue.push(self.id);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.queue.push(self.id);
+    }
+}
+
+struct Task<T> {
+    future: Pin<Box<dyn Future<Output = T> + Send>>,
+    waker: Waker,
+}
+
+/// Marks this thread as running an executor until dropped.
+struct RunningGuard(*const WakeQueue);
+
+impl RunningGuard {
+    fn enter(queue: &Arc<WakeQueue>) -> Self {
+        RunningGuard(RUNNING.with(|r| r.replace(Arc::as_ptr(queue))))
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        RUNNING.with(|r| r.set(self.0));
+    }
+}
+
+/// An executor of tasks that each produce a `T`, with its own io_uring.
+///
+/// It never blocks: an event loop calls [`Executor::run`] when the
+/// [`Executor::event_fd`] is readable or after it spawned tasks, and gets the
+/// output of each task that finished.
+pub struct Executor<T> {
+    tasks: Vec<Option<Task<T>>>,
+    free: Vec<usize>,
+    live: usize,
+    queue: Arc<WakeQueue>,
+    reactor: Reactor,
+    scratch: Vec<usize>,
+}
+
+impl<T> Executor<T> {
+    /// Creates an executor with a new io_uring and eventfd.
+    pub fn new() -> io::Result<Self> {
+        let event = EventFd::new(EFD_NONBLOCK)?;
+        let reactor = Reactor::new(RING_ENTRIES, &event)?;
+        Ok(Executor {
+            tasks: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            queue: Arc::new(WakeQueue {
+                ready: Mutex::new(Vec::new()),
+                event,
+            }),
+            reactor,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The eventfd that becomes readable when [`Executor::run`] has work.
+    pub fn event_fd(&self) -> RawFd {
+        self.queue.event.as_raw_fd()
+    }
+
+    /// Clears the eventfd; call before [`Executor::run`] when it fired.
+    pub fn consume_event(&self) {
+        let _ = self.queue.event.read();
+    }
+
+    /// Number of tasks that have not finished.
+    pub fn pending(&self) -> usize {
+        self.live
+    }
+
+    /// Adds a task; it is first polled by the next [`Executor::run`].
+    pub fn spawn(&mut self, future: impl Future<Output = T> + Send + 'static) {
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.tasks.push(None);
+            self.tasks.len() - 1
+        });
+        let waker = Waker::from(Arc::new(TaskWaker {
+            id,
+            queue: self.queue.clone(),
+        }));
+        self.tasks[id] = Some(Task {
+            future: Box::pin(future),
+            waker,
+        });
+        self.live += 1;
+        self.queue.ready.lock().unwrap().push(id);
+    }
+
+    /// Polls every woken task, submits and reaps I/O, and repeats until no
+    /// task is ready; `done` gets the output of each finished task.
+    pub fn run(&mut self, mut done: impl FnMut(T)) {
+        let _running = RunningGuard::enter(&self.queue);
+        let _reactor = ReactorGuard::enter(&self.reactor);
+        loop {
+            let mut ready = std::mem::take(&mut self.scratch);
+            self.queue.take(&mut ready);
+            let idle = ready.is_empty();
+            for id in ready.drain(..) {
+                let Some(task) = self.tasks.get_mut(id).and_then(Option::as_mut) else {
+                    continue; // a stale wake of a finished task
+                };
+                let mut cx = Context::from_waker(&task.waker);
+                if let Poll::Ready(out) = task.future.as_mut().poll(&mut cx) {
+                    self.tasks[id] = None;
+                    self.free.push(id);
+                    self.live -= 1;
+                    done(out);
+                }
+            }
+            self.scratch = ready;
+            let reaped = self.reactor.submit_and_reap();
+            if idle && reaped == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Runs a future to completion on the calling thread, with a temporary
+/// reactor; for control-plane threads and tests.
+pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
+    let event = EventFd::new(0)?;
+    let reactor = Reactor::new(64, &event)?;
+    let queue = Arc::new(WakeQueue {
+        ready: Mutex::new(Vec::new()),
+        event,
+    });
+    let waker = Waker::from(Arc::new(TaskWaker {
+        id: 0,
+        queue: queue.clone(),
+    }));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = pin!(future);
+    let _running = RunningGuard::enter(&queue);
+    let _reactor = ReactorGuard::enter(&reactor);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return Ok(out);
+        }
+        loop {
+            reactor.submit_and_reap();
+            let mut ready = Vec::new();
+            queue.take(&mut ready);
+            if !ready.is_empty() {
+                break;
+            }
+            // Blocks until io_uring posts a completion or another thread
+            // wakes the future.
+            queue.event.read()?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A future that is woken from another thread after a delay.
+    struct Remote {
+        started: bool,
+        flag: Arc<AtomicBool>,
+    }
+
+    impl Future for Remote {
+        type Output = u32;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
+            if self.flag.load(Ordering::Acquire) {
+                return Poll::Ready(7);
+            }
+            if !self.started {
+                self.started = true;
+                let (flag, waker) = (self.flag.clone(), cx.waker().clone());
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    flag.store(true, Ordering::Release);
+                    waker.wake();
+                });
+            }
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn block_on_is_woken_from_another_thread() {
+        let f = Remote {
+            started: false,
+            flag: Arc::new(AtomicBool::new(false)),
+        };
+        assert_eq!(block_on(f).unwrap(), 7);
+    }
+
+    #[test]
+    fn executor_runs_tasks_and_reports_outputs() {
+        let mut ex = Executor::new().unwrap();
+        for i in 0..10u32 {
+            ex.spawn(async move { i * 2 });
+        }
+        ex.spawn(async {
+            Remote {
+                started: false,
+                flag: Arc::new(AtomicBool::new(false)),
+            }
+            .await
+                + 100
+        });
+        let mut out = Vec::new();
+        ex.run(|v| out.push(v));
+        assert_eq!(out.len(), 10);
+        assert_eq!(ex.pending(), 1);
+        // The remote wake arrives through the eventfd.
+        let mut pfd = libc::pollfd {
+            fd: ex.event_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is a valid pollfd for the duration of the call.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        ex.consume_event();
+        ex.run(|v| out.push(v));
+        assert_eq!(ex.pending(), 0);
+        out.sort();
+        assert_eq!(out.last(), Some(&107));
+    }
+}

@@ -1,0 +1,18 @@
+//! Asynchronous I/O: the per-thread executor, its io_uring reactor and a
+//! thread pool for `aio=threads`.
+//!
+//! Every thread that issues block I/O runs an [`Executor`]: a queue worker of
+//! the vhost-user device, the NBD server, or a control-plane thread through
+//! [`block_on`]. Node operations are futures; a driver that submits I/O to
+//! io_uring does so on the reactor of the executor that polls it, so a request
+//! never changes threads. One eventfd per executor tells its event loop that
+//! there is work: io_uring posts it on completions, and wakers from other
+//! threads write it.
+
+mod executor;
+mod pool;
+mod uring;
+
+pub use executor::{block_on, Executor};
+pub(crate) use pool::{run_blocking, BlockingOp};
+pub(crate) use uring::{submit, OpResources, UringOp};

@@ -1,0 +1,71 @@
+//! The table of operations every block driver implements.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use crate::buffer::IoBuffer;
+
+/// The future of a block operation.
+pub type IoFuture<'a, T = ()> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// Flags of a write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is on stable storage when the write completes.
+    pub fua: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated, as long as it reads back as zeroes.
+    pub may_unmap: bool,
+    /// Force unit access.
+    pub fua: bool,
+}
+
+/// The state of a range of a node, from its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Length of the run of bytes with this state.
+    pub len: u64,
+    /// The range holds data (is allocated) in this node.
+    pub data: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+}
+
+/// Operations of a block driver instance: the node's behaviour.
+///
+/// Offsets and lengths arrive checked against [`BlockDriver::size`] by the
+/// node. Futures may complete in any order; a driver that waits on other
+/// requests does so by awaiting, never by blocking its thread.
+pub trait BlockDriver: Send + Sync {
+    /// Size of the node in bytes.
+    fn size(&self) -> u64;
+
+    /// Alignment in bytes that offsets, lengths and memory of requests to
+    /// this node should have to avoid bouncing (1 when anything goes).
+    fn request_alignment(&self) -> u64 {
+        1
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a>;
+
+    /// Writes `buf` at `offset`.
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>, flags: WriteFlags) -> IoFuture<'a>;
+
+    /// Makes completed writes stable.
+    fn flush(&self) -> IoFuture<'_>;
+
+    /// Deallocates a range; its content becomes unspecified.
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_>;
+
+    /// Makes a range read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_>;
+
+    /// The state of the range starting at `offset`, at most `len` bytes long.
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus>;
+}

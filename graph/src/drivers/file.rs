@@ -1,0 +1,638 @@
+//! The `file` protocol driver: a host file or block device.
+//!
+//! I/O goes through the executor's io_uring (`aio=io_uring`, the default;
+//! `aio=native` is taken as a synonym) or through a thread pool
+//! (`aio=threads`). Guest buffers are passed to the kernel as they are; with
+//! `cache.direct=on` a request whose memory, offset or length is not aligned
+//! goes through an aligned bounce buffer.
+
+use std::alloc::{self, Layout};
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+use serde::Deserialize;
+
+use super::{DriverEntry, OpenContext};
+use crate::aio::{run_blocking, submit, BlockingOp, OpResources, UringOp};
+use crate::buffer::{IoBuffer, IoSegment};
+use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::error::Error;
+use crate::options::Options;
+
+/// The table entry.
+pub const ENTRY: DriverEntry = DriverEntry { name: "file", open };
+
+/// Largest chunk of zeroes written when fallocate cannot zero a range.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// How I/O is submitted.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Aio {
+    /// A thread pool doing preadv/pwritev.
+    Threads,
+    /// Kernel asynchronous I/O; served by io_uring in blkgraph.
+    Native,
+    /// io_uring on the executor's ring.
+    #[default]
+    IoUring,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileOptions {
+    filename: String,
+    #[serde(default)]
+    aio: Aio,
+    #[serde(default)]
+    locking: Option<String>,
+    #[serde(default)]
+    aio_max_batch: Option<u64>,
+}
+
+/// An aligned heap buffer for O_DIRECT bounce I/O.
+struct AlignedBuffer {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the buffer is exclusively owned heap memory.
+unsafe impl Send for AlignedBuffer {}
+
+impl AlignedBuffer {
+    fn new(len: usize, align: usize) -> io::Result<Self> {
+        let layout = Layout::from_size_align(len.max(align), align)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        NonNull::new(ptr)
+            .map(|ptr| AlignedBuffer { ptr, layout })
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))
+    }
+
+    fn as_io_buffer(&mut self, len: usize) -> IoBuffer<'_> {
+        assert!(len <= self.layout.size());
+        let seg = IoSegment {
+            iov_base: self.ptr.as_ptr().cast(),
+            iov_len: len,
+        };
+        // SAFETY: the segment lies inside this buffer, which is borrowed
+        // mutably for the IoBuffer's lifetime.
+        unsafe { IoBuffer::from_raw_segments(vec![seg]) }
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// An open file.
+pub struct File {
+    file: Arc<std::fs::File>,
+    size: u64,
+    direct: bool,
+    align: u64,
+    aio: Aio,
+}
+
+fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn BlockDriver>, Error> {
+    let opts: FileOptions = options.parse("")?;
+    if let Some(locking) = opts.locking.as_deref() {
+        if !matches!(locking, "auto" | "off") {
+            return Err(Error::InvalidOptions(format!(
+                "Parameter 'locking' does not accept value '{locking}': blkgraph takes no image locks (use auto or off)"
+            )));
+        }
+    }
+    let _ = opts.aio_max_batch;
+    let read_only = ctx.common.is_read_only();
+    let direct = ctx.common.direct();
+    let mut oo = OpenOptions::new();
+    oo.read(true).write(!read_only);
+    if direct {
+        oo.custom_flags(libc::O_DIRECT);
+    }
+    let file = oo.open(&opts.filename).map_err(|source| Error::Open {
+        filename: opts.filename.clone(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| Error::Open {
+        filename: opts.filename.clone(),
+        source,
+    })?;
+    let size = if meta.file_type().is_block_device() {
+        block_device_size(file.as_raw_fd()).map_err(|source| Error::Open {
+            filename: opts.filename.clone(),
+            source,
+        })?
+    } else {
+        meta.len()
+    };
+    let align = if direct {
+        probe_alignment(file.as_raw_fd())
+    } else {
+        1
+    };
+    Ok(Box::new(File {
+        file: Arc::new(file),
+        size,
+        direct,
+        align,
+        aio: opts.aio,
+    }))
+}
+
+/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+fn block_device_size(fd: RawFd) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which is valid.
+    let ret = unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// The smallest alignment an O_DIRECT read accepts: 512 or 4096.
+fn probe_alignment(fd: RawFd) -> u64 {
+    let Ok(mut buf) = AlignedBuffer::new(4096, 4096) else {
+        return 4096;
+    };
+    // SAFETY: the buffer holds 4096 bytes, more than the 512 read.
+    let ret = unsafe { libc::pread(fd, buf.ptr.as_ptr().cast(), 512, 0) };
+    let _ = &mut buf;
+    if ret >= 0 {
+        512
+    } else {
+        4096
+    }
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// iovecs that move to a pool thread.
+struct SendSegments(Vec<IoSegment>);
+// SAFETY: the segments point to memory that stays valid until the job
+// completes (the request owning it awaits the job).
+unsafe impl Send for SendSegments {}
+
+impl File {
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// One readv/writev of the whole buffer, on io_uring or the pool;
+    /// returns the bytes transferred.
+    async fn transfer_once(
+        &self,
+        offset: u64,
+        buf: &IoBuffer<'_>,
+        write: bool,
+        fua: bool,
+    ) -> io::Result<usize> {
+        match self.aio {
+            Aio::IoUring | Aio::Native => {
+                let (res, _) = self.submit_rw(offset, buf, write, fua)?.await;
+                Ok(res? as usize)
+            }
+            Aio::Threads => Ok(self.spawn_rw(offset, buf, write, fua).await? as usize),
+        }
+    }
+
+    fn submit_rw(
+        &self,
+        offset: u64,
+        buf: &IoBuffer<'_>,
+        write: bool,
+        fua: bool,
+    ) -> io::Result<UringOp> {
+        let iovecs = buf.segments().to_vec();
+        let fd = types::Fd(self.fd());
+        let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
+        let entry = if write {
+            let flags = if fua { libc::RWF_DSYNC } else { 0 };
+            opcode::Writev::new(fd, ptr, n)
+                .offset(offset)
+                .rw_flags(flags)
+                .build()
+        } else {
+            opcode::Readv::new(fd, ptr, n).offset(offset).build()
+        };
+        submit(entry, OpResources::iovecs(iovecs))
+    }
+
+    fn spawn_rw(&self, offset: u64, buf: &IoBuffer<'_>, write: bool, fua: bool) -> BlockingOp {
+        let file = self.file.clone();
+        let segs = SendSegments(buf.segments().to_vec());
+        run_blocking(move || {
+            let segs = segs;
+            let (fd, ptr, cnt) = (file.as_raw_fd(), segs.0.as_ptr(), segs.0.len() as i32);
+            let off = offset as libc::off_t;
+            // SAFETY: the iovecs point to memory valid for the transfer
+            // (SendSegments' contract).
+            let ret = unsafe {
+                if write {
+                    let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                    libc::pwritev2(fd, ptr, cnt, off, flags)
+                } else {
+                    libc::preadv(fd, ptr, cnt, off)
+                }
+            };
+            if ret < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(ret as u64)
+            }
+        })
+    }
+
+    /// Transfers the whole buffer, resubmitting after short transfers; a
+    /// read past the end of the file fills zeroes.
+    async fn transfer(
+        &self,
+        offset: u64,
+        buf: &IoBuffer<'_>,
+        write: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        let mut done = self.transfer_once(offset, buf, write, fua).await?;
+        while done < buf.len() {
+            let rest = buf.slice(done, buf.len() - done);
+            let n = self
+                .transfer_once(offset + done as u64, &rest, write, fua)
+                .await?;
+            if n == 0 {
+                if write {
+                    return Err(errno(libc::EIO));
+                }
+                rest.fill_zero(0, rest.len());
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn needs_bounce(&self, offset: u64, buf: &IoBuffer<'_>) -> bool {
+        self.direct && (!offset.is_multiple_of(self.align) || !buf.is_aligned(self.align as usize))
+    }
+
+    async fn read_bounced(&self, offset: u64, buf: &IoBuffer<'_>) -> io::Result<()> {
+        let start = offset - offset % self.align;
+        let end = (offset + buf.len() as u64).div_ceil(self.align) * self.align;
+        let mut bounce = AlignedBuffer::new((end - start) as usize, self.align as usize)?;
+        {
+            let bbuf = bounce.as_io_buffer((end - start) as usize);
+            self.transfer(start, &bbuf, false, false).await?;
+        }
+        let skip = (offset - start) as usize;
+        // SAFETY: the bounce buffer is initialised (zeroed at allocation)
+        // and no I/O on it is in flight any more.
+        let data = unsafe { std::slice::from_raw_parts(bounce.ptr.as_ptr().add(skip), buf.len()) };
+        buf.copy_from(0, data);
+        Ok(())
+    }
+
+    async fn write_bounced(&self, offset: u64, buf: &IoBuffer<'_>, fua: bool) -> io::Result<()> {
+        if !offset.is_multiple_of(self.align) || !(buf.len() as u64).is_multiple_of(self.align) {
+            // A read-modify-write could race with a concurrent write of the
+            // same block; the export refuses block sizes below the alignment.
+            return Err(errno(libc::EINVAL));
+        }
+        let mut bounce = AlignedBuffer::new(buf.len(), self.align as usize)?;
+        {
+            // SAFETY: the bounce buffer holds buf.len() bytes and is not in use.
+            let dst = unsafe { std::slice::from_raw_parts_mut(bounce.ptr.as_ptr(), buf.len()) };
+            buf.copy_to(0, dst);
+        }
+        let bbuf = bounce.as_io_buffer(buf.len());
+        self.transfer(offset, &bbuf, true, fua).await
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        match self.aio {
+            Aio::IoUring | Aio::Native => {
+                let entry = opcode::Fallocate::new(types::Fd(self.fd()), len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build();
+                submit(entry, OpResources::default())?.await.0.map(|_| ())
+            }
+            Aio::Threads => {
+                let file = self.file.clone();
+                run_blocking(move || {
+                    // SAFETY: fallocate on an owned, open descriptor.
+                    let ret = unsafe {
+                        libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64)
+                    };
+                    if ret < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(0)
+                    }
+                })
+                .await
+                .map(|_| ())
+            }
+        }
+    }
+
+    async fn write_zero_buffers(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let chunk = ZERO_CHUNK.min(len) as usize;
+        let mut zeroes = AlignedBuffer::new(chunk, 4096)?;
+        let mut done = 0;
+        while done < len {
+            let n = chunk.min((len - done) as usize);
+            let zbuf = zeroes.as_io_buffer(n);
+            self.transfer(offset + done, &zbuf, true, fua).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::ENOSYS)
+    )
+}
+
+impl BlockDriver for File {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn request_alignment(&self) -> u64 {
+        self.align
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+        Box::pin(async move {
+            if self.needs_bounce(offset, buf) {
+                self.read_bounced(offset, buf).await
+            } else {
+                self.transfer(offset, buf, false, false).await
+            }
+        })
+    }
+
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>, flags: WriteFlags) -> IoFuture<'a> {
+        Box::pin(async move {
+            if self.needs_bounce(offset, buf) {
+                self.write_bounced(offset, buf, flags.fua).await
+            } else {
+                self.transfer(offset, buf, true, flags.fua).await
+            }
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_> {
+        Box::pin(async move {
+            match self.aio {
+                Aio::IoUring | Aio::Native => {
+                    let entry = opcode::Fsync::new(types::Fd(self.fd()))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build();
+                    submit(entry, OpResources::default())?.await.0.map(|_| ())
+                }
+                Aio::Threads => {
+                    let file = self.file.clone();
+                    run_blocking(move || file.sync_data().map(|_| 0))
+                        .await
+                        .map(|_| ())
+                }
+            }
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match self.fallocate(mode, offset, len).await {
+                // A discard is advisory: nothing to do if the file can't.
+                Err(e) if is_unsupported(&e) => Ok(()),
+                other => other,
+            }
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_> {
+        Box::pin(async move {
+            let mode = if flags.may_unmap {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            match self.fallocate(mode, offset, len).await {
+                Err(e) if is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.write_zero_buffers(offset, len, flags.fua).await
+                }
+                Err(e) => Err(e),
+                Ok(()) if flags.fua => self.flush().await,
+                Ok(()) => Ok(()),
+            }
+        })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        let fd = self.fd();
+        let size = self.size;
+        let status = (|| {
+            let end = (offset + len).min(size);
+            // SAFETY: lseek on an owned, open descriptor.
+            let data = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    // No data after offset: a hole up to the end.
+                    Some(libc::ENXIO) => Ok(BlockStatus {
+                        len: end - offset,
+                        data: false,
+                        zero: true,
+                    }),
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(BlockStatus {
+                        len: end - offset,
+                        data: true,
+                        zero: false,
+                    }),
+                    _ => Err(e),
+                };
+            }
+            let data = data as u64;
+            if data > offset {
+                return Ok(BlockStatus {
+                    len: data.min(end) - offset,
+                    data: false,
+                    zero: true,
+                });
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_HOLE) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            Ok(BlockStatus {
+                len: hole.max(offset + 1) - offset,
+                data: true,
+                zero: false,
+            })
+        })();
+        Box::pin(std::future::ready(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aio::block_on;
+    use crate::{Graph, Options};
+    use serde_json::json;
+
+    fn open_file(path: &str, extra: serde_json::Value) -> Arc<crate::Node> {
+        let mut opts =
+            json!({"driver": "file", "node-name": "f", "filename": path, "discard": "unmap"});
+        opts.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let graph = Graph::new();
+        graph.add(Options::from_json(opts).unwrap()).unwrap()
+    }
+
+    fn roundtrip(extra: serde_json::Value) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let node = open_file(path.to_str().unwrap(), extra);
+        assert_eq!(node.size(), 1 << 20);
+        block_on(async {
+            // Unaligned memory and offsets exercise the bounce path with O_DIRECT.
+            let mut data: Vec<u8> = (0..12289u32).map(|i| (i * 7) as u8).collect();
+            let wbuf = IoBuffer::from_slice(&mut data[1..]);
+            node.write(4096, &wbuf, WriteFlags::default())
+                .await
+                .unwrap();
+            let mut back = vec![0u8; 12288];
+            let rbuf = IoBuffer::from_slice(&mut back);
+            node.read(4096, &rbuf).await.unwrap();
+            drop(rbuf);
+            assert_eq!(&back[..], &data[1..]);
+            node.flush().await.unwrap();
+            let mut odd = vec![0u8; 100];
+            let obuf = IoBuffer::from_slice(&mut odd);
+            node.read(4096 + 7, &obuf).await.unwrap();
+            drop(obuf);
+            assert_eq!(&odd[..], &data[8..108]);
+            node.write_zeroes(4096, 4096, ZeroFlags::default())
+                .await
+                .unwrap();
+            let rbuf = IoBuffer::from_slice(&mut back);
+            node.read(4096, &rbuf).await.unwrap();
+            drop(rbuf);
+            assert!(back[..4096].iter().all(|&b| b == 0));
+            assert_eq!(&back[4096..], &data[4097..]);
+            // Out of range.
+            let rbuf = IoBuffer::from_slice(&mut back);
+            assert_eq!(
+                node.read((1 << 20) - 4096, &rbuf)
+                    .await
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::EIO)
+            );
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn io_uring_roundtrip() {
+        roundtrip(json!({}));
+    }
+
+    #[test]
+    fn threads_roundtrip() {
+        roundtrip(json!({"aio": "threads"}));
+    }
+
+    #[test]
+    fn direct_roundtrip() {
+        roundtrip(json!({"cache": {"direct": true}}));
+        roundtrip(json!({"cache": {"direct": true}, "aio": "threads"}));
+    }
+
+    #[test]
+    fn discard_punches_holes_and_status_sees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![1u8; 4 << 20]).unwrap();
+        let node = open_file(path.to_str().unwrap(), json!({}));
+        let before = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
+        block_on(async {
+            node.discard(1 << 20, 2 << 20).await.unwrap();
+            let st = node.block_status(1 << 20, 2 << 20).await.unwrap();
+            assert_eq!(
+                st,
+                BlockStatus {
+                    len: 2 << 20,
+                    data: false,
+                    zero: true
+                }
+            );
+            let st = node.block_status(0, 4 << 20).await.unwrap();
+            assert_eq!(
+                st,
+                BlockStatus {
+                    len: 1 << 20,
+                    data: true,
+                    zero: false
+                }
+            );
+        })
+        .unwrap();
+        let after = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
+        assert!(after < before, "{after} < {before}");
+    }
+
+    #[test]
+    fn missing_file_and_bad_options() {
+        let graph = Graph::new();
+        let e = graph
+            .add(
+                Options::from_arg("driver=file,node-name=a,filename=/nonexistent/x", None).unwrap(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Could not open '/nonexistent/x': No such file or directory (os error 2)"
+        );
+        let e = graph
+            .add(
+                Options::from_arg("driver=file,node-name=a,filename=/dev/null,aio=fast", None)
+                    .unwrap(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Parameter 'aio' does not accept value 'fast'"
+        );
+        let e = graph
+            .add(Options::from_arg("driver=file,node-name=a,filenme=x", None).unwrap())
+            .unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'filenme' is unexpected");
+        assert!(graph.nodes().is_empty());
+    }
+}

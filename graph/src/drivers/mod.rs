@@ -1,0 +1,262 @@
+//! The driver table and what drivers get while they open.
+
+mod file;
+mod null;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::child::Child;
+use crate::driver::BlockDriver;
+use crate::error::Error;
+use crate::node::{DiscardMode, Node};
+use crate::options::Options;
+
+/// A driver's open function: builds an instance from the driver's own
+/// options (the common ones are in the context).
+pub type OpenFn = fn(&mut OpenContext<'_, '_>, Options) -> Result<Box<dyn BlockDriver>, Error>;
+
+/// An entry of the driver table.
+pub struct DriverEntry {
+    /// The name used in `driver=`.
+    pub name: &'static str,
+    /// Opens an instance.
+    pub open: OpenFn,
+}
+
+/// Every driver blkgraph has.
+pub const DRIVERS: &[DriverEntry] = &[file::ENTRY, raw::ENTRY, null::ENTRY];
+
+/// Looks a driver up by name.
+pub fn find_driver(name: &str) -> Option<&'static DriverEntry> {
+    DRIVERS.iter().find(|d| d.name == name)
+}
+
+/// Options every node takes, whatever its driver (QEMU's BlockdevOptionsBase).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CommonOptions {
+    /// The driver name.
+    pub driver: String,
+    /// The node-name; generated for inline children when absent.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Open read-only.
+    #[serde(default)]
+    pub read_only: Option<bool>,
+    /// Accepted for compatibility; blkgraph never reopens read-write.
+    #[serde(default)]
+    pub auto_read_only: Option<bool>,
+    /// Whether discards reach the driver.
+    #[serde(default)]
+    pub discard: Option<DiscardMode>,
+    /// Cache modes.
+    #[serde(default)]
+    pub cache: Option<CacheOptions>,
+    /// Accepted for compatibility (image locking is not implemented).
+    #[serde(default)]
+    pub force_share: Option<bool>,
+    /// Only `off` is supported.
+    #[serde(default)]
+    pub detect_zeroes: Option<String>,
+}
+
+/// The `cache` options.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CacheOptions {
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: Option<bool>,
+    /// Ignore flush requests.
+    #[serde(default)]
+    pub no_flush: Option<bool>,
+}
+
+const COMMON_KEYS: &[&str] = &[
+    "driver",
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "discard",
+    "cache",
+    "force-share",
+    "detect-zeroes",
+];
+
+impl CommonOptions {
+    /// Whether O_DIRECT was asked for.
+    pub fn direct(&self) -> bool {
+        self.cache.and_then(|c| c.direct).unwrap_or(false)
+    }
+
+    /// Whether the node is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.unwrap_or(false)
+    }
+
+    /// Takes unset inheritable options from an inline child's parent.
+    fn inherit(&mut self, parent: &CommonOptions) {
+        self.read_only = self.read_only.or(parent.read_only);
+        self.discard = self.discard.or(parent.discard);
+        let mut cache = self.cache.unwrap_or_default();
+        let pc = parent.cache.unwrap_or_default();
+        cache.direct = cache.direct.or(pc.direct);
+        cache.no_flush = cache.no_flush.or(pc.no_flush);
+        self.cache = Some(cache);
+    }
+}
+
+/// Nodes opened by one graph operation, registered only if it succeeds.
+pub(crate) struct Staging<'g> {
+    pub(crate) existing: &'g BTreeMap<String, Arc<Node>>,
+    pub(crate) created: Vec<Arc<Node>>,
+    pub(crate) counter: &'g mut u64,
+}
+
+impl Staging<'_> {
+    fn lookup(&self, name: &str) -> Option<Arc<Node>> {
+        self.existing
+            .get(name)
+            .cloned()
+            .or_else(|| self.created.iter().find(|n| n.name() == name).cloned())
+    }
+
+    /// Opens a node from its options; inline children are opened too.
+    pub(crate) fn open(
+        &mut self,
+        mut options: Options,
+        parent: Option<&CommonOptions>,
+    ) -> Result<Arc<Node>, Error> {
+        let mut common: CommonOptions = options.split_off(COMMON_KEYS).parse("")?;
+        if let Some(parent) = parent {
+            common.inherit(parent);
+        }
+        if common.detect_zeroes.as_deref().is_some_and(|d| d != "off") {
+            return Err(Error::InvalidOptions(
+                "Parameter 'detect-zeroes': only 'off' is supported".into(),
+            ));
+        }
+        let name = match &common.node_name {
+            Some(name) => {
+                if !valid_node_name(name) {
+                    return Err(Error::InvalidNodeName(name.clone()));
+                }
+                if self.lookup(name).is_some() {
+                    return Err(Error::DuplicateNodeName(name.clone()));
+                }
+                name.clone()
+            }
+            None if parent.is_some() => {
+                *self.counter += 1;
+                format!("#block{:03}", *self.counter)
+            }
+            None => {
+                return Err(Error::InvalidOptions(
+                    "Parameter 'node-name' is missing".into(),
+                ))
+            }
+        };
+        let entry = find_driver(&common.driver)
+            .ok_or_else(|| Error::UnknownDriver(common.driver.clone()))?;
+        let mut ctx = OpenContext {
+            staging: self,
+            common,
+            children: Vec::new(),
+        };
+        let driver = (entry.open)(&mut ctx, options)?;
+        let OpenContext {
+            common, children, ..
+        } = ctx;
+        let node = Arc::new(Node::new(
+            name,
+            entry.name,
+            driver,
+            &common,
+            children,
+            parent.is_some(),
+        ));
+        self.created.push(node.clone());
+        Ok(node)
+    }
+}
+
+/// What a driver's `open` gets: the common options and a way to open or
+/// reference its children.
+pub struct OpenContext<'s, 'g> {
+    staging: &'s mut Staging<'g>,
+    /// The node's common options.
+    pub common: CommonOptions,
+    children: Vec<Arc<Child>>,
+}
+
+impl OpenContext<'_, '_> {
+    /// Opens the child given under `role` in `options`: a node-name
+    /// reference or inline options. `Ok(None)` if absent.
+    pub fn child(
+        &mut self,
+        options: &mut Options,
+        role: &str,
+    ) -> Result<Option<Arc<Child>>, Error> {
+        let node = match options.take(role) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(name)) => self
+                .staging
+                .lookup(&name)
+                .ok_or(Error::NodeNotFound(name))?,
+            Some(Value::Object(map)) => {
+                let child_opts = Options {
+                    map,
+                    syntax: options.syntax,
+                };
+                let parent = self.common.clone();
+                self.staging
+                    .open(child_opts, Some(&parent))
+                    .map_err(|e| match e {
+                        Error::InvalidOptions(text) => {
+                            Error::InvalidOptions(prefix_key(&text, role))
+                        }
+                        other => other,
+                    })?
+            }
+            Some(_) => {
+                return Err(Error::InvalidOptions(format!(
+                    "Invalid parameter type for '{role}', expected: BlockdevRef"
+                )))
+            }
+        };
+        let child = Child::new(role, node);
+        self.children.push(child.clone());
+        Ok(Some(child))
+    }
+
+    /// Like [`OpenContext::child`], but the child must be given.
+    pub fn required_child(
+        &mut self,
+        options: &mut Options,
+        role: &str,
+    ) -> Result<Arc<Child>, Error> {
+        self.child(options, role)?
+            .ok_or_else(|| Error::InvalidOptions(format!("Parameter '{role}' is missing")))
+    }
+}
+
+/// Prefixes the key named in a QMP error text with `role.`.
+fn prefix_key(text: &str, role: &str) -> String {
+    match text.split_once('\'') {
+        Some((head, rest)) => format!("{head}'{role}.{rest}"),
+        None => text.to_string(),
+    }
+}
+
+/// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
+pub fn valid_node_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        && name.len() < 128
+}

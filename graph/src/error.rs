@@ -1,0 +1,54 @@
+//! Errors of graph operations (opening, adding and deleting nodes).
+
+use std::fmt;
+use std::io;
+
+/// An error of a graph operation, with QEMU-compatible message texts.
+#[derive(Debug)]
+pub enum Error {
+    /// Options did not match the driver's schema; the text names the key.
+    InvalidOptions(String),
+    /// No driver with this name.
+    UnknownDriver(String),
+    /// No node with this node-name.
+    NodeNotFound(String),
+    /// A node with this node-name already exists.
+    DuplicateNodeName(String),
+    /// The node-name is not a valid identifier.
+    InvalidNodeName(String),
+    /// A file could not be opened.
+    Open {
+        /// The file name as given.
+        filename: String,
+        /// The system error.
+        source: io::Error,
+    },
+    /// Another error while opening a node.
+    OpenFailed(String),
+    /// The node is still used by a parent.
+    InUse(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidOptions(text) => f.write_str(text),
+            Error::UnknownDriver(d) => write!(f, "Unknown driver '{d}'"),
+            Error::NodeNotFound(n) => write!(f, "Cannot find device='' nor node-name='{n}'"),
+            Error::DuplicateNodeName(n) => write!(f, "Duplicate nodes with node-name='{n}'"),
+            Error::InvalidNodeName(n) => write!(f, "Invalid node-name: '{n}'"),
+            Error::Open { filename, source } => write!(f, "Could not open '{filename}': {source}"),
+            Error::OpenFailed(text) => f.write_str(text),
+            Error::InUse(n) => write!(f, "Node '{n}' is busy: node is used by other parents"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Open { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

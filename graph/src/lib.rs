@@ -1,0 +1,28 @@
+//! blkgraph's block graph.
+//!
+//! A graph of nodes, each an instance of a driver (`file`, `raw`, `null-co`,
+//! ...), joined by child edges with roles. Block operations are asynchronous
+//! futures (see [`aio`]), so a queue worker keeps many requests in flight and a
+//! node can wait on another request without blocking its thread.
+//!
+//! This crate depends on none of blkgraph's other crates.
+
+#![deny(missing_docs)]
+
+pub mod aio;
+mod buffer;
+mod child;
+mod driver;
+pub mod drivers;
+mod error;
+mod graph;
+mod node;
+pub mod options;
+
+pub use buffer::{IoBuffer, IoSegment};
+pub use child::Child;
+pub use driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+pub use error::Error;
+pub use graph::Graph;
+pub use node::{DiscardMode, Node};
+pub use options::Options;

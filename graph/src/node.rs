@@ -1,0 +1,182 @@
+//! A node of the graph: a driver instance with a name, options and children.
+
+use std::io;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::buffer::IoBuffer;
+use crate::child::Child;
+use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::drivers::CommonOptions;
+
+/// Whether discard requests reach the driver (QEMU's `discard` option).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscardMode {
+    /// Discards succeed without doing anything (the default).
+    #[default]
+    Ignore,
+    /// Discards are passed to the driver.
+    Unmap,
+}
+
+/// A node of the block graph.
+pub struct Node {
+    name: String,
+    driver_name: &'static str,
+    driver: Box<dyn BlockDriver>,
+    read_only: bool,
+    discard: DiscardMode,
+    no_flush: bool,
+    children: Vec<Arc<Child>>,
+    implicit: bool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ready<'a, T: Send + 'a>(r: io::Result<T>) -> IoFuture<'a, T> {
+    Box::pin(std::future::ready(r))
+}
+
+impl Node {
+    /// Creates a node; `children` are the edges its driver holds.
+    pub(crate) fn new(
+        name: String,
+        driver_name: &'static str,
+        driver: Box<dyn BlockDriver>,
+        common: &CommonOptions,
+        children: Vec<Arc<Child>>,
+        implicit: bool,
+    ) -> Self {
+        Node {
+            name,
+            driver_name,
+            driver,
+            read_only: common.is_read_only(),
+            discard: common.discard.unwrap_or_default(),
+            no_flush: common.cache.and_then(|c| c.no_flush).unwrap_or(false),
+            children,
+            implicit,
+        }
+    }
+
+    /// The node-name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver's name, e.g. `file`.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver_name
+    }
+
+    /// Whether the node was opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether discards reach the driver.
+    pub fn discard_mode(&self) -> DiscardMode {
+        self.discard
+    }
+
+    /// The child edges.
+    pub fn children(&self) -> &[Arc<Child>] {
+        &self.children
+    }
+
+    /// Whether the node was created inline in another node's options.
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    /// Alignment that avoids bouncing in the driver.
+    pub fn request_alignment(&self) -> u64 {
+        self.driver.request_alignment()
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EIO)),
+        }
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        self.check(offset, len)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+        match self.check(offset, buf.len() as u64) {
+            Ok(()) => self.driver.read(offset, buf),
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write<'a>(
+        &'a self,
+        offset: u64,
+        buf: &'a IoBuffer<'_>,
+        flags: WriteFlags,
+    ) -> IoFuture<'a> {
+        match self.check_write(offset, buf.len() as u64) {
+            Ok(()) => self.driver.write(offset, buf, flags),
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// Makes completed writes stable.
+    pub fn flush(&self) -> IoFuture<'_> {
+        if self.no_flush {
+            return ready(Ok(()));
+        }
+        self.driver.flush()
+    }
+
+    /// Discards a range; a no-op unless the node has `discard=unmap`.
+    pub fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        if let Err(e) = self.check_write(offset, len) {
+            return ready(Err(e));
+        }
+        match self.discard {
+            DiscardMode::Unmap => self.driver.discard(offset, len),
+            DiscardMode::Ignore => ready(Ok(())),
+        }
+    }
+
+    /// Makes a range read as zeroes; it is only deallocated when the node has
+    /// `discard=unmap` and the flags allow it.
+    pub fn write_zeroes(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> IoFuture<'_> {
+        if let Err(e) = self.check_write(offset, len) {
+            return ready(Err(e));
+        }
+        flags.may_unmap &= self.discard == DiscardMode::Unmap;
+        self.driver.write_zeroes(offset, len, flags)
+    }
+
+    /// The state of the range starting at `offset`.
+    pub fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        match self.check(offset, len) {
+            Ok(()) => self.driver.block_status(offset, len),
+            Err(e) => ready(Err(e)),
+        }
+    }
+}
