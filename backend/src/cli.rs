@@ -1,0 +1,186 @@
+//! The command line, compatible with qemu-storage-daemon's, plus the
+//! vhost-user backend program conventions (`--socket-path`, `--fd`,
+//! `--blk-file`, `--read-only`, `--print-capabilities`).
+
+use std::path::PathBuf;
+
+use blkgraph_graph::Options;
+
+/// The usage text.
+pub const USAGE: &str = "\
+Usage: blkgraph [OPTIONS]
+
+With no options, blkgraph creates ./blkgraph-default.raw (a 1 GiB sparse raw
+image) if it is missing and serves it on ./blkgraph-vub.sock.
+
+qemu-storage-daemon compatible options:
+  --blockdev OPTIONS     add a node: driver=file|raw|null-co,node-name=NAME,...
+                         or a JSON object ('{\"driver\": \"file\", ...}')
+  --export OPTIONS       start an export: type=vhost-user-blk,id=ID,node-name=NODE,
+                         addr.type=unix,addr.path=PATH (or addr.type=fd,addr.str=N),
+                         writable=on|off,writethrough=on|off,num-queues=N,
+                         logical-block-size=BYTES
+  --pidfile PATH         write the process id there once everything is ready
+
+vhost-user backend program options (docs/interop/vhost-user.rst):
+  --socket-path PATH     serve --blk-file on this socket
+  --fd N                 serve --blk-file on this inherited listening socket
+  --blk-file PATH        the raw image for --socket-path / --fd
+  --read-only            export --blk-file read-only
+  --print-capabilities   print the backend capabilities as JSON and exit
+
+  -h, --help             print this help and exit
+  -V, --version          print the version and exit
+
+Logging: BLKGRAPH_LOG=error|warn|info|debug (default warn).
+";
+
+/// What to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Print the usage.
+    Help,
+    /// Print the version.
+    Version,
+    /// Print the vhost-user.json capabilities.
+    PrintCapabilities,
+    /// Run the daemon.
+    Run(Config),
+}
+
+/// The daemon's configuration from the command line.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// `--blockdev` options, in order.
+    pub blockdevs: Vec<Options>,
+    /// `--export` options, in order.
+    pub exports: Vec<Options>,
+    /// `--pidfile`.
+    pub pidfile: Option<PathBuf>,
+    /// No arguments at all: the embedded default.
+    pub embedded_default: bool,
+}
+
+fn value(
+    name: &str,
+    inline: Option<String>,
+    rest: &mut impl Iterator<Item = String>,
+) -> Result<String, String> {
+    inline
+        .or_else(|| rest.next())
+        .ok_or_else(|| format!("option '{name}' requires an argument"))
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut args = args.into_iter().peekable();
+    if args.peek().is_none() {
+        return Ok(Command::Run(Config {
+            embedded_default: true,
+            ..Config::default()
+        }));
+    }
+    let mut config = Config::default();
+    let (mut socket_path, mut fd, mut blk_file, mut read_only) = (None, None, None, false);
+    let opt = |s: String| Options::from_arg(&s, None).map_err(|e| e.to_string());
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        match name.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--print-capabilities" => return Ok(Command::PrintCapabilities),
+            "--blockdev" => config
+                .blockdevs
+                .push(opt(value(&name, inline, &mut args)?)?),
+            "--export" => config.exports.push(opt(value(&name, inline, &mut args)?)?),
+            "--pidfile" => config.pidfile = Some(value(&name, inline, &mut args)?.into()),
+            "--socket-path" => socket_path = Some(value(&name, inline, &mut args)?),
+            "--fd" => fd = Some(value(&name, inline, &mut args)?),
+            "--blk-file" => blk_file = Some(value(&name, inline, &mut args)?),
+            "--read-only" => read_only = true,
+            _ => return Err(format!("unknown option '{arg}' (see --help)")),
+        }
+    }
+    if socket_path.is_some() || fd.is_some() || blk_file.is_some() {
+        let file = blk_file.ok_or("--socket-path and --fd need --blk-file")?;
+        let addr = match (socket_path, fd) {
+            (Some(p), None) => serde_json::json!({"type": "unix", "path": p}),
+            (None, Some(fd)) => serde_json::json!({"type": "fd", "str": fd}),
+            _ => return Err("--blk-file needs exactly one of --socket-path and --fd".into()),
+        };
+        let ro = read_only;
+        config.blockdevs.push(
+            Options::from_json(serde_json::json!({
+                "driver": "raw", "node-name": "blk-file", "read-only": ro, "discard": "unmap",
+                "file": {"driver": "file", "filename": file}
+            }))
+            .map_err(|e| e.to_string())?,
+        );
+        config.exports.push(
+            Options::from_json(serde_json::json!({
+                "type": "vhost-user-blk", "id": "blk-file", "node-name": "blk-file",
+                "writable": !ro, "addr": addr
+            }))
+            .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(Command::Run(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn qsd_style() {
+        let cmd = parse(args(&[
+            "--blockdev",
+            "driver=file,node-name=f0,filename=disk.raw",
+            "--blockdev={\"driver\":\"raw\",\"node-name\":\"d\",\"file\":\"f0\"}",
+            "--export",
+            "type=vhost-user-blk,id=vub0,node-name=d,addr.type=unix,addr.path=/tmp/s",
+            "--pidfile",
+            "/tmp/p",
+        ]))
+        .unwrap();
+        let Command::Run(c) = cmd else { panic!() };
+        assert_eq!(c.blockdevs.len(), 2);
+        assert_eq!(c.exports.len(), 1);
+        assert_eq!(c.pidfile.as_deref(), Some(std::path::Path::new("/tmp/p")));
+        assert!(!c.embedded_default);
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        assert!(matches!(
+            parse(vec![]),
+            Ok(Command::Run(Config {
+                embedded_default: true,
+                ..
+            }))
+        ));
+        assert!(matches!(parse(args(&["--help"])), Ok(Command::Help)));
+        assert!(parse(args(&["--bogus"])).unwrap_err().contains("--bogus"));
+        assert!(parse(args(&["--blockdev"]))
+            .unwrap_err()
+            .contains("requires an argument"));
+        assert!(parse(args(&["--socket-path", "/s"])).is_err());
+        let Command::Run(c) = parse(args(&[
+            "--socket-path=/s",
+            "--blk-file",
+            "x.raw",
+            "--read-only",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.exports.len(), 1);
+    }
+}

@@ -1,0 +1,112 @@
+//! The daemon: builds the graph and the exports, then runs until a
+//! termination signal.
+
+use std::path::{Path, PathBuf};
+
+use blkgraph_graph::{aio, Graph, Options};
+
+use crate::cli::Config;
+use crate::export::{self, Export};
+use crate::signals;
+
+/// The image of the embedded default.
+pub const DEFAULT_IMAGE: &str = "blkgraph-default.raw";
+/// The vhost-user socket of the embedded default.
+pub const DEFAULT_SOCKET: &str = "blkgraph-vub.sock";
+const DEFAULT_SIZE: u64 = 1 << 30;
+const DEFAULT_QUEUES: u16 = 2;
+
+/// The embedded default: a 1 GiB sparse raw image in the current
+/// directory, exported writable on `./blkgraph-vub.sock`.
+fn embedded_default(config: &mut Config) -> Result<(), String> {
+    let image = Path::new(DEFAULT_IMAGE);
+    if !image.exists() {
+        let f = std::fs::File::create(image)
+            .map_err(|e| format!("cannot create {DEFAULT_IMAGE}: {e}"))?;
+        f.set_len(DEFAULT_SIZE)
+            .map_err(|e| format!("cannot size {DEFAULT_IMAGE}: {e}"))?;
+    }
+    let json = |v| Options::from_json(v).map_err(|e| e.to_string());
+    config.blockdevs.push(json(serde_json::json!({
+        "driver": "file", "node-name": "file0", "filename": DEFAULT_IMAGE, "discard": "unmap"
+    }))?);
+    config.blockdevs.push(json(serde_json::json!({
+        "driver": "raw", "node-name": "disk0", "file": "file0", "discard": "unmap"
+    }))?);
+    config.exports.push(json(serde_json::json!({
+        "type": "vhost-user-blk", "id": "vub0", "node-name": "disk0", "writable": true,
+        "num-queues": DEFAULT_QUEUES, "addr": {"type": "unix", "path": DEFAULT_SOCKET}
+    }))?);
+    Ok(())
+}
+
+fn attach_hint(socket: &Path) -> String {
+    let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
+    format!(
+        "blkgraph: serving {DEFAULT_IMAGE} (1 GiB) on {sock}\n\
+         attach QEMU with:\n  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \
+         -numa node,memdev=mem -chardev socket,id=vub0,path={sock} \
+         -device vhost-user-blk-pci,chardev=vub0,num-queues={DEFAULT_QUEUES}\n\
+         or cloud-hypervisor with:\n  cloud-hypervisor ... --memory size=1G,shared=on --disk vhost_user=true,socket={sock},num_queues={DEFAULT_QUEUES}",
+        sock = socket.display()
+    )
+}
+
+struct Cleanup {
+    pidfile: Option<PathBuf>,
+    sockets: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        if let Some(p) = &self.pidfile {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM, SIGINT or SIGHUP.
+pub fn run(mut config: Config) -> Result<(), String> {
+    signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
+    if config.embedded_default {
+        embedded_default(&mut config)?;
+    }
+    let graph = Graph::new();
+    for options in config.blockdevs.drain(..) {
+        graph.add(options).map_err(|e| e.to_string())?;
+    }
+    let mut cleanup = Cleanup {
+        pidfile: None,
+        sockets: Vec::new(),
+    };
+    let mut exports: Vec<Export> = Vec::new();
+    for options in config.exports.drain(..) {
+        let export = export::start(&graph, options)?;
+        if exports.iter().any(|e| e.id == export.id) {
+            return Err(format!("Block export id '{}' is already in use", export.id));
+        }
+        cleanup.sockets.extend(export.socket_path.clone());
+        exports.push(export);
+    }
+    if let Some(pidfile) = &config.pidfile {
+        std::fs::write(pidfile, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write pid file {}: {e}", pidfile.display()))?;
+        cleanup.pidfile = Some(pidfile.clone());
+    }
+    if config.embedded_default {
+        println!("{}", attach_hint(Path::new(DEFAULT_SOCKET)));
+    }
+    let sig = signals::wait().map_err(|e| format!("sigwait: {e}"))?;
+    log::info!("signal {sig}: exiting");
+    // Make what the guests wrote stable, as qemu-storage-daemon does at exit.
+    for node in graph.nodes() {
+        if let Ok(Err(e)) = aio::block_on(node.flush()) {
+            log::warn!("flush of {} at exit failed: {e}", node.name());
+        }
+    }
+    drop(cleanup);
+    Ok(())
+}

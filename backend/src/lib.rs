@@ -1,0 +1,10 @@
+//! blkgraph's daemon: a vhost-user-blk backend whose guest I/O runs through
+//! an in-process block graph.
+
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod daemon;
+pub mod export;
+mod signals;
+pub mod vhost_user_blk;

@@ -1,0 +1,241 @@
+//! The vhost-user-blk device: features, configuration space and the
+//! vhost-user-backend callbacks.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use arc_swap::ArcSwap;
+use blkgraph_graph::Node;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::{BlkConfig, WCE_OFFSET};
+use super::request::{DeviceLimits, GuestMemory};
+use super::worker::{QueueWorker, Vring};
+
+/// Largest queue a driver may set up.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// What an export asks of its device.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// The export id, also used as the serial (GET_ID).
+    pub id: String,
+    /// Whether the guest may write.
+    pub writable: bool,
+    /// Whether every write is made stable before it completes.
+    pub writethrough: bool,
+    /// Number of virtqueues, each served by its own thread.
+    pub num_queues: usize,
+    /// Logical block size in bytes.
+    pub logical_block_size: u32,
+}
+
+/// A vhost-user-blk device serving requests from a graph node.
+pub struct VhostUserBlkDevice {
+    options: DeviceOptions,
+    root: ArcSwap<Node>,
+    config: Mutex<BlkConfig>,
+    acked_features: AtomicU64,
+    event_idx: AtomicBool,
+    memory: GuestMemoryAtomic<GuestMemory>,
+    workers: Vec<Mutex<QueueWorker>>,
+    drained: Condvar,
+}
+
+impl VhostUserBlkDevice {
+    /// A device for `root`.
+    pub fn new(root: Arc<Node>, options: DeviceOptions) -> io::Result<Self> {
+        let config = BlkConfig::new(
+            root.size(),
+            options.logical_block_size,
+            options.num_queues as u16,
+        );
+        let workers = (0..options.num_queues)
+            .map(|_| QueueWorker::new().map(Mutex::new))
+            .collect::<io::Result<_>>()?;
+        Ok(VhostUserBlkDevice {
+            options,
+            root: ArcSwap::new(root),
+            config: Mutex::new(config),
+            acked_features: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            memory: GuestMemoryAtomic::new(GuestMemory::new()),
+            workers,
+            drained: Condvar::new(),
+        })
+    }
+
+    /// The guest memory shared with the vhost-user daemon.
+    pub fn memory(&self) -> GuestMemoryAtomic<GuestMemory> {
+        self.memory.clone()
+    }
+
+    /// The id of the epoll event for queue `thread`'s completions.
+    pub fn completion_event(&self) -> u64 {
+        self.options.num_queues as u64 + 1
+    }
+
+    /// The completion eventfd of queue `queue`.
+    pub fn completion_fd(&self, queue: usize) -> std::os::unix::io::RawFd {
+        self.workers[queue].lock().unwrap().completion_fd()
+    }
+
+    /// The node requests go to.
+    pub fn root(&self) -> Arc<Node> {
+        self.root.load_full()
+    }
+
+    fn limits(&self) -> DeviceLimits {
+        let wce = self.config.lock().unwrap().0.wce;
+        DeviceLimits {
+            capacity: self.root.load().size(),
+            block_size: u64::from(self.options.logical_block_size),
+            read_only: !self.options.writable,
+            writethrough: self.options.writethrough || wce == 0,
+        }
+    }
+
+    /// Called when a frontend has gone: finishes its requests and forgets
+    /// what it negotiated.
+    pub fn disconnected(&self) {
+        for w in &self.workers {
+            w.lock().unwrap().abandon_in_flight();
+        }
+        self.acked_features.store(0, Ordering::Relaxed);
+        self.event_idx.store(false, Ordering::Relaxed);
+        self.config.lock().unwrap().0.wce = 1;
+    }
+}
+
+impl VhostUserBackend for VhostUserBlkDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.options.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_CONFIG_WCE
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.options.writable {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut config = *self.config.lock().unwrap();
+        config.0.capacity = (self.root.load().size() >> 9).to_le();
+        config.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the writeback flag is writable, and only with CONFIG_WCE.
+        let wce_acked =
+            self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        if offset as usize != WCE_OFFSET || buf.len() != 1 || !wce_acked {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.config.lock().unwrap().0.wce = buf[0];
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        // The daemon updates the GuestMemoryAtomic this device shares.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.options.num_queues).map(|i| 1 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let worker = self
+            .workers
+            .get(queue_index as usize)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let guard = worker.lock().unwrap();
+        let _guard = self
+            .drained
+            .wait_while(guard, |w| w.in_flight() > 0)
+            .unwrap();
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let vring = &vrings[0];
+        let mut worker = self.workers[thread_id].lock().unwrap();
+        if u64::from(device_event) == self.completion_event() {
+            worker.process_completions(vring)?;
+        } else {
+            let memory = self.memory.memory().into_inner();
+            let root = self.root.load_full();
+            worker.process_queue(
+                vring,
+                &memory,
+                &root,
+                &self.limits(),
+                self.options.id.as_bytes(),
+                self.event_idx.load(Ordering::Relaxed),
+            )?;
+        }
+        if worker.in_flight() == 0 {
+            self.drained.notify_all();
+        }
+        Ok(())
+    }
+}
