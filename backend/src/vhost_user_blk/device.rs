@@ -111,6 +111,9 @@ impl VhostUserBlkDevice {
         for w in &self.workers {
             w.lock().unwrap().abandon_in_flight();
         }
+        // The next frontend maps its own memory; the regions of this one
+        // would overlap them.
+        self.memory.lock().unwrap().replace(GuestMemory::new());
         self.acked_features.store(0, Ordering::Relaxed);
         self.event_idx.store(false, Ordering::Relaxed);
         self.config.lock().unwrap().0.wce = 1;
