@@ -57,7 +57,8 @@ impl Wake for TaskWaker {
 }
 
 struct Task<T> {
-    future: Pin<Box<dyn Future<Output = T> + Send>>,
+    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+    /// Made once per slot and kept when the slot is reused.
     waker: Waker,
 }
 
@@ -82,7 +83,7 @@ impl Drop for RunningGuard {
 /// [`Executor::event_fd`] is readable or after it spawned tasks, and gets the
 /// output of each task that finished.
 pub struct Executor<T> {
-    tasks: Vec<Option<Task<T>>>,
+    tasks: Vec<Task<T>>,
     free: Vec<usize>,
     live: usize,
     queue: Arc<WakeQueue>,
@@ -126,17 +127,18 @@ impl<T> Executor<T> {
     /// Adds a task; it is first polled by the next [`Executor::run`].
     pub fn spawn(&mut self, future: impl Future<Output = T> + Send + 'static) {
         let id = self.free.pop().unwrap_or_else(|| {
-            self.tasks.push(None);
-            self.tasks.len() - 1
+            let id = self.tasks.len();
+            let waker = Waker::from(Arc::new(TaskWaker {
+                id,
+                queue: self.queue.clone(),
+            }));
+            self.tasks.push(Task {
+                future: None,
+                waker,
+            });
+            id
         });
-        let waker = Waker::from(Arc::new(TaskWaker {
-            id,
-            queue: self.queue.clone(),
-        }));
-        self.tasks[id] = Some(Task {
-            future: Box::pin(future),
-            waker,
-        });
+        self.tasks[id].future = Some(Box::pin(future));
         self.live += 1;
         self.queue.ready.lock().unwrap().push(id);
     }
@@ -151,12 +153,13 @@ impl<T> Executor<T> {
             self.queue.take(&mut ready);
             let idle = ready.is_empty();
             for id in ready.drain(..) {
-                let Some(task) = self.tasks.get_mut(id).and_then(Option::as_mut) else {
+                let task = &mut self.tasks[id];
+                let Some(future) = task.future.as_mut() else {
                     continue; // a stale wake of a finished task
                 };
                 let mut cx = Context::from_waker(&task.waker);
-                if let Poll::Ready(out) = task.future.as_mut().poll(&mut cx) {
-                    self.tasks[id] = None;
+                if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                    task.future = None;
                     self.free.push(id);
                     self.live -= 1;
                     done(out);

@@ -15,4 +15,4 @@ mod uring;
 
 pub use executor::{block_on, Executor};
 pub(crate) use pool::{run_blocking, BlockingOp};
-pub(crate) use uring::{submit, OpResources, UringOp};
+pub(crate) use uring::{submit, UringOp};

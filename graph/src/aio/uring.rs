@@ -10,31 +10,10 @@ use std::task::{Context, Poll, Waker};
 use io_uring::{squeue, IoUring};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::buffer::IoSegment;
-
 thread_local! {
     /// The reactor of the executor running on this thread, if any.
     static CURRENT: Cell<*const Reactor> = const { Cell::new(std::ptr::null()) };
 }
-
-/// Memory that must outlive an operation in the kernel: the iovec array its
-/// submission entry points to. (The data buffers belong to the request,
-/// whose future is never dropped while its I/O is in flight.)
-#[derive(Default)]
-pub(crate) struct OpResources {
-    _iovecs: Vec<IoSegment>,
-}
-
-impl OpResources {
-    /// Keeps `iovecs` alive until the operation completes.
-    pub(crate) fn iovecs(iovecs: Vec<IoSegment>) -> Self {
-        OpResources { _iovecs: iovecs }
-    }
-}
-
-// SAFETY: the iovecs point to request memory that is valid until the
-// operation completes, whichever thread holds the resources meanwhile.
-unsafe impl Send for OpResources {}
 
 enum OpState {
     Free,
@@ -46,7 +25,6 @@ enum OpState {
 
 struct Slot {
     state: OpState,
-    resources: OpResources,
 }
 
 struct Inner {
@@ -75,32 +53,27 @@ impl Reactor {
         })
     }
 
-    fn push(&self, entry: squeue::Entry, resources: OpResources) -> io::Result<u32> {
+    fn push(&self, entry: squeue::Entry) -> io::Result<u32> {
         let mut inner = self.inner.borrow_mut();
         let id = match inner.free.pop() {
             Some(id) => id,
             None => {
                 inner.slots.push(Slot {
                     state: OpState::Free,
-                    resources: OpResources::default(),
                 });
                 (inner.slots.len() - 1) as u32
             }
         };
         let entry = entry.user_data(u64::from(id));
         loop {
-            // SAFETY: every buffer the entry points to is owned by
-            // `resources` or by the caller's request, and stays alive until
-            // the completion is reaped (the slot keeps `resources`; requests
-            // are drained before their memory goes away).
+            // SAFETY: `submit`'s contract: the entry's buffers (and iovec
+            // array) stay valid until the operation completes.
             if unsafe { inner.ring.submission().push(&entry) }.is_ok() {
                 break;
             }
             inner.ring.submit()?;
         }
-        let slot = &mut inner.slots[id as usize];
-        slot.state = OpState::Pending(None);
-        slot.resources = resources;
+        inner.slots[id as usize].state = OpState::Pending(None);
         Ok(id)
     }
 
@@ -130,7 +103,6 @@ impl Reactor {
                 }
                 OpState::Abandoned => {
                     slot.state = OpState::Free;
-                    slot.resources = OpResources::default();
                     inner.free.push(id);
                 }
                 OpState::Free | OpState::Done(_) => {
@@ -141,24 +113,21 @@ impl Reactor {
         reaped
     }
 
-    fn poll_op(&self, id: u32, cx: &mut Context<'_>) -> Poll<(i32, OpResources)> {
+    fn poll_op(&self, id: u32, cx: &mut Context<'_>) -> Poll<i32> {
         let mut inner = self.inner.borrow_mut();
         let slot = &mut inner.slots[id as usize];
         match &mut slot.state {
             OpState::Done(result) => {
                 let result = *result;
                 slot.state = OpState::Free;
-                let resources = std::mem::take(&mut slot.resources);
                 inner.free.push(id);
-                Poll::Ready((result, resources))
+                Poll::Ready(result)
             }
             OpState::Pending(waker) => {
                 *waker = Some(cx.waker().clone());
                 Poll::Pending
             }
-            OpState::Free | OpState::Abandoned => {
-                Poll::Ready((-libc::EINVAL, OpResources::default()))
-            }
+            OpState::Free | OpState::Abandoned => Poll::Ready(-libc::EINVAL),
         }
     }
 
@@ -201,10 +170,16 @@ pub(crate) struct UringOp {
 }
 
 /// Queues `entry` on the io_uring of the executor running on this thread;
-/// the returned future gives the completion's result (>= 0, or an error)
-/// and hands `resources` back.
-pub(crate) fn submit(entry: squeue::Entry, resources: OpResources) -> io::Result<UringOp> {
-    let id = with_current(|r| r.push(entry, resources)).ok_or_else(|| {
+/// the returned future gives the completion's result (>= 0, or an error).
+///
+/// # Safety
+///
+/// Every buffer the entry points to, including an iovec array, must stay
+/// valid until the returned future completes, and the future must not be
+/// dropped before it completes (blkgraph's executors poll every task to
+/// completion).
+pub(crate) unsafe fn submit(entry: squeue::Entry) -> io::Result<UringOp> {
+    let id = with_current(|r| r.push(entry)).ok_or_else(|| {
         io::Error::other("io_uring I/O outside of an executor (no reactor on this thread)")
     })??;
     Ok(UringOp {
@@ -214,24 +189,20 @@ pub(crate) fn submit(entry: squeue::Entry, resources: OpResources) -> io::Result
 }
 
 impl Future for UringOp {
-    type Output = (io::Result<u32>, OpResources);
+    type Output = io::Result<u32>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let id = self.id;
         match with_current(|r| r.poll_op(id, cx)) {
-            None => Poll::Ready((
-                Err(io::Error::other("polled outside of its executor")),
-                OpResources::default(),
-            )),
+            None => Poll::Ready(Err(io::Error::other("polled outside of its executor"))),
             Some(Poll::Pending) => Poll::Pending,
-            Some(Poll::Ready((res, resources))) => {
+            Some(Poll::Ready(res)) => {
                 self.finished = true;
-                let res = if res < 0 {
+                Poll::Ready(if res < 0 {
                     Err(io::Error::from_raw_os_error(-res))
                 } else {
                     Ok(res as u32)
-                };
-                Poll::Ready((res, resources))
+                })
             }
         }
     }

@@ -18,7 +18,7 @@ use io_uring::{opcode, types};
 use serde::Deserialize;
 
 use super::{DriverEntry, OpenContext};
-use crate::aio::{run_blocking, submit, BlockingOp, OpResources, UringOp};
+use crate::aio::{run_blocking, submit, BlockingOp, UringOp};
 use crate::buffer::{IoBuffer, IoSegment};
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
@@ -204,21 +204,26 @@ impl File {
     ) -> io::Result<usize> {
         match self.aio {
             Aio::IoUring | Aio::Native => {
-                let (res, _) = self.submit_rw(offset, buf, write, fua)?.await;
-                Ok(res? as usize)
+                // SAFETY: `buf` (its memory and its iovec array) is borrowed
+                // by this future until the operation completes.
+                let op = unsafe { self.submit_rw(offset, buf, write, fua) }?;
+                Ok(op.await? as usize)
             }
             Aio::Threads => Ok(self.spawn_rw(offset, buf, write, fua).await? as usize),
         }
     }
 
-    fn submit_rw(
+    /// # Safety
+    ///
+    /// `buf` must stay valid until the returned operation completes.
+    unsafe fn submit_rw(
         &self,
         offset: u64,
         buf: &IoBuffer<'_>,
         write: bool,
         fua: bool,
     ) -> io::Result<UringOp> {
-        let iovecs = buf.segments().to_vec();
+        let iovecs = buf.segments();
         let fd = types::Fd(self.fd());
         let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
         let entry = if write {
@@ -230,7 +235,8 @@ impl File {
         } else {
             opcode::Readv::new(fd, ptr, n).offset(offset).build()
         };
-        submit(entry, OpResources::iovecs(iovecs))
+        // SAFETY: the caller keeps `buf` valid until completion.
+        unsafe { submit(entry) }
     }
 
     fn spawn_rw(&self, offset: u64, buf: &IoBuffer<'_>, write: bool, fua: bool) -> BlockingOp {
@@ -328,7 +334,8 @@ impl File {
                     .offset(offset)
                     .mode(mode)
                     .build();
-                submit(entry, OpResources::default())?.await.0.map(|_| ())
+                // SAFETY: fallocate points to no memory.
+                unsafe { submit(entry) }?.await.map(|_| ())
             }
             Aio::Threads => {
                 let file = self.file.clone();
@@ -406,7 +413,8 @@ impl BlockDriver for File {
                     let entry = opcode::Fsync::new(types::Fd(self.fd()))
                         .flags(types::FsyncFlags::DATASYNC)
                         .build();
-                    submit(entry, OpResources::default())?.await.0.map(|_| ())
+                    // SAFETY: fallocate points to no memory.
+                    unsafe { submit(entry) }?.await.map(|_| ())
                 }
                 Aio::Threads => {
                     let file = self.file.clone();
