@@ -40,6 +40,10 @@ struct VhostUserBlkOptions {
     num_queues: Option<u16>,
     #[serde(default)]
     logical_block_size: Option<u32>,
+    /// blkgraph extension: microseconds a queue keeps polling after its
+    /// last request (default 50, 0 disables).
+    #[serde(default, rename = "x-poll-us")]
+    poll_us: Option<u32>,
 }
 
 /// A running export.
@@ -55,6 +59,9 @@ pub struct Export {
     /// The unix socket path to remove at exit, if any.
     pub socket_path: Option<PathBuf>,
 }
+
+/// Default of `x-poll-us`.
+pub const DEFAULT_POLL_US: u32 = 50;
 
 fn invalid(text: impl Into<String>) -> String {
     text.into()
@@ -130,6 +137,7 @@ pub fn start(graph: &Graph, mut options: Options) -> Result<Export, String> {
         writethrough: opts.writethrough,
         num_queues: usize::from(num_queues),
         logical_block_size: block_size,
+        poll: std::time::Duration::from_micros(u64::from(opts.poll_us.unwrap_or(DEFAULT_POLL_US))),
     };
     let device = Arc::new(
         VhostUserBlkDevice::new(node, device_options)

@@ -35,3 +35,6 @@ fn main() {
     };
     std::process::exit(code);
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

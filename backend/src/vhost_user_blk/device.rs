@@ -12,7 +12,7 @@ use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -20,7 +20,7 @@ use vmm_sys_util::event::{
 
 use super::config::{BlkConfig, WCE_OFFSET};
 use super::request::{DeviceLimits, GuestMemory};
-use super::worker::{QueueWorker, Vring};
+use super::worker::{QueueContext, QueueWorker, Vring};
 
 /// Largest queue a driver may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -38,6 +38,9 @@ pub struct DeviceOptions {
     pub num_queues: usize,
     /// Logical block size in bytes.
     pub logical_block_size: u32,
+    /// How long a queue worker keeps polling its ring after the last
+    /// request before it sleeps until the next kick.
+    pub poll: std::time::Duration,
 }
 
 /// A vhost-user-blk device serving requests from a graph node.
@@ -225,16 +228,16 @@ impl VhostUserBackend for VhostUserBlkDevice {
         if u64::from(device_event) == self.completion_event() {
             worker.process_completions(vring)?;
         } else {
-            let memory = self.memory.memory().into_inner();
             let root = self.root.load_full();
-            worker.process_queue(
-                vring,
-                &memory,
-                &root,
-                &self.limits(),
-                self.options.id.as_bytes(),
-                self.event_idx.load(Ordering::Relaxed),
-            )?;
+            let queue = QueueContext {
+                memory: &self.memory,
+                root: &root,
+                limits: self.limits(),
+                serial: self.options.id.as_bytes(),
+                event_idx: self.event_idx.load(Ordering::Relaxed),
+                poll: self.options.poll,
+            };
+            worker.process_queue(vring, &queue)?;
         }
         if worker.in_flight() == 0 {
             self.drained.notify_all();

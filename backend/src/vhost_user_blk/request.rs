@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use blkgraph_graph::{IoBuffer, IoSegment, Node, WriteFlags, ZeroFlags};
+use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -107,14 +108,14 @@ pub struct Completion {
 
 /// A byte stream over guest memory segments.
 struct Stream {
-    segments: Vec<(GuestAddress, u32)>,
+    segments: SmallVec<[(GuestAddress, u32); 4]>,
     len: u64,
 }
 
 impl Stream {
     fn new() -> Self {
         Stream {
-            segments: Vec::new(),
+            segments: SmallVec::new(),
             len: 0,
         }
     }
@@ -125,23 +126,33 @@ impl Stream {
     }
 
     /// The (address, length) pieces of `[offset, offset + len)`.
-    fn range(&self, mut offset: u64, mut len: u64) -> Vec<(GuestAddress, u64)> {
-        let mut out = Vec::new();
-        for &(addr, seg_len) in &self.segments {
+    fn range(
+        &self,
+        mut offset: u64,
+        mut len: u64,
+    ) -> impl Iterator<Item = (GuestAddress, u64)> + '_ {
+        self.segments.iter().filter_map(move |&(addr, seg_len)| {
             let seg_len = u64::from(seg_len);
             if len == 0 {
-                break;
+                return None;
             }
             if offset >= seg_len {
                 offset -= seg_len;
-                continue;
+                return None;
             }
             let take = (seg_len - offset).min(len);
-            out.push((GuestAddress(addr.0 + offset), take));
+            let piece = (GuestAddress(addr.0 + offset), take);
             len -= take;
             offset = 0;
-        }
-        out
+            Some(piece)
+        })
+    }
+
+    /// The host address of the byte at `offset`.
+    fn host_byte(&self, mem: &GuestMemory, offset: u64) -> Option<*mut u8> {
+        let (addr, _) = self.range(offset, 1).next()?;
+        let slice = GuestMemoryBackend::get_slice(mem, addr, 1).ok()?;
+        Some(slice.ptr_guard_mut().as_ptr())
     }
 
     fn read_bytes(&self, mem: &GuestMemory, offset: u64, out: &mut [u8]) -> Option<()> {
@@ -238,11 +249,8 @@ impl Request {
             return req;
         }
         let status_at = writable.len - 1;
-        match writable
-            .host_segments(mem, status_at, 1)
-            .and_then(|s| s.first().copied())
-        {
-            Some(seg) => req.status = Some(StatusByte(seg.iov_base.cast())),
+        match writable.host_byte(mem, status_at) {
+            Some(ptr) => req.status = Some(StatusByte(ptr)),
             None => {
                 req.used_len = 0;
                 return req;

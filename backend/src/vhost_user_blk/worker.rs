@@ -2,18 +2,37 @@
 //! puts completions on the used ring.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use blkgraph_graph::aio::Executor;
 use blkgraph_graph::Node;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::request::{Completion, DeviceLimits, GuestMemory, Request};
 
 /// A vring of this device.
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
+/// What a queue worker needs to start requests.
+pub struct QueueContext<'a> {
+    /// Guest memory of the current frontend; loaded again for every batch,
+    /// since the frontend may add regions while the worker polls.
+    pub memory: &'a GuestMemoryAtomic<GuestMemory>,
+    /// The node requests go to.
+    pub root: &'a Arc<Node>,
+    /// Device limits for validation.
+    pub limits: DeviceLimits,
+    /// The GET_ID serial.
+    pub serial: &'a [u8],
+    /// Whether EVENT_IDX was negotiated.
+    pub event_idx: bool,
+    /// How long to keep polling after the last request (0: never).
+    pub poll: Duration,
+}
 
 /// The state of one queue's worker, locked only by that queue's thread
 /// (and by control paths that wait for its requests to drain).
@@ -47,40 +66,65 @@ impl QueueWorker {
     }
 
     /// Handles a kick: pops every available chain, starts the requests and
-    /// returns those that finished at once. With EVENT_IDX, notifications
+    /// completes those that finished at once. With EVENT_IDX, notifications
     /// stay off while the queue is drained and the queue is checked again
-    /// after they are re-enabled.
-    pub fn process_queue(
-        &mut self,
-        vring: &Vring,
-        memory: &Arc<GuestMemory>,
-        root: &Arc<Node>,
-        limits: &DeviceLimits,
-        serial: &[u8],
-        event_idx: bool,
-    ) -> io::Result<()> {
+    /// after they are re-enabled. Then, for up to `poll` after the last
+    /// request, the worker keeps polling the ring and the completions
+    /// instead of going back to sleep, so a busy driver need not kick.
+    pub fn process_queue(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
         loop {
-            if event_idx {
+            if queue.event_idx {
                 vring.disable_notification().map_err(queue_error)?;
             }
-            let chains: Vec<_> = {
-                let mut state = vring.get_mut();
-                let queue = state.get_queue_mut();
-                std::iter::from_fn(|| queue.pop_descriptor_chain(memory.clone())).collect()
-            };
-            for chain in chains {
-                let req = Request::parse(chain, memory, limits, serial);
-                if req.is_done() {
-                    self.done.push(req.complete(0));
-                } else {
-                    self.executor.spawn(req.execute(root.clone()));
-                }
+            self.pop_and_start(vring, queue)?;
+            if !queue.poll.is_zero() {
+                self.poll(vring, queue)?;
             }
-            self.run(vring)?;
-            if !event_idx || !vring.enable_notification().map_err(queue_error)? {
+            if !queue.event_idx || !vring.enable_notification().map_err(queue_error)? {
                 return Ok(());
             }
         }
+    }
+
+    fn pop_and_start(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
+        let memory = queue.memory.memory().into_inner();
+        let chains: Vec<_> = {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone())).collect()
+        };
+        for chain in chains {
+            let req = Request::parse(chain, &memory, &queue.limits, queue.serial);
+            if req.is_done() {
+                self.done.push(req.complete(0));
+            } else {
+                self.executor.spawn(req.execute(queue.root.clone()));
+            }
+        }
+        self.run(vring)
+    }
+
+    /// Busy-polls the available ring and the executor until `queue.poll`
+    /// passes without a new request.
+    fn poll(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
+        let mut idle_since = Instant::now();
+        while idle_since.elapsed() < queue.poll {
+            let available = {
+                let memory = queue.memory.memory();
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                q.avail_idx(&*memory, Ordering::Acquire)
+                    .map(|idx| idx.0 != q.next_avail())
+                    .map_err(queue_error)?
+            };
+            if available {
+                self.pop_and_start(vring, queue)?;
+                idle_since = Instant::now();
+            } else if self.executor.pending() > 0 {
+                self.run(vring)?;
+            }
+        }
+        Ok(())
     }
 
     /// Handles the completion eventfd.
