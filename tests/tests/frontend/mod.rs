@@ -1,0 +1,4 @@
+//! The host-side vhost-user-blk test driver.
+
+pub mod blk;
+pub mod driver;

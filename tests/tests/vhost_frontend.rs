@@ -1,0 +1,408 @@
+//! Host-side vhost-user frontend tests: the rust-vmm `Frontend` drives the
+//! device's virtqueues by hand over memfd memory, no VM. Every request type,
+//! malformed chains, EVENT_IDX on and off, two queues at once, reconnects.
+
+mod frontend;
+
+use blkgraph_tests::{check_pattern, check_zeroes, fill_pattern, ImageInit, TestExport};
+use frontend::blk::*;
+use frontend::driver::{Desc, Driver};
+use vm_memory::{Bytes, GuestAddress};
+
+const MIB: u64 = 1 << 20;
+
+fn pattern(len: usize, offset: u64, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    fill_pattern(&mut v, offset, seed);
+    v
+}
+
+fn export(configure: impl FnOnce(&mut blkgraph_tests::ExportOptions)) -> TestExport {
+    TestExport::start(64 * MIB, ImageInit::Sparse, |o| {
+        o.discard_unmap = true;
+        configure(o)
+    })
+}
+
+/// A valid read still works: the device kept serving.
+fn assert_serving(d: &mut Driver) {
+    let mem = &d.mem;
+    let out = read(&mut d.queues[0], mem, 0, 4096);
+    assert_eq!(out.status, S_OK, "the device stopped serving");
+}
+
+fn every_request_type(event_idx: bool) {
+    let t = export(|_| {});
+    let mut d = Driver::connect(t.socket(), 1, event_idx);
+    assert_eq!(d.capacity(), 64 * MIB / 512);
+    let mem = &d.mem;
+    let q = &mut d.queues[0];
+
+    // Write, then read back, directly and through an indirect table.
+    let data = pattern(64 * 1024, MIB, 1);
+    let w = write(q, mem, MIB / 512, &data);
+    assert_eq!((w.status, w.used_len), (S_OK, 1));
+    let r = read(q, mem, MIB / 512, 64 * 1024);
+    assert_eq!((r.status, r.used_len), (S_OK, 64 * 1024 + 1));
+    check_pattern(&r.data, MIB, 1).unwrap();
+    let req = BlkRequest::new(q, mem, T_IN, MIB / 512 + 8, &[], 8192);
+    q.submit_indirect(mem, &req.descs);
+    q.kick();
+    let used = q.wait(mem, 1)[0];
+    let out = req.outcome(mem, used);
+    assert_eq!(out.status, S_OK);
+    check_pattern(&out.data, MIB + 4096, 1).unwrap();
+
+    // Flush and GET_ID (the serial is the export id, NUL-terminated).
+    assert_eq!(simple(q, mem, T_FLUSH, &[]).status, S_OK);
+    let id = BlkRequest::new(q, mem, T_GET_ID, 0, &[], 20).run(q, mem);
+    assert_eq!(id.status, S_OK);
+    assert_eq!(&id.data[..5], b"vub0\0");
+    assert_eq!(id.used_len, 21);
+
+    // Discard gives the blocks back and the range reads as zeroes.
+    let big = pattern(MIB as usize, 8 * MIB, 2);
+    assert_eq!(write(q, mem, 8 * MIB / 512, &big).status, S_OK);
+    assert_eq!(simple(q, mem, T_FLUSH, &[]).status, S_OK);
+    let before = t.image_blocks();
+    let seg = segment(8 * MIB / 512, (MIB / 512) as u32, 0);
+    assert_eq!(simple(q, mem, T_DISCARD, &seg).status, S_OK);
+    let after = t.image_blocks();
+    assert!(after + MIB / 512 <= before, "blocks {before} -> {after}");
+    check_zeroes(&read(q, mem, 8 * MIB / 512, 65536).data, 8 * MIB).unwrap();
+
+    // Write-zeroes with and without UNMAP.
+    let zsector = 4 * MIB / 512;
+    assert_eq!(
+        write(q, mem, zsector, &pattern(65536, 4 * MIB, 3)).status,
+        S_OK
+    );
+    for (flags, sector) in [(0, zsector), (FLAG_UNMAP, zsector + 64)] {
+        let seg = segment(sector, 64, flags);
+        assert_eq!(simple(q, mem, T_WRITE_ZEROES, &seg).status, S_OK);
+        check_zeroes(&read(q, mem, sector, 32768).data, sector * 512).unwrap();
+    }
+
+    // An unknown request type.
+    let unknown = BlkRequest::new(q, mem, 99, 0, &[], 0).run(q, mem);
+    assert_eq!(unknown.status, S_UNSUPP);
+
+    // Many requests in flight at once, completed in any order.
+    let reqs: Vec<_> = (0..64u64)
+        .map(|i| {
+            let r = BlkRequest::new(q, mem, T_IN, MIB / 512 + (i % 16) * 8, &[], 4096);
+            (q.submit(mem, &r.descs), i, r)
+        })
+        .collect();
+    q.kick();
+    let used = q.wait(mem, 64);
+    for u in used {
+        let (_, i, r) = reqs.iter().find(|(h, ..)| *h == u.head).unwrap();
+        let out = r.outcome(mem, u);
+        assert_eq!(out.status, S_OK);
+        check_pattern(&out.data, MIB + (i % 16) * 4096, 1).unwrap();
+    }
+}
+
+#[test]
+fn every_request_type_without_event_idx() {
+    every_request_type(false);
+}
+
+#[test]
+fn every_request_type_with_event_idx() {
+    every_request_type(true);
+}
+
+#[test]
+fn malformed_chains_get_an_error_and_the_device_keeps_serving() {
+    let t = export(|_| {});
+    let mut d = Driver::connect(t.socket(), 1, true);
+    let capacity = d.capacity();
+    let mem = d.mem.clone();
+    let buf = |q: &mut frontend::driver::Queue, len: u32, write: bool| Desc {
+        addr: q.alloc(u64::from(len)),
+        len,
+        write,
+    };
+    let status_of = |d: &mut Driver, descs: Vec<Desc>| -> (u32, u8) {
+        let q = &mut d.queues[0];
+        let last = descs.iter().rev().find(|x| x.write).copied();
+        if let Some(l) = last {
+            mem.write_obj(0xffu8, GuestAddress(l.addr.0 + u64::from(l.len) - 1))
+                .unwrap();
+        }
+        q.submit(&mem, &descs);
+        q.kick();
+        let used = q.wait(&mem, 1)[0];
+        let status = last
+            .map(|l| {
+                mem.read_obj(GuestAddress(l.addr.0 + u64::from(l.len) - 1))
+                    .unwrap()
+            })
+            .unwrap_or(0xff);
+        (used.len, status)
+    };
+
+    // No status descriptor: the last byte of the data takes the status and
+    // the data length is no longer a multiple of 512.
+    let q = &mut d.queues[0];
+    let hdr = header(q, &mem, T_IN, 0);
+    let descs = vec![
+        Desc {
+            addr: hdr,
+            len: 16,
+            write: false,
+        },
+        buf(q, 4096, true),
+    ];
+    assert_eq!(status_of(&mut d, descs), (4096, S_IOERR));
+    assert_serving(&mut d);
+
+    // No writable byte at all: nowhere to put a status; the chain is
+    // returned with a used length of 0.
+    let q = &mut d.queues[0];
+    let hdr = header(q, &mem, T_OUT, 0);
+    let descs = vec![
+        Desc {
+            addr: hdr,
+            len: 16,
+            write: false,
+        },
+        buf(q, 512, false),
+    ];
+    assert_eq!(status_of(&mut d, descs).0, 0);
+    assert_serving(&mut d);
+
+    // The header in a writable descriptor.
+    let q = &mut d.queues[0];
+    let hdr = header(q, &mem, T_IN, 0);
+    let descs = vec![
+        Desc {
+            addr: hdr,
+            len: 16,
+            write: true,
+        },
+        buf(q, 512, true),
+        buf(q, 1, true),
+    ];
+    assert_eq!(status_of(&mut d, descs).1, S_IOERR);
+    assert_serving(&mut d);
+
+    // A read-only status descriptor after writable data.
+    let q = &mut d.queues[0];
+    let hdr = header(q, &mem, T_IN, 0);
+    let descs = vec![
+        Desc {
+            addr: hdr,
+            len: 16,
+            write: false,
+        },
+        buf(q, 512, true),
+        buf(q, 1, false),
+    ];
+    assert_eq!(status_of(&mut d, descs).1, S_IOERR);
+    assert_serving(&mut d);
+
+    // Data beyond the capacity, and straddling its end.
+    for (sector, len) in [(capacity, 512), (capacity - 1, 1024), (u64::MAX / 256, 512)] {
+        let q = &mut d.queues[0];
+        assert_eq!(
+            read(q, &mem, sector, len).status,
+            S_IOERR,
+            "sector {sector}"
+        );
+        assert_eq!(
+            write(q, &mem, sector, &vec![1u8; len as usize]).status,
+            S_IOERR
+        );
+    }
+    assert_serving(&mut d);
+
+    // Too many segments: more than seg_max (126) data descriptors.
+    let q = &mut d.queues[0];
+    let hdr = header(q, &mem, T_IN, 0);
+    let mut descs = vec![Desc {
+        addr: hdr,
+        len: 16,
+        write: false,
+    }];
+    descs.extend((0..130).map(|_| buf(q, 512, true)));
+    descs.push(buf(q, 1, true));
+    assert_eq!(status_of(&mut d, descs).1, S_IOERR);
+    assert_serving(&mut d);
+
+    // A zero-length data buffer.
+    let q = &mut d.queues[0];
+    let hdr = header(q, &mem, T_IN, 0);
+    let descs = vec![
+        Desc {
+            addr: hdr,
+            len: 16,
+            write: false,
+        },
+        Desc {
+            addr: q.alloc(16),
+            len: 0,
+            write: true,
+        },
+        buf(q, 512, true),
+        buf(q, 1, true),
+    ];
+    assert_eq!(status_of(&mut d, descs).1, S_IOERR);
+    assert_serving(&mut d);
+
+    // A data length that is not a multiple of 512.
+    let q = &mut d.queues[0];
+    assert_eq!(read(q, &mem, 0, 100).status, S_IOERR);
+    // Discard/write-zeroes: two segments, unknown flags, UNMAP on discard,
+    // too many sectors, out of range.
+    let mut two = segment(0, 8, 0);
+    two.extend(segment(8, 8, 0));
+    let q = &mut d.queues[0];
+    assert_eq!(simple(q, &mem, T_DISCARD, &two).status, S_UNSUPP);
+    assert_eq!(
+        simple(q, &mem, T_WRITE_ZEROES, &segment(0, 8, 2)).status,
+        S_UNSUPP
+    );
+    assert_eq!(
+        simple(q, &mem, T_DISCARD, &segment(0, 8, FLAG_UNMAP)).status,
+        S_UNSUPP
+    );
+    assert_eq!(
+        simple(q, &mem, T_DISCARD, &segment(0, 32769, 0)).status,
+        S_IOERR
+    );
+    assert_eq!(
+        simple(q, &mem, T_WRITE_ZEROES, &segment(capacity, 8, 0)).status,
+        S_IOERR
+    );
+    assert_eq!(
+        simple(q, &mem, T_DISCARD, &segment(0, 8, 0)[..8]).status,
+        S_IOERR
+    );
+    assert_serving(&mut d);
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let t = export(|o| o.writable = false);
+    let mut d = Driver::connect(t.socket(), 1, true);
+    assert!(d.features & (1 << 5) != 0, "RO offered");
+    assert!(d.features & (1 << 13) == 0, "no DISCARD when read-only");
+    let mem = d.mem.clone();
+    let q = &mut d.queues[0];
+    assert_eq!(write(q, &mem, 0, &[7u8; 512]).status, S_IOERR);
+    assert_eq!(
+        simple(q, &mem, T_WRITE_ZEROES, &segment(0, 8, 0)).status,
+        S_IOERR
+    );
+    assert_eq!(
+        simple(q, &mem, T_DISCARD, &segment(0, 8, 0)).status,
+        S_IOERR
+    );
+    assert_eq!(read(q, &mem, 0, 512).status, S_OK);
+}
+
+#[test]
+fn offsets_must_align_to_the_logical_block_size() {
+    let t = export(|o| o.logical_block_size = 4096);
+    let mut d = Driver::connect(t.socket(), 1, false);
+    assert_eq!(
+        u32::from_le_bytes(d.config[20..24].try_into().unwrap()),
+        4096
+    );
+    let mem = d.mem.clone();
+    let q = &mut d.queues[0];
+    assert_eq!(read(q, &mem, 1, 4096).status, S_IOERR);
+    assert_eq!(read(q, &mem, 8, 4096).status, S_OK);
+}
+
+#[test]
+fn two_queues_at_once() {
+    let t = export(|o| o.num_queues = 2);
+    let mut d = Driver::connect(t.socket(), 2, true);
+    let mem = d.mem.clone();
+    std::thread::scope(|s| {
+        for (i, q) in d.queues.iter_mut().enumerate() {
+            let mem = &mem;
+            s.spawn(move || {
+                let base = (i as u64 + 1) * 16 * MIB;
+                for round in 0..100u64 {
+                    let off = base + (round % 32) * 65536;
+                    let data = pattern(65536, off, round);
+                    assert_eq!(write(q, mem, off / 512, &data).status, S_OK);
+                    let r = read(q, mem, off / 512, 65536);
+                    assert_eq!(r.status, S_OK);
+                    check_pattern(&r.data, off, round).unwrap();
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_new_frontend_follows_a_disconnected_one() {
+    let t = export(|_| {});
+    for session in 0..6u64 {
+        let mut d = Driver::connect(t.socket(), 1, session % 2 == 0);
+        let mem = d.mem.clone();
+        let q = &mut d.queues[0];
+        if session > 0 {
+            let r = read(q, &mem, session - 1, 512);
+            assert_eq!(r.status, S_OK);
+            check_pattern(&r.data, (session - 1) * 512, session - 1).unwrap();
+        }
+        let data = pattern(512, session * 512, session);
+        assert_eq!(write(q, &mem, session, &data).status, S_OK);
+        // Leave requests in flight on some disconnects.
+        if session % 3 == 2 {
+            for i in 0..8 {
+                let r = BlkRequest::new(q, &mem, T_IN, i * 8, &[], 4096);
+                q.submit(&mem, &r.descs);
+            }
+            q.kick();
+        }
+        drop(d);
+    }
+}
+
+#[test]
+fn memory_added_while_the_queue_polls_is_used() {
+    // A long poll window: the worker is still polling from the first kick
+    // when the frontend adds a region and puts a request from it on the ring.
+    let t = export(|o| o.export_extra = "x-poll-us=2000000".into());
+    let mut d = Driver::connect(t.socket(), 1, true);
+    let mem = d.mem.clone();
+    assert_eq!(read(&mut d.queues[0], &mem, 0, 512).status, S_OK);
+    let gpa = 1 << 30;
+    let extra = d.add_region(gpa, 1 << 20);
+    let data = pattern(4096, 0, 9);
+    extra.write_slice(&data, GuestAddress(gpa)).unwrap();
+    let q = &mut d.queues[0];
+    let hdr = header(q, &mem, T_OUT, 0);
+    let status = q.alloc(1);
+    let descs = [
+        Desc {
+            addr: hdr,
+            len: 16,
+            write: false,
+        },
+        Desc {
+            addr: GuestAddress(gpa),
+            len: 4096,
+            write: false,
+        },
+        Desc {
+            addr: status,
+            len: 1,
+            write: true,
+        },
+    ];
+    q.submit(&mem, &descs);
+    q.kick();
+    q.wait(&mem, 1);
+    assert_eq!(mem.read_obj::<u8>(status).unwrap(), S_OK);
+    let r = read(q, &mem, 0, 4096);
+    check_pattern(&r.data, 0, 9).unwrap();
+}
