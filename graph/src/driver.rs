@@ -5,6 +5,7 @@ use std::io;
 use std::pin::Pin;
 
 use crate::buffer::IoBuffer;
+use crate::permission::Permission;
 
 /// The future of a block operation.
 pub type IoFuture<'a, T = ()> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
@@ -49,6 +50,24 @@ pub trait BlockDriver: Send + Sync {
     /// this node should have to avoid bouncing (1 when anything goes).
     fn request_alignment(&self) -> u64 {
         1
+    }
+
+    /// The permissions this node takes (`perm`) and shares (`shared`) on
+    /// its child in `role`, given the union of what its parents need
+    /// (`perm`) and the intersection of what they share (`shared`). The
+    /// default passes the parents' needs down, as a filter does.
+    fn child_perm(
+        &self,
+        _role: &str,
+        perm: Permission,
+        shared: Permission,
+    ) -> (Permission, Permission) {
+        (perm, shared)
+    }
+
+    /// The host file behind this node, if the driver opened one.
+    fn filename(&self) -> Option<String> {
+        None
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.

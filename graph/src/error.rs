@@ -25,8 +25,11 @@ pub enum Error {
     },
     /// Another error while opening a node.
     OpenFailed(String),
-    /// The node is still used by a parent.
+    /// The node is still used by a parent; the text names it.
     InUse(String),
+    /// A change would break the permission rules; the text names the node
+    /// and the parents involved.
+    Permission(String),
 }
 
 impl fmt::Display for Error {
@@ -39,7 +42,7 @@ impl fmt::Display for Error {
             Error::InvalidNodeName(n) => write!(f, "Invalid node-name: '{n}'"),
             Error::Open { filename, source } => write!(f, "Could not open '{filename}': {source}"),
             Error::OpenFailed(text) => f.write_str(text),
-            Error::InUse(n) => write!(f, "Node '{n}' is busy: node is used by other parents"),
+            Error::InUse(text) | Error::Permission(text) => f.write_str(text),
         }
     }
 }

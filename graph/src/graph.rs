@@ -1,24 +1,40 @@
-//! The graph: every node by node-name.
+//! The graph: every node by node-name, the exports' root edges, and the
+//! permission check over all edges.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::drivers::Staging;
+use crate::child::Child;
 use crate::error::Error;
 use crate::node::Node;
 use crate::options::Options;
+use crate::permission::{Parent, Permission};
+use crate::throttle_group::{ThrottleGroup, ThrottleLimits};
+use crate::transaction::Transaction;
 
-#[derive(Default)]
-struct State {
-    nodes: BTreeMap<String, Arc<Node>>,
-    implicit_counter: u64,
+/// The nodes and export edges of a graph.
+#[derive(Clone, Default)]
+pub(crate) struct State {
+    pub(crate) nodes: BTreeMap<String, Arc<Node>>,
+    pub(crate) exports: BTreeMap<String, Arc<Child>>,
+    pub(crate) groups: BTreeMap<String, Arc<ThrottleGroup>>,
+    pub(crate) implicit_counter: u64,
 }
 
 /// The block graph. Shared by the control plane and the exports; requests
-/// never lock it (they hold their nodes directly).
+/// never lock it (they hold their nodes directly). Changes go through
+/// [`Transaction`]s, one at a time.
 #[derive(Default)]
 pub struct Graph {
     state: Mutex<State>,
+}
+
+/// A consistent view of the graph for queries.
+pub struct GraphView {
+    /// Every node, by name.
+    pub nodes: Vec<Arc<Node>>,
+    /// Every export's root edge, by export id.
+    pub exports: Vec<(String, Arc<Child>)>,
 }
 
 impl Graph {
@@ -27,32 +43,35 @@ impl Graph {
         Self::default()
     }
 
-    /// Opens a node from `options` (blockdev-add). On error nothing is added,
-    /// not even inline children that were opened already.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Starts a transaction; the graph is locked until it is committed or
+    /// dropped (which rolls it back).
+    pub fn transaction(&self) -> Transaction<'_> {
+        Transaction::new(self.lock())
+    }
+
+    /// Opens a node from `options` (blockdev-add) in a transaction of its
+    /// own. On error nothing is added, not even inline children.
     pub fn add(&self, options: Options) -> Result<Arc<Node>, Error> {
-        let mut state = self.state.lock().unwrap();
-        let State {
-            nodes,
-            implicit_counter,
-        } = &mut *state;
-        let mut staging = Staging {
-            existing: nodes,
-            created: Vec::new(),
-            counter: implicit_counter,
-        };
-        let node = staging.open(options, None)?;
-        let created = std::mem::take(&mut staging.created);
-        for n in created {
-            nodes.insert(n.name().to_string(), n);
-        }
+        let mut tx = self.transaction();
+        let node = tx.add(options)?;
+        tx.commit()?;
         Ok(node)
+    }
+
+    /// Deletes a node nobody uses (blockdev-del), in a transaction of its own.
+    pub fn remove(&self, name: &str) -> Result<(), Error> {
+        let mut tx = self.transaction();
+        tx.remove(name)?;
+        tx.commit()
     }
 
     /// The node named `name`.
     pub fn find(&self, name: &str) -> Result<Arc<Node>, Error> {
-        self.state
-            .lock()
-            .unwrap()
+        self.lock()
             .nodes
             .get(name)
             .cloned()
@@ -61,97 +80,202 @@ impl Graph {
 
     /// Every node, by name.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
-        self.state.lock().unwrap().nodes.values().cloned().collect()
+        self.lock().nodes.values().cloned().collect()
     }
 
-    /// Deletes a node that nobody uses (blockdev-del), with the inline
-    /// children only it used.
-    pub fn remove(&self, name: &str) -> Result<(), Error> {
-        let mut state = self.state.lock().unwrap();
-        let node = state
-            .nodes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NodeNotFound(name.to_string()))?;
-        if node.is_implicit() {
-            return Err(Error::OpenFailed(format!(
-                "Node {name} is not owned by the monitor"
+    /// Nodes and export edges, taken at one instant.
+    pub fn view(&self) -> GraphView {
+        let state = self.lock();
+        GraphView {
+            nodes: state.nodes.values().cloned().collect(),
+            exports: state
+                .exports
+                .iter()
+                .map(|(id, c)| (id.clone(), c.clone()))
+                .collect(),
+        }
+    }
+
+    /// Attaches export `id` to node `node_name` with the given permissions;
+    /// returns the export's root edge.
+    pub fn attach_export(
+        &self,
+        id: &str,
+        node_name: &str,
+        perm: Permission,
+        shared: Permission,
+    ) -> Result<Arc<Child>, Error> {
+        let mut tx = self.transaction();
+        let edge = tx.attach_export(id, node_name, perm, shared)?;
+        tx.commit()?;
+        Ok(edge)
+    }
+
+    /// Adds a throttle group object (`--object throttle-group`, object-add).
+    pub fn add_throttle_group(&self, id: &str, limits: ThrottleLimits) -> Result<(), Error> {
+        if !crate::drivers::valid_node_name(id) {
+            return Err(Error::InvalidOptions(format!(
+                "Parameter 'id' expects an identifier, got '{id}'"
             )));
         }
-        let used_as_child = state
-            .nodes
-            .values()
-            .any(|n| n.children().iter().any(|c| Arc::ptr_eq(&c.node(), &node)));
-        // The map and `node` hold two references; anything else (an export,
-        // a parent) is a user.
-        if used_as_child || Arc::strong_count(&node) > 2 {
-            return Err(Error::InUse(name.to_string()));
+        let mut state = self.lock();
+        if state.groups.contains_key(id) {
+            return Err(Error::OpenFailed(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
         }
-        state.nodes.remove(name);
-        let mut orphans: Vec<Arc<Node>> = node.children().iter().map(|c| c.node()).collect();
-        drop(node);
-        while let Some(child) = orphans.pop() {
-            // The map, the orphans list entry: nobody else.
-            if child.is_implicit() && Arc::strong_count(&child) == 2 {
-                state.nodes.remove(child.name());
-                orphans.extend(child.children().iter().map(|c| c.node()));
-            }
-        }
+        state
+            .groups
+            .insert(id.to_string(), Arc::new(ThrottleGroup::new(id, limits)));
         Ok(())
+    }
+
+    /// Deletes a throttle group that no node uses.
+    pub fn remove_throttle_group(&self, id: &str) -> Result<(), Error> {
+        let mut state = self.lock();
+        let group = state
+            .groups
+            .get(id)
+            .ok_or_else(|| Error::OpenFailed(format!("object '{id}' not found")))?;
+        if Arc::strong_count(group) > 1 {
+            return Err(Error::InUse(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        state.groups.remove(id);
+        Ok(())
+    }
+
+    /// Every throttle group.
+    pub fn throttle_groups(&self) -> Vec<Arc<ThrottleGroup>> {
+        self.lock().groups.values().cloned().collect()
+    }
+
+    /// Detaches export `id`.
+    pub fn detach_export(&self, id: &str) -> Result<(), Error> {
+        let mut tx = self.transaction();
+        tx.detach_export(id)?;
+        tx.commit()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// An edge into a node, for the permission check.
+struct Incoming {
+    edge: Arc<Child>,
+    perm: Permission,
+    shared: Permission,
+}
 
-    fn add(graph: &Graph, arg: &str) -> Result<Arc<Node>, Error> {
-        graph.add(Options::from_arg(arg, None).unwrap())
+/// Computes every edge's permissions over `state` and checks them: each
+/// parent's `perm` must be inside every other parent's `shared`, and
+/// nobody may write a read-only node. Returns the permissions to apply.
+pub(crate) fn check_permissions(
+    state: &State,
+) -> Result<Vec<(Arc<Child>, Permission, Permission)>, Error> {
+    let mut incoming: HashMap<&str, Vec<Incoming>> = HashMap::new();
+    let mut pending: HashMap<&str, usize> = state.nodes.keys().map(|n| (n.as_str(), 0)).collect();
+    for node in state.nodes.values() {
+        for edge in node.children() {
+            let child = edge.node();
+            match pending.get_mut(child.name()) {
+                Some(count) => *count += 1,
+                None => {
+                    return Err(Error::OpenFailed(format!(
+                        "Node '{}' uses node '{}', which is not in the graph",
+                        node.name(),
+                        child.name()
+                    )))
+                }
+            }
+        }
     }
+    for edge in state.exports.values() {
+        let (perm, shared) = edge.permissions();
+        let name = edge.node().name().to_string();
+        let key = state
+            .nodes
+            .get_key_value(&name)
+            .map(|(k, _)| k.as_str())
+            .ok_or_else(|| Error::NodeNotFound(name.clone()))?;
+        incoming.entry(key).or_default().push(Incoming {
+            edge: edge.clone(),
+            perm,
+            shared,
+        });
+    }
+    let mut ready: Vec<&str> = pending
+        .iter()
+        .filter(|(_, c)| **c == 0)
+        .map(|(n, _)| *n)
+        .collect();
+    let mut result = Vec::new();
+    let mut done = 0;
+    while let Some(name) = ready.pop() {
+        done += 1;
+        let node = &state.nodes[name];
+        let parents = incoming.remove(name).unwrap_or_default();
+        let (perm, shared) = check_node(node, &parents)?;
+        for p in parents {
+            if !matches!(p.edge.parent(), Parent::Export(_)) {
+                result.push((p.edge, p.perm, p.shared));
+            }
+        }
+        for edge in node.children() {
+            let (cperm, cshared) = node.child_perm(edge.role(), perm, shared);
+            let child = edge.node();
+            let (key, _) = state.nodes.get_key_value(child.name()).unwrap();
+            incoming.entry(key.as_str()).or_default().push(Incoming {
+                edge: edge.clone(),
+                perm: cperm,
+                shared: cshared,
+            });
+            let count = pending.get_mut(key.as_str()).unwrap();
+            *count -= 1;
+            if *count == 0 {
+                ready.push(key.as_str());
+            }
+        }
+    }
+    if done != state.nodes.len() {
+        return Err(Error::OpenFailed(
+            "The change would create a loop in the graph".into(),
+        ));
+    }
+    Ok(result)
+}
 
-    #[test]
-    fn add_find_remove() {
-        let graph = Graph::new();
-        add(&graph, "driver=null-co,node-name=n0").unwrap();
-        add(&graph, "driver=raw,node-name=r0,file=n0").unwrap();
-        assert_eq!(graph.find("r0").unwrap().children()[0].role(), "file");
-        assert!(matches!(
-            add(&graph, "driver=null-co,node-name=n0"),
-            Err(Error::DuplicateNodeName(_))
-        ));
-        assert!(matches!(graph.remove("n0"), Err(Error::InUse(_))));
-        graph.remove("r0").unwrap();
-        graph.remove("n0").unwrap();
-        assert!(graph.nodes().is_empty());
+/// Checks the parents of one node against each other; returns the union
+/// of what they need and the intersection of what they share.
+fn check_node(node: &Node, parents: &[Incoming]) -> Result<(Permission, Permission), Error> {
+    let name = node.name();
+    let mut perm = Permission::NONE;
+    let mut shared = Permission::ALL;
+    for a in parents {
+        if node.read_only() && !(a.perm & (Permission::WRITE | Permission::RESIZE)).is_empty() {
+            return Err(Error::Permission(format!(
+                "Block node '{name}' is read-only, but {} (uses node '{name}' as '{}' child) needs '{}'",
+                a.edge.parent(),
+                a.edge.role(),
+                a.perm & (Permission::WRITE | Permission::RESIZE)
+            )));
+        }
+        for b in parents {
+            if std::ptr::eq(a, b) {
+                continue;
+            }
+            let conflict = a.perm & !b.shared;
+            if !conflict.is_empty() {
+                return Err(Error::Permission(format!(
+                    "Permission conflict on node '{name}': permissions '{conflict}' are both required by {} (uses node '{name}' as '{}' child) and unshared by {} (uses node '{name}' as '{}' child)",
+                    a.edge.parent(),
+                    a.edge.role(),
+                    b.edge.parent(),
+                    b.edge.role()
+                )));
+            }
+        }
+        perm = perm | a.perm;
+        shared = shared & a.shared;
     }
-
-    #[test]
-    fn inline_children_go_with_their_parent() {
-        let graph = Graph::new();
-        add(&graph, "driver=raw,node-name=r0,file.driver=null-co").unwrap();
-        assert_eq!(graph.nodes().len(), 2);
-        let child = graph.find("r0").unwrap().children()[0].node();
-        assert!(child.is_implicit());
-        assert!(graph.remove(child.name()).is_err());
-        drop(child);
-        graph.remove("r0").unwrap();
-        assert!(graph.nodes().is_empty());
-    }
-
-    #[test]
-    fn rejects_bad_names_and_drivers() {
-        let graph = Graph::new();
-        assert!(matches!(
-            add(&graph, "driver=null-co,node-name=1x"),
-            Err(Error::InvalidNodeName(_))
-        ));
-        assert!(matches!(
-            add(&graph, "driver=nope,node-name=x"),
-            Err(Error::UnknownDriver(_))
-        ));
-        assert!(matches!(
-            add(&graph, "driver=null-co"),
-            Err(Error::InvalidOptions(_))
-        ));
-    }
+    Ok((perm, shared))
 }

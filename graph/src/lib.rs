@@ -18,11 +18,17 @@ mod error;
 mod graph;
 mod node;
 pub mod options;
+mod permission;
+mod throttle_group;
+mod transaction;
 
 pub use buffer::{IoBuffer, IoSegment};
 pub use child::Child;
 pub use driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 pub use error::Error;
-pub use graph::Graph;
+pub use graph::{Graph, GraphView};
 pub use node::{DiscardMode, Node};
 pub use options::Options;
+pub use permission::{Parent, Permission};
+pub use throttle_group::{Direction, ThrottleGroup, ThrottleLimits};
+pub use transaction::{ReplaceParent, Transaction};

@@ -9,6 +9,7 @@ use crate::buffer::IoBuffer;
 use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::drivers::CommonOptions;
+use crate::permission::Permission;
 
 /// Whether discard requests reach the driver (QEMU's `discard` option).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -29,6 +30,7 @@ pub struct Node {
     read_only: bool,
     discard: DiscardMode,
     no_flush: bool,
+    direct: bool,
     children: Vec<Arc<Child>>,
     implicit: bool,
 }
@@ -63,6 +65,7 @@ impl Node {
             read_only: common.is_read_only(),
             discard: common.discard.unwrap_or_default(),
             no_flush: common.cache.and_then(|c| c.no_flush).unwrap_or(false),
+            direct: common.direct(),
             children,
             implicit,
         }
@@ -101,6 +104,34 @@ impl Node {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.driver.size()
+    }
+
+    /// What the node takes and shares on its child in `role`, given what
+    /// its parents need and share.
+    pub fn child_perm(
+        &self,
+        role: &str,
+        perm: Permission,
+        shared: Permission,
+    ) -> (Permission, Permission) {
+        self.driver.child_perm(role, perm, shared)
+    }
+
+    /// The host file behind this node: its own, or its first child's.
+    pub fn filename(&self) -> Option<String> {
+        self.driver
+            .filename()
+            .or_else(|| self.children.first().and_then(|c| c.node().filename()))
+    }
+
+    /// Whether the node bypasses the host page cache.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether flushes are ignored.
+    pub fn no_flush(&self) -> bool {
+        self.no_flush
     }
 
     /// Alignment that avoids bouncing in the driver.

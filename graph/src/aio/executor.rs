@@ -114,6 +114,12 @@ impl<T> Executor<T> {
         self.queue.event.as_raw_fd()
     }
 
+    /// Makes the eventfd readable, so the event loop calls
+    /// [`Executor::run`] (and looks at whatever else it serves).
+    pub fn notify(&self) {
+        let _ = self.queue.event.write(1);
+    }
+
     /// Clears the eventfd; call before [`Executor::run`] when it fired.
     pub fn consume_event(&self) {
         let _ = self.queue.event.read();

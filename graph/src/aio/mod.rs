@@ -11,8 +11,10 @@
 
 mod executor;
 mod pool;
+mod sleep;
 mod uring;
 
 pub use executor::{block_on, Executor};
 pub(crate) use pool::{run_blocking, BlockingOp};
+pub use sleep::sleep;
 pub(crate) use uring::{submit, UringOp};

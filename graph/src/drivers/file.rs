@@ -96,6 +96,7 @@ impl Drop for AlignedBuffer {
 
 /// An open file.
 pub struct File {
+    filename: String,
     file: Arc<std::fs::File>,
     size: u64,
     direct: bool,
@@ -142,6 +143,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
         1
     };
     Ok(Box::new(File {
+        filename: opts.filename.clone(),
         file: Arc::new(file),
         size,
         direct,
@@ -384,6 +386,10 @@ impl BlockDriver for File {
 
     fn request_alignment(&self) -> u64 {
         self.align
+    }
+
+    fn filename(&self) -> Option<String> {
+        Some(self.filename.clone())
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {

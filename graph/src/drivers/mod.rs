@@ -3,6 +3,7 @@
 mod file;
 mod null;
 mod raw;
+mod throttle;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use crate::driver::BlockDriver;
 use crate::error::Error;
 use crate::node::{DiscardMode, Node};
 use crate::options::Options;
+use crate::permission::Parent;
+use crate::throttle_group::ThrottleGroup;
 
 /// A driver's open function: builds an instance from the driver's own
 /// options (the common ones are in the context).
@@ -29,7 +32,7 @@ pub struct DriverEntry {
 }
 
 /// Every driver blkgraph has.
-pub const DRIVERS: &[DriverEntry] = &[file::ENTRY, raw::ENTRY, null::ENTRY];
+pub const DRIVERS: &[DriverEntry] = &[file::ENTRY, raw::ENTRY, null::ENTRY, throttle::ENTRY];
 
 /// Looks a driver up by name.
 pub fn find_driver(name: &str) -> Option<&'static DriverEntry> {
@@ -114,6 +117,7 @@ impl CommonOptions {
 /// Nodes opened by one graph operation, registered only if it succeeds.
 pub(crate) struct Staging<'g> {
     pub(crate) existing: &'g BTreeMap<String, Arc<Node>>,
+    pub(crate) groups: &'g BTreeMap<String, Arc<ThrottleGroup>>,
     pub(crate) created: Vec<Arc<Node>>,
     pub(crate) counter: &'g mut u64,
 }
@@ -165,6 +169,7 @@ impl Staging<'_> {
             .ok_or_else(|| Error::UnknownDriver(common.driver.clone()))?;
         let mut ctx = OpenContext {
             staging: self,
+            name: name.clone(),
             common,
             children: Vec::new(),
         };
@@ -189,6 +194,7 @@ impl Staging<'_> {
 /// reference its children.
 pub struct OpenContext<'s, 'g> {
     staging: &'s mut Staging<'g>,
+    name: String,
     /// The node's common options.
     pub common: CommonOptions,
     children: Vec<Arc<Child>>,
@@ -229,9 +235,18 @@ impl OpenContext<'_, '_> {
                 )))
             }
         };
-        let child = Child::new(role, node);
+        let child = Child::new(Parent::Node(self.name.clone()), role, node);
         self.children.push(child.clone());
         Ok(Some(child))
+    }
+
+    /// The throttle group object `id`.
+    pub fn throttle_group(&self, id: &str) -> Result<Arc<ThrottleGroup>, Error> {
+        self.staging
+            .groups
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::OpenFailed(format!("No throttle group '{id}'")))
     }
 
     /// Like [`OpenContext::child`], but the child must be given.

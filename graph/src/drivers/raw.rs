@@ -10,6 +10,7 @@ use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
 use crate::options::Options;
+use crate::permission::Permission;
 
 /// The table entry.
 pub const ENTRY: DriverEntry = DriverEntry { name: "raw", open };
@@ -67,6 +68,20 @@ impl BlockDriver for Raw {
 
     fn request_alignment(&self) -> u64 {
         self.file.node().request_alignment()
+    }
+
+    /// A format node reads its protocol child consistently and, like
+    /// QEMU's format drivers, lets nobody else write or resize it.
+    fn child_perm(
+        &self,
+        _role: &str,
+        perm: Permission,
+        shared: Permission,
+    ) -> (Permission, Permission) {
+        (
+            perm | Permission::CONSISTENT_READ,
+            shared & !(Permission::WRITE | Permission::RESIZE),
+        )
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {

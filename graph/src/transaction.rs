@@ -1,0 +1,353 @@
+//! Graph transactions: every action is prepared in order on a working copy
+//! of the graph; permissions are checked once, over the result, when the
+//! transaction commits; a failure anywhere leaves the graph exactly as it
+//! was.
+//!
+//! Replacing an edge takes effect at once (requests load an edge's node
+//! when they start), so callers quiesce the I/O that could cross the edge
+//! before they replace it and resume after the transaction ends.
+
+use std::sync::{Arc, MutexGuard};
+
+use crate::child::Child;
+use crate::drivers::Staging;
+use crate::error::Error;
+use crate::graph::{check_permissions, State};
+use crate::node::Node;
+use crate::options::Options;
+use crate::permission::{Parent, Permission};
+
+/// The parent of an edge to replace (x-blockdev-replace's `parent-type`).
+#[derive(Clone, Copy, Debug)]
+pub enum ReplaceParent<'a> {
+    /// The root edge of an export.
+    Export(&'a str),
+    /// The child edge `child` (a role) of node `node_name`.
+    Node {
+        /// The parent node.
+        node_name: &'a str,
+        /// The role of the edge.
+        child: &'a str,
+    },
+}
+
+/// A graph transaction. Dropping it without [`Transaction::commit`] rolls
+/// it back.
+pub struct Transaction<'g> {
+    graph: MutexGuard<'g, State>,
+    working: State,
+    undo: Vec<(Arc<Child>, Arc<Node>)>,
+    committed: bool,
+}
+
+impl<'g> Transaction<'g> {
+    pub(crate) fn new(graph: MutexGuard<'g, State>) -> Self {
+        let working = graph.clone();
+        Transaction {
+            graph,
+            working,
+            undo: Vec::new(),
+            committed: false,
+        }
+    }
+
+    /// Opens a node (blockdev-add); it exists in the graph once the
+    /// transaction commits, and its files are closed if it is rolled back.
+    pub fn add(&mut self, options: Options) -> Result<Arc<Node>, Error> {
+        let State {
+            nodes,
+            implicit_counter,
+            groups,
+            ..
+        } = &mut self.working;
+        let mut staging = Staging {
+            existing: nodes,
+            groups,
+            created: Vec::new(),
+            counter: implicit_counter,
+        };
+        let node = staging.open(options, None)?;
+        let created = std::mem::take(&mut staging.created);
+        for n in created {
+            nodes.insert(n.name().to_string(), n);
+        }
+        Ok(node)
+    }
+
+    /// The parents of `node` in the working graph.
+    fn parents_of(&self, node: &Arc<Node>) -> Vec<Parent> {
+        let mut parents: Vec<Parent> = self
+            .working
+            .nodes
+            .values()
+            .flat_map(|n| n.children())
+            .filter(|c| Arc::ptr_eq(&c.node(), node))
+            .map(|c| c.parent().clone())
+            .collect();
+        parents.extend(
+            self.working
+                .exports
+                .values()
+                .filter(|c| Arc::ptr_eq(&c.node(), node))
+                .map(|c| c.parent().clone()),
+        );
+        parents
+    }
+
+    /// Deletes a node that has no parent (blockdev-del), and the inline
+    /// children only it used.
+    pub fn remove(&mut self, name: &str) -> Result<(), Error> {
+        let node = self
+            .working
+            .nodes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NodeNotFound(name.to_string()))?;
+        if node.is_implicit() {
+            return Err(Error::OpenFailed(format!(
+                "Node '{name}' was created inline by its parent; delete the parent instead"
+            )));
+        }
+        if let Some(parent) = self.parents_of(&node).first() {
+            return Err(Error::InUse(format!("Node '{name}' is in use by {parent}")));
+        }
+        self.working.nodes.remove(name);
+        let mut orphans: Vec<Arc<Node>> = node.children().iter().map(|c| c.node()).collect();
+        while let Some(child) = orphans.pop() {
+            if child.is_implicit() && self.parents_of(&child).is_empty() {
+                self.working.nodes.remove(child.name());
+                orphans.extend(child.children().iter().map(|c| c.node()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Points an edge at node `new_child` (x-blockdev-replace).
+    pub fn replace(&mut self, parent: ReplaceParent<'_>, new_child: &str) -> Result<(), Error> {
+        let new = self
+            .working
+            .nodes
+            .get(new_child)
+            .cloned()
+            .ok_or_else(|| Error::NodeNotFound(new_child.to_string()))?;
+        let edge = match parent {
+            ReplaceParent::Export(id) => self
+                .working
+                .exports
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::OpenFailed(format!("Export '{id}' not found")))?,
+            ReplaceParent::Node { node_name, child } => self
+                .working
+                .nodes
+                .get(node_name)
+                .ok_or_else(|| Error::NodeNotFound(node_name.to_string()))?
+                .children()
+                .iter()
+                .find(|c| c.role() == child)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::OpenFailed(format!("Node '{node_name}' has no child '{child}'"))
+                })?,
+        };
+        let old = edge.node();
+        if Arc::ptr_eq(&old, &new) {
+            return Ok(());
+        }
+        if old.size() != new.size() {
+            return Err(Error::OpenFailed(format!(
+                "Cannot replace '{}' by '{new_child}': their sizes differ ({} and {} bytes)",
+                old.name(),
+                old.size(),
+                new.size()
+            )));
+        }
+        let previous = edge.replace(new);
+        self.undo.push((edge, previous));
+        Ok(())
+    }
+
+    /// Attaches export `id` to node `node_name` with fixed permissions.
+    pub fn attach_export(
+        &mut self,
+        id: &str,
+        node_name: &str,
+        perm: Permission,
+        shared: Permission,
+    ) -> Result<Arc<Child>, Error> {
+        if self.working.exports.contains_key(id) {
+            return Err(Error::OpenFailed(format!(
+                "Block export id '{id}' is already in use"
+            )));
+        }
+        let node = self
+            .working
+            .nodes
+            .get(node_name)
+            .cloned()
+            .ok_or_else(|| Error::NodeNotFound(node_name.to_string()))?;
+        let edge = Child::new(Parent::Export(id.to_string()), "root", node);
+        edge.set_permissions(perm, shared);
+        self.working.exports.insert(id.to_string(), edge.clone());
+        Ok(edge)
+    }
+
+    /// Detaches export `id`.
+    pub fn detach_export(&mut self, id: &str) -> Result<(), Error> {
+        self.working
+            .exports
+            .remove(id)
+            .map(|_| ())
+            .ok_or_else(|| Error::OpenFailed(format!("Export '{id}' not found")))
+    }
+
+    /// Checks the permissions of the resulting graph and makes it the
+    /// graph; on error everything is rolled back.
+    pub fn commit(mut self) -> Result<(), Error> {
+        let perms = check_permissions(&self.working)?;
+        for (edge, perm, shared) in perms {
+            edge.set_permissions(perm, shared);
+        }
+        *self.graph = std::mem::take(&mut self.working);
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            for (edge, previous) in self.undo.drain(..).rev() {
+                edge.replace(previous);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Graph;
+
+    fn opts(arg: &str) -> Options {
+        Options::from_arg(arg, None).unwrap()
+    }
+
+    fn shape(graph: &Graph) -> Vec<String> {
+        let view = graph.view();
+        let mut out: Vec<String> = view
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.children().iter().map(move |c| {
+                    let (p, s) = c.permissions();
+                    format!(
+                        "{} -{}-> {} [{p}] [{s}]",
+                        n.name(),
+                        c.role(),
+                        c.node().name()
+                    )
+                })
+            })
+            .collect();
+        out.extend(view.nodes.iter().map(|n| n.name().to_string()));
+        out.extend(
+            view.exports
+                .iter()
+                .map(|(id, c)| format!("{id} -> {}", c.node().name())),
+        );
+        out
+    }
+
+    fn base() -> Graph {
+        let g = Graph::new();
+        g.add(opts("driver=null-co,node-name=n0,size=1M")).unwrap();
+        g.add(opts("driver=raw,node-name=disk0,file=n0")).unwrap();
+        g.attach_export(
+            "vub0",
+            "disk0",
+            Permission::CONSISTENT_READ | Permission::WRITE,
+            Permission::ALL,
+        )
+        .unwrap();
+        g
+    }
+
+    #[test]
+    fn a_failing_action_rolls_back_every_earlier_one() {
+        let g = base();
+        let before = shape(&g);
+        let export_edge = g.view().exports[0].1.clone();
+        {
+            let mut tx = g.transaction();
+            tx.add(opts("driver=raw,node-name=f1,file=disk0")).unwrap();
+            tx.replace(ReplaceParent::Export("vub0"), "f1").unwrap();
+            // The replacement is live (requests would go to f1) until...
+            assert_eq!(export_edge.node().name(), "f1");
+            // ...an action fails and the transaction is dropped.
+            assert!(tx.add(opts("driver=nope,node-name=x")).is_err());
+        }
+        assert_eq!(export_edge.node().name(), "disk0");
+        assert_eq!(shape(&g), before);
+    }
+
+    #[test]
+    fn insert_and_remove_a_filter_atomically() {
+        let g = base();
+        let mut tx = g.transaction();
+        tx.add(opts("driver=raw,node-name=f1,file=disk0")).unwrap();
+        tx.replace(ReplaceParent::Export("vub0"), "f1").unwrap();
+        tx.commit().unwrap();
+        assert_eq!(g.view().exports[0].1.node().name(), "f1");
+        let mut tx = g.transaction();
+        tx.replace(ReplaceParent::Export("vub0"), "disk0").unwrap();
+        tx.remove("f1").unwrap();
+        tx.commit().unwrap();
+        assert_eq!(g.view().exports[0].1.node().name(), "disk0");
+        assert!(g.find("f1").is_err());
+    }
+
+    #[test]
+    fn permission_conflicts_are_refused_and_change_nothing() {
+        let g = base();
+        let before = shape(&g);
+        // A second format node on n0 while disk0 is written through vub0.
+        let e = g.add(opts("driver=raw,node-name=r2,file=n0")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Permission conflict on node 'n0': permissions 'write' are both required by node 'disk0' (uses node 'n0' as 'file' child) and unshared by node 'r2' (uses node 'n0' as 'file' child)"
+        );
+        assert_eq!(shape(&g), before);
+        // A writable export moved onto a read-only node.
+        g.add(opts("driver=null-co,node-name=ro,size=1M,read-only=on"))
+            .unwrap();
+        let mut tx = g.transaction();
+        tx.replace(ReplaceParent::Export("vub0"), "ro").unwrap();
+        let e = tx.commit().unwrap_err();
+        assert!(e.to_string().contains("is read-only"), "{e}");
+        assert_eq!(g.view().exports[0].1.node().name(), "disk0");
+    }
+
+    #[test]
+    fn loops_and_users_are_refused() {
+        let g = Graph::new();
+        g.add(opts("driver=null-co,node-name=n0,size=1M")).unwrap();
+        g.add(opts("driver=raw,node-name=disk0,file=n0")).unwrap();
+        g.add(opts("driver=raw,node-name=top,file=disk0")).unwrap();
+        // disk0 -> top -> disk0 would be a loop.
+        let mut tx = g.transaction();
+        tx.replace(
+            ReplaceParent::Node {
+                node_name: "disk0",
+                child: "file",
+            },
+            "top",
+        )
+        .unwrap();
+        let e = tx.commit().unwrap_err();
+        assert!(e.to_string().contains("loop"), "{e}");
+        assert_eq!(g.find("disk0").unwrap().children()[0].node().name(), "n0");
+        let e = g.remove("disk0").unwrap_err();
+        assert!(e.to_string().contains("in use by"), "{e}");
+    }
+}
