@@ -1,0 +1,185 @@
+//! Renders `x-debug-query-block-graph`'s reply (QEMU's XDbgBlockGraph) as
+//! Graphviz dot.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+/// Short names for permissions, in edge labels.
+const PERM_ABBREV: [(&str, &str); 5] = [
+    ("consistent-read", "R"),
+    ("write", "W"),
+    ("write-unchanged", "U"),
+    ("resize", "S"),
+    ("graph-mod", "G"),
+];
+
+/// Renders `{"nodes": [{"id", "type", "name"}], "edges": [{"parent",
+/// "child", "name", "perm", "shared-perm"}]}` as a dot digraph: nodes
+/// labelled with type and name, edges from parent to child labelled with
+/// the child's role, the permissions taken and those shared
+/// (`R` consistent-read, `W` write, `U` write-unchanged, `S` resize,
+/// `G` graph-mod).
+pub fn render(graph: &Value) -> Result<String, String> {
+    let nodes = list(graph, "nodes")?;
+    let edges = list(graph, "edges")?;
+    let mut out = String::from("digraph blkgraph {\n    node [shape=box];\n");
+    for node in nodes {
+        let id = member(node, "id")?;
+        let kind = text(node, "type")?;
+        let name = text(node, "name")?;
+        let label = if name.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}\n{name}")
+        };
+        let shape = match kind {
+            "block-driver" => ", shape=ellipse",
+            "block-export" => ", shape=cds",
+            _ => "",
+        };
+        let _ = writeln!(
+            out,
+            "    {} [label={}{shape}];",
+            quote(&id.to_string()),
+            quote(&label)
+        );
+    }
+    for edge in edges {
+        let parent = member(edge, "parent")?;
+        let child = member(edge, "child")?;
+        let role = text(edge, "name")?;
+        let perm = perms(edge, "perm")?;
+        let shared = perms(edge, "shared-perm")?;
+        let _ = writeln!(
+            out,
+            "    {} -> {} [label={}];",
+            quote(&parent.to_string()),
+            quote(&child.to_string()),
+            quote(&format!("{role}\n{perm} / shared: {shared}"))
+        );
+    }
+    out.push_str("}\n");
+    Ok(out)
+}
+
+fn member<'a>(object: &'a Value, key: &str) -> Result<&'a Value, String> {
+    object
+        .get(key)
+        .ok_or_else(|| format!("'{key}' missing in {object}"))
+}
+
+fn list<'a>(object: &'a Value, key: &str) -> Result<&'a Vec<Value>, String> {
+    member(object, key)?
+        .as_array()
+        .ok_or_else(|| format!("'{key}' is not an array"))
+}
+
+fn text<'a>(object: &'a Value, key: &str) -> Result<&'a str, String> {
+    member(object, key)?
+        .as_str()
+        .ok_or_else(|| format!("'{key}' is not a string in {object}"))
+}
+
+/// Abbreviates a permission list, keeping the server's order.
+fn perms(edge: &Value, key: &str) -> Result<String, String> {
+    let names = list(edge, key)?;
+    if names.is_empty() {
+        return Ok("-".to_string());
+    }
+    let mut short = Vec::with_capacity(names.len());
+    for name in names {
+        let name = name
+            .as_str()
+            .ok_or_else(|| format!("'{key}' has a non-string member in {edge}"))?;
+        let abbrev = PERM_ABBREV
+            .iter()
+            .find(|(long, _)| *long == name)
+            .map_or(name, |(_, s)| s);
+        short.push(abbrev);
+    }
+    Ok(short.join(" "))
+}
+
+/// A dot double-quoted string; `\n` in `s` becomes dot's line break.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => {}
+            _ => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn renders_nodes_and_edges() {
+        let graph = json!({
+            "nodes": [
+                {"id": 1, "type": "block-export", "name": "vub0"},
+                {"id": 2, "type": "block-driver", "name": "raw disk0"},
+                {"id": 3, "type": "block-driver", "name": "file f0"},
+                {"id": 4, "type": "block-backend", "name": ""},
+            ],
+            "edges": [
+                {"parent": 1, "child": 2, "name": "root",
+                 "perm": ["consistent-read", "write"], "shared-perm": ["consistent-read", "write", "write-unchanged", "resize"]},
+                {"parent": 2, "child": 3, "name": "file",
+                 "perm": ["write", "consistent-read", "new-perm"], "shared-perm": []},
+            ]
+        });
+        assert_eq!(
+            render(&graph).unwrap(),
+            r#"digraph blkgraph {
+    node [shape=box];
+    "1" [label="block-export\nvub0", shape=cds];
+    "2" [label="block-driver\nraw disk0", shape=ellipse];
+    "3" [label="block-driver\nfile f0", shape=ellipse];
+    "4" [label="block-backend"];
+    "1" -> "2" [label="root\nR W / shared: R W U S"];
+    "2" -> "3" [label="file\nW R new-perm / shared: -"];
+}
+"#
+        );
+    }
+
+    #[test]
+    fn quotes_names() {
+        let graph = json!({
+            "nodes": [{"id": 0, "type": "block-driver", "name": "a\"b\\c\nd"}],
+            "edges": []
+        });
+        let dot = render(&graph).unwrap();
+        assert!(
+            dot.contains(r#""0" [label="block-driver\na\"b\\c\nd", shape=ellipse];"#),
+            "{dot}"
+        );
+    }
+
+    #[test]
+    fn malformed_replies() {
+        assert_eq!(render(&json!({})).unwrap_err(), "'nodes' missing in {}");
+        assert_eq!(
+            render(&json!({"nodes": {}, "edges": []})).unwrap_err(),
+            "'nodes' is not an array"
+        );
+        let e =
+            render(&json!({"nodes": [{"id": 1, "type": 2, "name": ""}], "edges": []})).unwrap_err();
+        assert!(e.starts_with("'type' is not a string"), "{e}");
+        let e = render(&json!({"nodes": [], "edges": [
+            {"parent": 1, "child": 2, "name": "file", "perm": [1], "shared-perm": []}]}))
+        .unwrap_err();
+        assert!(e.starts_with("'perm' has a non-string member"), "{e}");
+    }
+}

@@ -1,0 +1,193 @@
+//! Broadcasting events to the negotiated clients.
+
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::json::to_line;
+
+/// One encoded message, shared by the queues of all clients.
+pub(crate) type Line = Arc<[u8]>;
+
+/// A client that receives events.
+struct Subscriber {
+    id: u64,
+    queue: SyncSender<Line>,
+    conn: UnixStream,
+}
+
+#[derive(Default)]
+struct Subscribers {
+    next_id: u64,
+    list: Vec<Subscriber>,
+}
+
+/// A handle that sends events to every negotiated client of the servers
+/// it was given to. Cloning it gives another handle to the same clients.
+///
+/// Sending never blocks: a client whose outgoing queue is full (it does not
+/// read, or not fast enough) is disconnected.
+#[derive(Clone, Default)]
+pub struct Events {
+    inner: Arc<Mutex<Subscribers>>,
+}
+
+#[derive(Serialize)]
+struct Timestamp {
+    seconds: u64,
+    microseconds: u32,
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a Value>,
+    timestamp: Timestamp,
+}
+
+impl Events {
+    /// A handle with no clients yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends `{"event": EVENT, "data": DATA, "timestamp": {"seconds": S,
+    /// "microseconds": US}}` to every negotiated client. `data` is
+    /// normally an object; `Value::Null` leaves the member out, as QEMU does
+    /// for events without data.
+    pub fn emit(&self, event: &str, data: Value) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let line: Line = to_line(&Event {
+            event,
+            data: (!data.is_null()).then_some(&data),
+            timestamp: Timestamp {
+                seconds: now.as_secs(),
+                microseconds: now.subsec_micros(),
+            },
+        })
+        .into();
+        self.lock()
+            .list
+            .retain(|s| match s.queue.try_send(line.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    log::warn!("QMP client cannot keep up with events: disconnecting it");
+                    let _ = s.conn.shutdown(Shutdown::Both);
+                    false
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            });
+    }
+
+    /// The number of clients that receive events.
+    pub fn subscribers(&self) -> usize {
+        self.lock().list.len()
+    }
+
+    /// Queues `first` (the reply that completes negotiation) and adds the
+    /// client, atomically with respect to [`Events::emit`]: the client gets
+    /// every event emitted after the reply, and none before it. Returns the
+    /// subscription id, or `None` if the queue was full (the client is then
+    /// disconnected).
+    pub(crate) fn subscribe(
+        &self,
+        first: Line,
+        queue: SyncSender<Line>,
+        conn: UnixStream,
+    ) -> Option<u64> {
+        let mut subs = self.lock();
+        if queue.try_send(first).is_err() {
+            let _ = conn.shutdown(Shutdown::Both);
+            return None;
+        }
+        let id = subs.next_id;
+        subs.next_id += 1;
+        subs.list.push(Subscriber { id, queue, conn });
+        Some(id)
+    }
+
+    /// Removes a client added by [`Events::subscribe`].
+    pub(crate) fn unsubscribe(&self, id: u64) {
+        self.lock().list.retain(|s| s.id != id);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Subscribers> {
+        // The list stays consistent even if a holder panicked.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::mpsc::sync_channel;
+
+    fn parse(line: &[u8]) -> Value {
+        assert!(line.ends_with(b"\r\n"));
+        serde_json::from_slice(line).unwrap()
+    }
+
+    #[test]
+    fn emit_reaches_subscribers_after_first_line() {
+        let events = Events::new();
+        events.emit("EARLY", json!({}));
+        let (tx, rx) = sync_channel(4);
+        let (conn, _peer) = UnixStream::pair().unwrap();
+        let id = events
+            .subscribe(Arc::from(&b"first\r\n"[..]), tx, conn)
+            .unwrap();
+        assert_eq!(events.subscribers(), 1);
+        events.emit("E1", json!({"id": "x"}));
+        events.emit("E2", Value::Null);
+        assert_eq!(&*rx.recv().unwrap(), b"first\r\n");
+        let e1 = parse(&rx.recv().unwrap());
+        assert_eq!(e1["event"], "E1");
+        assert_eq!(e1["data"], json!({"id": "x"}));
+        assert!(e1["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000);
+        assert!(e1["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000);
+        let e2 = parse(&rx.recv().unwrap());
+        assert_eq!(e2["event"], "E2");
+        assert!(e2.get("data").is_none());
+        events.unsubscribe(id);
+        assert_eq!(events.subscribers(), 0);
+    }
+
+    #[test]
+    fn full_queue_disconnects_the_client() {
+        let events = Events::new();
+        let (tx, _rx) = sync_channel(2);
+        let (conn, mut peer) = UnixStream::pair().unwrap();
+        events
+            .subscribe(Arc::from(&b"first\r\n"[..]), tx, conn)
+            .unwrap();
+        events.emit("A", json!({}));
+        assert_eq!(events.subscribers(), 1);
+        events.emit("B", json!({}));
+        assert_eq!(events.subscribers(), 0);
+        // The connection was shut down: the peer sees end of file.
+        let mut buf = [0u8; 8];
+        assert_eq!(std::io::Read::read(&mut peer, &mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn closed_queue_is_forgotten() {
+        let events = Events::new();
+        let (tx, rx) = sync_channel(2);
+        let (conn, _peer) = UnixStream::pair().unwrap();
+        events
+            .subscribe(Arc::from(&b"first\r\n"[..]), tx, conn)
+            .unwrap();
+        drop(rx);
+        events.emit("A", json!({}));
+        assert_eq!(events.subscribers(), 0);
+    }
+}

@@ -1,0 +1,73 @@
+//! blkgraph's control socket, compatible with QEMU's QMP.
+//!
+//! [`QmpServer`] serves the QEMU Machine Protocol on a unix socket:
+//! the greeting, capabilities negotiation, `query-commands`, request
+//! checking and replies with QEMU's error texts, and events, for several
+//! clients at once. The commands themselves come from a [`Dispatcher`]
+//! (the daemon); events are sent with an [`Events`] handle.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use blkgraph_ctl::{Dispatcher, Events, QmpError, QmpServer};
+//! use serde_json::{json, Map, Value};
+//!
+//! struct Commands;
+//!
+//! impl Dispatcher for Commands {
+//!     fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+//!         match command {
+//!             "query-name" => Ok(json!({"name": "blkgraph"})),
+//!             _ => Err(QmpError::command_not_found(command)),
+//!         }
+//!     }
+//!
+//!     fn commands(&self) -> Vec<String> {
+//!         vec!["query-name".into()]
+//!     }
+//! }
+//!
+//! let events = Events::new();
+//! let server = QmpServer::bind("/run/blkgraph-qmp.sock".as_ref())?;
+//! server.spawn(Arc::new(Commands), events.clone(),
+//!              json!({"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": "blkgraph"}))?;
+//! events.emit("BLOCK_EXPORT_DELETED", json!({"id": "exp0"}));
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! # Protocol details
+//!
+//! * Greeting `{"QMP": {"version": VERSION, "capabilities": []}}`: no
+//!   out-of-band execution. `qmp_capabilities` takes no `enable` or an
+//!   empty one; before it, every command fails with `CommandNotFound` and
+//!   no events are sent.
+//! * Input is a stream of JSON objects, in any line layout, at most
+//!   [`MAX_MESSAGE_SIZE`] bytes each (a longer one gets an error reply and
+//!   the connection is closed). Malformed JSON gets an error reply without
+//!   id and the rest of its line is discarded; a control character (as in
+//!   QEMU) resets an unfinished message.
+//! * The request's shape is checked before anything runs; `id` (any JSON
+//!   value) is echoed in the reply. Output is ASCII, one object per line,
+//!   ending in CRLF.
+//! * A client's commands run in order on that client's own thread; events
+//!   emitted while a command runs (also by that command) are sent before
+//!   its reply.
+//!
+//! [`QmpClient`] is a small synchronous client for the same protocol.
+
+#![deny(missing_docs)]
+
+mod client;
+mod decoder;
+mod dispatcher;
+mod error;
+mod events;
+mod json;
+mod request;
+mod server;
+mod session;
+
+pub use client::{ClientError, QmpClient};
+pub use dispatcher::Dispatcher;
+pub use error::{ErrorClass, QmpError};
+pub use events::Events;
+pub use server::{QmpServer, MAX_MESSAGE_SIZE};

@@ -1,0 +1,427 @@
+//! The control socket: accepting clients and moving bytes.
+//!
+//! Each client has a reader thread, which decodes its input and runs its
+//! commands (so a long command delays only that client), and a writer
+//! thread fed by a bounded queue, which is shared with [`Events`]: a client
+//! that stops reading fills its queue and is disconnected by the next event,
+//! or by the write timeout, without blocking anybody else.
+
+use std::fs;
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::decoder::{Decoder, Item};
+use crate::dispatcher::Dispatcher;
+use crate::events::{Events, Line};
+use crate::session::{error_line, greeting_line, Session};
+
+/// The longest message a client may send, in bytes (10 MiB, the same as the
+/// line limit of Python's `qemu.qmp`).
+pub const MAX_MESSAGE_SIZE: usize = 10 << 20;
+
+/// Messages waiting to be written to one client before it counts as stuck.
+const QUEUE_LEN: usize = 1024;
+
+/// How long a write may make no progress before the client is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bytes read from a client at a time.
+const READ_CHUNK: usize = 64 << 10;
+
+/// A bound QMP control socket, not serving yet.
+#[derive(Debug)]
+pub struct QmpServer {
+    listener: UnixListener,
+    path: Option<PathBuf>,
+}
+
+impl QmpServer {
+    /// Binds a unix socket at `path` (replacing a stale socket file), mode
+    /// 0600.
+    ///
+    /// Fails with `AddrInUse` if a server answers on `path`, and with
+    /// `AlreadyExists` if `path` exists and is not a socket. The socket is
+    /// created under a temporary name, restricted to 0600, then renamed to
+    /// `path`, so it is never reachable with a wider mode.
+    pub fn bind(path: &Path) -> io::Result<QmpServer> {
+        check_existing(path)?;
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = path.with_file_name(format!(
+            ".qmp-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let listener = match UnixListener::bind(&tmp) {
+            Ok(listener) => {
+                let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+                    .and_then(|()| fs::rename(&tmp, path));
+                if let Err(e) = placed {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                listener
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                // The temporary name is too long for sockaddr_un, while
+                // `path` may not be: bind in place.
+                remove_stale(path)?;
+                let listener = UnixListener::bind(path)?;
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+                listener
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(QmpServer {
+            listener,
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Serves an already listening socket (for example one passed by file
+    /// descriptor, as with QEMU's `--chardev socket,fd=N`).
+    pub fn from_listener(listener: UnixListener) -> QmpServer {
+        QmpServer {
+            listener,
+            path: None,
+        }
+    }
+
+    /// The socket's path, if it was bound by [`QmpServer::bind`].
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Serves clients (each on its own thread, several at once) until the
+    /// process exits.
+    ///
+    /// `version` is the greeting's version object, e.g.
+    /// `{"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": "blkgraph 0.1.0"}`.
+    /// It must be an object (clients such as `qemu.qmp` refuse anything
+    /// else): other values fail with `InvalidInput`. Events emitted through
+    /// `events` go to every negotiated client.
+    pub fn spawn(
+        self,
+        dispatcher: Arc<dyn Dispatcher>,
+        events: Events,
+        version: Value,
+    ) -> io::Result<JoinHandle<()>> {
+        if !version.is_object() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the QMP greeting's version must be a JSON object",
+            ));
+        }
+        let greeting: Line = greeting_line(&version).into();
+        thread::Builder::new()
+            .name("qmp-listen".into())
+            .spawn(move || self.accept_loop(dispatcher, events, greeting))
+    }
+
+    fn accept_loop(self, dispatcher: Arc<dyn Dispatcher>, events: Events, greeting: Line) {
+        let mut clients: u64 = 0;
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        log::warn!("QMP socket: accept: {e}");
+                        // Out of file descriptors, most likely: let other
+                        // work release some.
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                    continue;
+                }
+            };
+            clients += 1;
+            let client = Client {
+                stream,
+                dispatcher: dispatcher.clone(),
+                events: events.clone(),
+                greeting: greeting.clone(),
+                number: clients,
+            };
+            let spawned = thread::Builder::new()
+                .name(format!("qmp-client-{clients}"))
+                .spawn(move || client.run());
+            if let Err(e) = spawned {
+                log::warn!("QMP client {clients}: cannot start a thread: {e}");
+            }
+        }
+    }
+}
+
+/// Refuses to replace a live socket or a file that is not a socket.
+fn check_existing(path: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running server", path.display()),
+        )),
+        // Nobody listens: stale.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("{}: cannot check whether it is stale: {e}", path.display()),
+        )),
+    }
+}
+
+/// Removes a stale socket file (see [`check_existing`]).
+fn remove_stale(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// One connected client.
+struct Client {
+    stream: UnixStream,
+    dispatcher: Arc<dyn Dispatcher>,
+    events: Events,
+    greeting: Line,
+    number: u64,
+}
+
+impl Client {
+    fn run(self) {
+        log::debug!("QMP client {}: connected", self.number);
+        let (tx, rx) = sync_channel::<Line>(QUEUE_LEN);
+        let started = self
+            .stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .and_then(|()| self.stream.try_clone())
+            .and_then(|writer| {
+                thread::Builder::new()
+                    .name(format!("qmp-writer-{}", self.number))
+                    .spawn(move || write_loop(writer, rx))
+            });
+        if let Err(e) = started {
+            log::warn!("QMP client {}: cannot start: {e}", self.number);
+            return;
+        }
+        if tx.send(self.greeting.clone()).is_ok() {
+            let subscription = self.read_loop(&tx);
+            if let Some(id) = subscription {
+                self.events.unsubscribe(id);
+            }
+        }
+        // Dropping the last sender lets the writer flush what is queued
+        // (say, the reply to an oversized message) and close.
+        drop(tx);
+        log::debug!("QMP client {}: done", self.number);
+    }
+
+    /// Reads and answers messages until the client goes away; returns the
+    /// event subscription, if the client negotiated.
+    fn read_loop(&self, tx: &SyncSender<Line>) -> Option<u64> {
+        let mut session = Session::new(self.dispatcher.clone());
+        let mut decoder = Decoder::new(MAX_MESSAGE_SIZE);
+        let mut subscription = None;
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let n = match (&self.stream).read(&mut buf) {
+                Ok(0) => return subscription,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return subscription,
+            };
+            decoder.feed(&buf[..n]);
+            while let Some(item) = decoder.next_item() {
+                let line = match item {
+                    Item::Value(message) => {
+                        let was_negotiated = session.negotiated();
+                        let line = session.handle(message);
+                        if !was_negotiated && session.negotiated() {
+                            // From this reply on the client gets events;
+                            // if that fails, it is gone (`None`).
+                            let conn = self.stream.try_clone().ok()?;
+                            subscription =
+                                Some(self.events.subscribe(line.into(), tx.clone(), conn)?);
+                            continue;
+                        }
+                        line
+                    }
+                    Item::Error(desc) => error_line(desc),
+                    Item::TooLarge => {
+                        log::warn!(
+                            "QMP client {}: message over {MAX_MESSAGE_SIZE} bytes: disconnecting",
+                            self.number
+                        );
+                        let line = error_line(format!(
+                            "JSON parse error, message exceeds the limit of {MAX_MESSAGE_SIZE} bytes"
+                        ));
+                        let _ = tx.send(line.into());
+                        let _ = self.stream.shutdown(Shutdown::Read);
+                        return subscription;
+                    }
+                };
+                if tx.send(line.into()).is_err() {
+                    return subscription;
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued lines until the queue closes or the client fails.
+fn write_loop(stream: UnixStream, rx: Receiver<Line>) {
+    for line in rx.iter() {
+        if send_all(&stream, &line).is_err() {
+            break;
+        }
+    }
+    // Also wakes the reader thread if the client failed.
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Writes all of `buf`, without raising SIGPIPE if the client is gone.
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: the pointer and length describe `buf`, a live byte slice
+        // that `send` only reads, and the descriptor belongs to `stream`,
+        // which outlives the call.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n.min(buf.len())..],
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("blkgraph-ctl-unit-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bind_sets_mode_and_replaces_stale_socket() {
+        let dir = temp_dir("bind");
+        let path = dir.join("qmp.sock");
+        // A stale socket: bound, then its listener closed.
+        drop(UnixListener::bind(&path).unwrap());
+        let server = QmpServer::bind(&path).unwrap();
+        assert_eq!(server.path(), Some(path.as_path()));
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        UnixStream::connect(&path).unwrap();
+        // Only the socket is left in the directory.
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("qmp.sock")]);
+        // A live socket is not taken over.
+        let err = QmpServer::bind(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(server);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bind_refuses_to_replace_other_files() {
+        let dir = temp_dir("file");
+        let path = dir.join("data");
+        fs::write(&path, b"keep me").unwrap();
+        let err = QmpServer::bind(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"keep me");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    struct NoCommands;
+
+    impl Dispatcher for NoCommands {
+        fn execute(
+            &self,
+            command: &str,
+            _: serde_json::Map<String, Value>,
+        ) -> Result<Value, crate::QmpError> {
+            Err(crate::QmpError::command_not_found(command))
+        }
+
+        fn commands(&self) -> Vec<String> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn serves_a_given_listener_and_checks_the_version() {
+        let dir = temp_dir("listener");
+        let path = dir.join("s");
+        let server = QmpServer::from_listener(UnixListener::bind(&path).unwrap());
+        assert_eq!(server.path(), None);
+        let err = server
+            .spawn(Arc::new(NoCommands), Events::new(), Value::Null)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let server = QmpServer::from_listener(UnixListener::bind(dir.join("t")).unwrap());
+        server
+            .spawn(
+                Arc::new(NoCommands),
+                Events::new(),
+                serde_json::json!({"qemu": {}}),
+            )
+            .unwrap();
+        let mut line = String::new();
+        let stream = UnixStream::connect(dir.join("t")).unwrap();
+        io::BufRead::read_line(&mut io::BufReader::new(stream), &mut line).unwrap();
+        assert_eq!(
+            line,
+            "{\"QMP\": {\"version\": {\"qemu\": {}}, \"capabilities\": []}}\r\n"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn send_all_reports_a_closed_peer() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send_all(&a, b"hello").unwrap();
+        drop(b);
+        assert!(send_all(&a, b"again").is_err());
+    }
+}

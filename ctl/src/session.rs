@@ -1,0 +1,381 @@
+//! One client's protocol state: capabilities negotiation, the commands the
+//! server answers itself, and replies.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::dispatcher::Dispatcher;
+use crate::error::{ErrorClass, QmpError};
+use crate::json::to_line;
+use crate::request::{parse_request, take_id};
+
+/// The negotiation command.
+const QMP_CAPABILITIES: &str = "qmp_capabilities";
+/// The command listing commands.
+const QUERY_COMMANDS: &str = "query-commands";
+
+/// A reply: `return` or `error`, then `id` if the command had one.
+#[derive(Serialize)]
+struct Reply<'a> {
+    #[serde(rename = "return", skip_serializing_if = "Option::is_none")]
+    ret: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a QmpError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+}
+
+/// Encodes a reply line.
+pub(crate) fn reply_line(result: &Result<Value, QmpError>, id: Option<&Value>) -> Vec<u8> {
+    let (ret, error) = match result {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(e)),
+    };
+    to_line(&Reply { ret, error, id })
+}
+
+/// Encodes an error reply without id (for input that is not a message).
+pub(crate) fn error_line(desc: impl Into<String>) -> Vec<u8> {
+    reply_line(&Err(QmpError::generic(desc)), None)
+}
+
+/// The greeting: `{"QMP": {"version": ..., "capabilities": []}}`.
+#[derive(Serialize)]
+struct Greeting<'a> {
+    #[serde(rename = "QMP")]
+    qmp: GreetingBody<'a>,
+}
+
+/// The greeting's `QMP` member.
+#[derive(Serialize)]
+struct GreetingBody<'a> {
+    version: &'a Value,
+    capabilities: [&'a str; 0],
+}
+
+/// Encodes the greeting line.
+pub(crate) fn greeting_line(version: &Value) -> Vec<u8> {
+    to_line(&Greeting {
+        qmp: GreetingBody {
+            version,
+            capabilities: [],
+        },
+    })
+}
+
+/// The state of one connection.
+pub(crate) struct Session {
+    dispatcher: Arc<dyn Dispatcher>,
+    negotiated: bool,
+}
+
+impl Session {
+    /// A connection that has not negotiated yet.
+    pub(crate) fn new(dispatcher: Arc<dyn Dispatcher>) -> Self {
+        Session {
+            dispatcher,
+            negotiated: false,
+        }
+    }
+
+    /// Whether `qmp_capabilities` succeeded (events may be sent).
+    pub(crate) fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    /// Handles one decoded message and returns the reply line.
+    pub(crate) fn handle(&mut self, mut message: Value) -> Vec<u8> {
+        let id = take_id(&mut message);
+        let result = parse_request(message).and_then(|r| self.execute(&r.command, r.arguments));
+        reply_line(&result, id.as_ref())
+    }
+
+    fn execute(&mut self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+        if !self.negotiated {
+            if command != QMP_CAPABILITIES {
+                return Err(QmpError::new(
+                    ErrorClass::CommandNotFound,
+                    "Expecting capabilities negotiation with 'qmp_capabilities'",
+                ));
+            }
+            check_capabilities(arguments)?;
+            self.negotiated = true;
+            return Ok(json!({}));
+        }
+        match command {
+            QMP_CAPABILITIES => Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Capabilities negotiation is already complete, command ignored",
+            )),
+            QUERY_COMMANDS => {
+                no_arguments(&arguments)?;
+                Ok(self.query_commands())
+            }
+            _ => {
+                if !self.dispatcher.commands().iter().any(|c| c == command) {
+                    return Err(QmpError::command_not_found(command));
+                }
+                let dispatcher = &self.dispatcher;
+                panic::catch_unwind(AssertUnwindSafe(|| dispatcher.execute(command, arguments)))
+                    .unwrap_or_else(|payload| {
+                        let what = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        log::error!("QMP command '{command}' panicked: {what}");
+                        Err(QmpError::generic(format!(
+                            "Internal error: command '{command}' failed unexpectedly"
+                        )))
+                    })
+            }
+        }
+    }
+
+    fn query_commands(&self) -> Value {
+        let mut names = self.dispatcher.commands();
+        for own in [QMP_CAPABILITIES, QUERY_COMMANDS] {
+            if !names.iter().any(|n| n == own) {
+                names.push(own.to_string());
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|n| seen.insert(n.clone()));
+        Value::Array(names.into_iter().map(|n| json!({"name": n})).collect())
+    }
+}
+
+/// Checks `qmp_capabilities`' arguments: `enable` may be absent or list no
+/// capability, as none is offered.
+fn check_capabilities(mut arguments: Map<String, Value>) -> Result<(), QmpError> {
+    let enable = arguments.remove("enable");
+    no_arguments(&arguments)?;
+    let list = match enable {
+        None => return Ok(()),
+        Some(Value::Array(list)) => list,
+        Some(_) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'enable', expected: array",
+            ))
+        }
+    };
+    let mut unavailable = Vec::new();
+    for (i, cap) in list.iter().enumerate() {
+        match cap.as_str() {
+            Some("oob") => unavailable.push("oob"),
+            Some(other) => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'enable[{i}]' does not accept value '{other}'"
+                )))
+            }
+            None => {
+                return Err(QmpError::generic(format!(
+                    "Invalid parameter type for 'enable[{i}]', expected: string"
+                )))
+            }
+        }
+    }
+    if unavailable.is_empty() {
+        Ok(())
+    } else {
+        Err(QmpError::generic(format!(
+            "Capability {} not available",
+            unavailable.join(", ")
+        )))
+    }
+}
+
+/// Rejects any argument, in QEMU's wording.
+fn no_arguments(arguments: &Map<String, Value>) -> Result<(), QmpError> {
+    match arguments.keys().next() {
+        Some(key) => Err(QmpError::generic(format!(
+            "Parameter '{key}' is unexpected"
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl Dispatcher for Echo {
+        fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+            match command {
+                "echo" => Ok(Value::Object(arguments)),
+                "boom" => panic!("kaboom"),
+                _ => Err(QmpError::device_not_found("no such thing")),
+            }
+        }
+
+        fn commands(&self) -> Vec<String> {
+            ["echo", "boom", "missing", "query-commands"]
+                .map(String::from)
+                .into()
+        }
+    }
+
+    fn reply(s: &mut Session, msg: Value) -> Value {
+        let line = s.handle(msg);
+        assert!(line.ends_with(b"\r\n"));
+        serde_json::from_slice(&line).unwrap()
+    }
+
+    fn negotiated() -> Session {
+        let mut s = Session::new(Arc::new(Echo));
+        assert_eq!(
+            reply(&mut s, json!({"execute": "qmp_capabilities"})),
+            json!({"return": {}})
+        );
+        s
+    }
+
+    #[test]
+    fn greeting() {
+        let line = greeting_line(&json!({"qemu": {"major": 9}, "package": "p"}));
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            "{\"QMP\": {\"version\": {\"package\": \"p\", \"qemu\": {\"major\": 9}}, \"capabilities\": []}}\r\n"
+        );
+    }
+
+    #[test]
+    fn negotiation_first() {
+        let mut s = Session::new(Arc::new(Echo));
+        let expecting = json!({"error": {"class": "CommandNotFound",
+            "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}, "id": 1});
+        assert_eq!(
+            reply(&mut s, json!({"execute": "echo", "id": 1})),
+            expecting
+        );
+        assert_eq!(
+            reply(&mut s, json!({"execute": "query-commands", "id": 1})),
+            expecting
+        );
+        assert_eq!(
+            reply(&mut s, json!({"execute": "nope", "id": 1})),
+            expecting
+        );
+        assert!(!s.negotiated());
+        for args in [json!({}), json!({"enable": []})] {
+            let mut s = Session::new(Arc::new(Echo));
+            let r = reply(
+                &mut s,
+                json!({"execute": "qmp_capabilities", "arguments": args, "id": "n"}),
+            );
+            assert_eq!(r, json!({"return": {}, "id": "n"}));
+            assert!(s.negotiated());
+        }
+    }
+
+    #[test]
+    fn negotiation_errors() {
+        let cases = [
+            (json!({"enable": ["oob"]}), "Capability oob not available"),
+            (
+                json!({"enable": ["xyz"]}),
+                "Parameter 'enable[0]' does not accept value 'xyz'",
+            ),
+            (
+                json!({"enable": [1]}),
+                "Invalid parameter type for 'enable[0]', expected: string",
+            ),
+            (
+                json!({"enable": "oob"}),
+                "Invalid parameter type for 'enable', expected: array",
+            ),
+            (json!({"oob": true}), "Parameter 'oob' is unexpected"),
+        ];
+        for (args, desc) in cases {
+            let mut s = Session::new(Arc::new(Echo));
+            let r = reply(
+                &mut s,
+                json!({"execute": "qmp_capabilities", "arguments": args}),
+            );
+            assert_eq!(
+                r,
+                json!({"error": {"class": "GenericError", "desc": desc}}),
+                "{args}"
+            );
+            assert!(!s.negotiated());
+        }
+    }
+
+    #[test]
+    fn second_negotiation_is_refused() {
+        let mut s = negotiated();
+        assert_eq!(
+            reply(&mut s, json!({"execute": "qmp_capabilities", "id": [1, 2]})),
+            json!({"error": {"class": "CommandNotFound",
+                "desc": "Capabilities negotiation is already complete, command ignored"},
+                "id": [1, 2]})
+        );
+        assert!(s.negotiated());
+    }
+
+    #[test]
+    fn dispatch_and_errors() {
+        let mut s = negotiated();
+        assert_eq!(
+            reply(
+                &mut s,
+                json!({"execute": "echo", "arguments": {"a": "\u{e9}"}, "id": {"x": null}})
+            ),
+            json!({"return": {"a": "\u{e9}"}, "id": {"x": null}})
+        );
+        assert_eq!(
+            reply(&mut s, json!({"execute": "missing"})),
+            json!({"error": {"class": "DeviceNotFound", "desc": "no such thing"}})
+        );
+        assert_eq!(
+            reply(&mut s, json!({"execute": "frob", "id": 7})),
+            json!({"error": {"class": "CommandNotFound",
+                "desc": "The command frob has not been found"}, "id": 7})
+        );
+        assert_eq!(
+            reply(&mut s, json!({"execute": "boom", "id": 8})),
+            json!({"error": {"class": "GenericError",
+                "desc": "Internal error: command 'boom' failed unexpectedly"}, "id": 8})
+        );
+        // Shape errors keep the id.
+        assert_eq!(
+            reply(
+                &mut s,
+                json!({"execute": "echo", "arguments": 1, "id": 2.5})
+            ),
+            json!({"error": {"class": "GenericError",
+                "desc": "QMP input member 'arguments' must be an object"}, "id": 2.5})
+        );
+    }
+
+    #[test]
+    fn query_commands_lists_everything_once() {
+        let mut s = negotiated();
+        assert_eq!(
+            reply(&mut s, json!({"execute": "query-commands"})),
+            json!({"return": [{"name": "echo"}, {"name": "boom"}, {"name": "missing"},
+                {"name": "query-commands"}, {"name": "qmp_capabilities"}]})
+        );
+        assert_eq!(
+            reply(
+                &mut s,
+                json!({"execute": "query-commands", "arguments": {"x": 1}})
+            ),
+            json!({"error": {"class": "GenericError", "desc": "Parameter 'x' is unexpected"}})
+        );
+    }
+
+    #[test]
+    fn parse_error_has_no_id() {
+        let line = error_line("JSON parse error, x");
+        assert_eq!(
+            line,
+            b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, x\"}}\r\n"
+        );
+    }
+}
