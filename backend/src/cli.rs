@@ -11,7 +11,8 @@ pub const USAGE: &str = "\
 Usage: blkgraph [OPTIONS]
 
 With no options, blkgraph creates ./blkgraph-default.raw (a 1 GiB sparse raw
-image) if it is missing and serves it on ./blkgraph-vub.sock.
+image) if it is missing, serves it on ./blkgraph-vub.sock and opens a QMP
+control socket on ./blkgraph-qmp.sock.
 
 qemu-storage-daemon compatible options:
   --blockdev OPTIONS     add a node: driver=file|raw|null-co,node-name=NAME,...
@@ -21,6 +22,10 @@ qemu-storage-daemon compatible options:
                          writable=on|off,writethrough=on|off,num-queues=N,
                          logical-block-size=BYTES
   --pidfile PATH         write the process id there once everything is ready
+  --object OPTIONS       add an object: throttle-group,id=ID,limits.iops-total=N,...
+  --chardev OPTIONS      socket,id=ID,path=PATH,server=on,wait=off: a socket for --monitor
+  --monitor OPTIONS      chardev=ID[,mode=control]: serve QMP on that socket
+  --qmp PATH             shorthand: serve QMP on a unix socket at PATH
 
 vhost-user backend program options (docs/interop/vhost-user.rst):
   --socket-path PATH     serve --blk-file on this socket
@@ -55,6 +60,10 @@ pub struct Config {
     pub blockdevs: Vec<Options>,
     /// `--export` options, in order.
     pub exports: Vec<Options>,
+    /// `--object` options, in order.
+    pub objects: Vec<Options>,
+    /// QMP control sockets (`--monitor` on a `--chardev`, or `--qmp`).
+    pub qmp_sockets: Vec<PathBuf>,
     /// `--pidfile`.
     pub pidfile: Option<PathBuf>,
     /// No arguments at all: the embedded default.
@@ -82,6 +91,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     }
     let mut config = Config::default();
     let (mut socket_path, mut fd, mut blk_file, mut read_only) = (None, None, None, false);
+    let mut chardevs: Vec<(String, PathBuf)> = Vec::new();
     let opt = |s: String| Options::from_arg(&s, None).map_err(|e| e.to_string());
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -97,6 +107,25 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 .push(opt(value(&name, inline, &mut args)?)?),
             "--export" => config.exports.push(opt(value(&name, inline, &mut args)?)?),
             "--pidfile" => config.pidfile = Some(value(&name, inline, &mut args)?.into()),
+            "--object" => config.objects.push(
+                Options::from_arg(&value(&name, inline, &mut args)?, Some("qom-type"))
+                    .map_err(|e| e.to_string())?,
+            ),
+            "--chardev" => chardevs.push(chardev(&value(&name, inline, &mut args)?)?),
+            "--monitor" => {
+                let id = monitor(&value(&name, inline, &mut args)?)?;
+                let path = chardevs
+                    .iter()
+                    .find(|(c, _)| *c == id)
+                    .map(|(_, p)| p.clone())
+                    .ok_or_else(|| {
+                        format!("chardev '{id}' not found (give --chardev before --monitor)")
+                    })?;
+                config.qmp_sockets.push(path);
+            }
+            "--qmp" => config
+                .qmp_sockets
+                .push(value(&name, inline, &mut args)?.into()),
             "--socket-path" => socket_path = Some(value(&name, inline, &mut args)?),
             "--fd" => fd = Some(value(&name, inline, &mut args)?),
             "--blk-file" => blk_file = Some(value(&name, inline, &mut args)?),
@@ -130,6 +159,63 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     Ok(Command::Run(config))
 }
 
+/// Parses `--chardev socket,id=ID,path=PATH,server=on,wait=off`; returns
+/// the id and the path.
+fn chardev(arg: &str) -> Result<(String, PathBuf), String> {
+    let mut map =
+        blkgraph_graph::options::parse_keyval(arg, Some("backend")).map_err(|e| e.to_string())?;
+    let mut take = |k: &str| match map.remove(k) {
+        Some(serde_json::Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let backend = take("backend");
+    if backend.as_deref() != Some("socket") {
+        return Err(format!(
+            "--chardev: only 'socket' chardevs are supported, got '{}'",
+            backend.unwrap_or_default()
+        ));
+    }
+    let id = take("id").ok_or("--chardev: Parameter 'id' is missing")?;
+    let path = take("path")
+        .ok_or("--chardev: Parameter 'path' is missing (blkgraph serves unix sockets)")?;
+    if !matches!(
+        take("server").as_deref(),
+        Some("on") | Some("true") | Some("yes")
+    ) {
+        return Err("--chardev: the monitor socket needs server=on".into());
+    }
+    if let Some(wait) = take("wait") {
+        if !matches!(wait.as_str(), "off" | "false" | "no") {
+            return Err("--chardev: wait=on is not supported".into());
+        }
+    }
+    if let Some(k) = map.keys().next() {
+        return Err(format!("--chardev: Parameter '{k}' is unexpected"));
+    }
+    Ok((id, PathBuf::from(path)))
+}
+
+/// Parses `--monitor chardev=ID[,mode=control][,pretty=off]`; returns the chardev id.
+fn monitor(arg: &str) -> Result<String, String> {
+    let mut map =
+        blkgraph_graph::options::parse_keyval(arg, Some("chardev")).map_err(|e| e.to_string())?;
+    let mut take = |k: &str| match map.remove(k) {
+        Some(serde_json::Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let id = take("chardev").ok_or("--monitor: Parameter 'chardev' is missing")?;
+    if take("mode").is_some_and(|m| m != "control") {
+        return Err("--monitor: only mode=control (QMP) is supported".into());
+    }
+    if take("pretty").is_some_and(|p| !matches!(p.as_str(), "off" | "false" | "no")) {
+        return Err("--monitor: pretty=on is not supported".into());
+    }
+    if let Some(k) = map.keys().next() {
+        return Err(format!("--monitor: Parameter '{k}' is unexpected"));
+    }
+    Ok(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +241,29 @@ mod tests {
         assert_eq!(c.exports.len(), 1);
         assert_eq!(c.pidfile.as_deref(), Some(std::path::Path::new("/tmp/p")));
         assert!(!c.embedded_default);
+    }
+
+    #[test]
+    fn monitors_and_objects() {
+        let Command::Run(c) = parse(args(&[
+            "--chardev",
+            "socket,id=m0,path=/tmp/q.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m0",
+            "--qmp",
+            "/tmp/q2.sock",
+            "--object",
+            "throttle-group,id=tg0,limits.iops-total=100",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.qmp_sockets.len(), 2);
+        assert_eq!(c.objects.len(), 1);
+        assert!(parse(args(&["--monitor", "chardev=nope"]))
+            .unwrap_err()
+            .contains("not found"));
+        assert!(parse(args(&["--chardev", "stdio,id=m0"])).is_err());
     }
 
     #[test]

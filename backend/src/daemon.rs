@@ -3,16 +3,23 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use blkgraph_graph::{aio, Graph, Options};
 
+use blkgraph_ctl::{Dispatcher, Events, QmpServer};
+
 use crate::cli::Config;
-use crate::export::{self, Export};
+use crate::control::{self, Control};
+use crate::exports::Exports;
 use crate::signals;
 
 /// The image of the embedded default.
 pub const DEFAULT_IMAGE: &str = "blkgraph-default.raw";
 /// The vhost-user socket of the embedded default.
 pub const DEFAULT_SOCKET: &str = "blkgraph-vub.sock";
+/// The QMP socket of the embedded default.
+pub const DEFAULT_QMP_SOCKET: &str = "blkgraph-qmp.sock";
 const DEFAULT_SIZE: u64 = 1 << 30;
 const DEFAULT_QUEUES: u16 = 2;
 
@@ -37,6 +44,7 @@ fn embedded_default(config: &mut Config) -> Result<(), String> {
         "type": "vhost-user-blk", "id": "vub0", "node-name": "disk0", "writable": true,
         "num-queues": DEFAULT_QUEUES, "addr": {"type": "unix", "path": DEFAULT_SOCKET}
     }))?);
+    config.qmp_sockets.push(DEFAULT_QMP_SOCKET.into());
     Ok(())
 }
 
@@ -47,9 +55,43 @@ fn attach_hint(socket: &Path) -> String {
          attach QEMU with:\n  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \
          -numa node,memdev=mem -chardev socket,id=vub0,path={sock} \
          -device vhost-user-blk-pci,chardev=vub0,num-queues={DEFAULT_QUEUES}\n\
-         or cloud-hypervisor with:\n  cloud-hypervisor ... --memory size=1G,shared=on --disk vhost_user=true,socket={sock},num_queues={DEFAULT_QUEUES}",
+         or cloud-hypervisor with:\n  cloud-hypervisor ... --memory size=1G,shared=on --disk vhost_user=true,socket={sock},num_queues={DEFAULT_QUEUES}\n\
+         control it with:\n  blkgraph-ctl -s {DEFAULT_QMP_SOCKET} query-block-exports",
         sock = socket.display()
     )
+}
+
+/// Adds a `--object` (a throttle group).
+fn add_object(graph: &Graph, options: &mut Options) -> Result<(), String> {
+    let take = |o: &mut Options, k: &str| match o.take(k) {
+        Some(serde_json::Value::String(s)) => Ok(s),
+        _ => Err(format!("--object: Parameter '{k}' is missing")),
+    };
+    let kind = take(options, "qom-type")?;
+    if kind != "throttle-group" {
+        return Err(format!(
+            "--object: type '{kind}' is not supported (only throttle-group)"
+        ));
+    }
+    let id = take(options, "id")?;
+    let limits = match options.take("limits") {
+        Some(serde_json::Value::Object(map)) => Options {
+            map,
+            syntax: options.syntax,
+        }
+        .parse("limits")
+        .map_err(|e| e.to_string())?,
+        None => Default::default(),
+        Some(_) => {
+            return Err("--object: Invalid parameter type for 'limits', expected: object".into())
+        }
+    };
+    if let Some(k) = options.map.keys().next() {
+        return Err(format!("--object: Parameter '{k}' is unexpected"));
+    }
+    graph
+        .add_throttle_group(&id, limits)
+        .map_err(|e| e.to_string())
 }
 
 struct Cleanup {
@@ -74,7 +116,10 @@ pub fn run(mut config: Config) -> Result<(), String> {
     if config.embedded_default {
         embedded_default(&mut config)?;
     }
-    let graph = Graph::new();
+    let graph = Arc::new(Graph::new());
+    for mut options in config.objects.drain(..) {
+        add_object(&graph, &mut options)?;
+    }
     for options in config.blockdevs.drain(..) {
         graph.add(options).map_err(|e| e.to_string())?;
     }
@@ -82,15 +127,32 @@ pub fn run(mut config: Config) -> Result<(), String> {
         pidfile: None,
         sockets: Vec::new(),
     };
-    let mut exports: Vec<Export> = Vec::new();
+    let exports = Arc::new(Exports::new(graph.clone()));
     for options in config.exports.drain(..) {
-        let export = export::start(&graph, options)?;
-        if exports.iter().any(|e| e.id == export.id) {
-            return Err(format!("Block export id '{}' is already in use", export.id));
-        }
-        cleanup.sockets.extend(export.socket_path.clone());
-        exports.push(export);
+        exports.add(options)?;
+        cleanup.sockets = exports.socket_paths();
     }
+    let events = Events::new();
+    exports.set_event_sink(control::event_sink(events.clone()));
+    let quit: Box<dyn Fn() + Send + Sync> = Box::new(|| {
+        // Reply first, then exit as on SIGTERM.
+        std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // SAFETY: sends a signal to this process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        });
+    });
+    let dispatcher: Arc<dyn Dispatcher> =
+        Arc::new(Control::new(graph.clone(), exports.clone(), quit));
+    for path in &config.qmp_sockets {
+        let server = QmpServer::bind(path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        cleanup.sockets.push(path.clone());
+        server
+            .spawn(dispatcher.clone(), events.clone(), control::version())
+            .map_err(|e| format!("cannot start the QMP server: {e}"))?;
+    }
+    let qmp_sockets = config.qmp_sockets.clone();
     if let Some(pidfile) = &config.pidfile {
         std::fs::write(pidfile, format!("{}\n", std::process::id()))
             .map_err(|e| format!("cannot write pid file {}: {e}", pidfile.display()))?;
@@ -101,6 +163,8 @@ pub fn run(mut config: Config) -> Result<(), String> {
     }
     let sig = signals::wait().map_err(|e| format!("sigwait: {e}"))?;
     log::info!("signal {sig}: exiting");
+    cleanup.sockets = exports.socket_paths();
+    cleanup.sockets.extend(qmp_sockets);
     // Make what the guests wrote stable, as qemu-storage-daemon does at exit.
     for node in graph.nodes() {
         if let Ok(Err(e)) = aio::block_on(node.flush()) {

@@ -4,7 +4,7 @@ use std::os::unix::io::FromRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use blkgraph_graph::{Graph, Options};
+use blkgraph_graph::{Graph, Options, Permission};
 use serde::Deserialize;
 use vhost::vhost_user::Listener;
 
@@ -52,12 +52,19 @@ pub struct Export {
     pub id: String,
     /// The export type, e.g. `vhost-user-blk`.
     pub kind: &'static str,
-    /// The node it serves.
-    pub node_name: String,
     /// The vhost-user-blk device, for that type.
     pub device: Arc<VhostUserBlkDevice>,
-    /// The unix socket path to remove at exit, if any.
+    /// The server accepting frontends.
+    pub server: vhost_user_blk::Server,
+    /// The unix socket path to remove when the export goes, if any.
     pub socket_path: Option<PathBuf>,
+}
+
+impl Export {
+    /// The node the export serves now.
+    pub fn node_name(&self) -> String {
+        self.device.root().name().to_string()
+    }
 }
 
 /// Default of `x-poll-us`.
@@ -116,16 +123,28 @@ pub fn start(graph: &Graph, mut options: Options) -> Result<Export, String> {
     if opts.writable && node.read_only() {
         return Err(invalid("Cannot export read-only node as writable"));
     }
+    let perm = if opts.writable {
+        Permission::CONSISTENT_READ | Permission::WRITE
+    } else {
+        Permission::CONSISTENT_READ
+    };
+    let edge = graph
+        .attach_export(&opts.id, &opts.node_name, perm, Permission::ALL)
+        .map_err(|e| e.to_string())?;
+    let detach = |e: String| {
+        let _ = graph.detach_export(&opts.id);
+        e
+    };
     let (listener, socket_path) = match addr {
         SocketAddress::Unix { path } => (
             vhost_user_blk::bind(&path)
-                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?,
+                .map_err(|e| detach(format!("cannot listen on {}: {e}", path.display())))?,
             Some(path),
         ),
         SocketAddress::Fd { str } => {
             let fd: i32 = str
                 .parse()
-                .map_err(|_| format!("'{str}' is not a file descriptor"))?;
+                .map_err(|_| detach(format!("'{str}' is not a file descriptor")))?;
             // SAFETY: the user passed this descriptor as a listening socket
             // owned by this process; it is used by nothing else.
             (unsafe { Listener::from_raw_fd(fd) }, None)
@@ -140,16 +159,16 @@ pub fn start(graph: &Graph, mut options: Options) -> Result<Export, String> {
         poll: std::time::Duration::from_micros(u64::from(opts.poll_us.unwrap_or(DEFAULT_POLL_US))),
     };
     let device = Arc::new(
-        VhostUserBlkDevice::new(node, device_options)
-            .map_err(|e| format!("cannot create the device: {e}"))?,
+        VhostUserBlkDevice::new(edge, device_options)
+            .map_err(|e| detach(format!("cannot create the device: {e}")))?,
     );
-    vhost_user_blk::spawn(device.clone(), listener, opts.id.clone())
-        .map_err(|e| format!("cannot start the export thread: {e}"))?;
+    let server = vhost_user_blk::spawn(device.clone(), listener, opts.id.clone())
+        .map_err(|e| detach(format!("cannot start the export thread: {e}")))?;
     Ok(Export {
         id: opts.id,
         kind: "vhost-user-blk",
-        node_name: opts.node_name,
         device,
+        server,
         socket_path,
     })
 }

@@ -4,7 +4,9 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod control;
 pub mod daemon;
 pub mod export;
+pub mod exports;
 mod signals;
 pub mod vhost_user_blk;

@@ -5,13 +5,13 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use arc_swap::ArcSwap;
-use blkgraph_graph::Node;
+use blkgraph_graph::{Child, Node};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -46,7 +46,8 @@ pub struct DeviceOptions {
 /// A vhost-user-blk device serving requests from a graph node.
 pub struct VhostUserBlkDevice {
     options: DeviceOptions,
-    root: ArcSwap<Node>,
+    root: Arc<Child>,
+    paused: AtomicBool,
     config: Mutex<BlkConfig>,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
@@ -56,10 +57,10 @@ pub struct VhostUserBlkDevice {
 }
 
 impl VhostUserBlkDevice {
-    /// A device for `root`.
-    pub fn new(root: Arc<Node>, options: DeviceOptions) -> io::Result<Self> {
+    /// A device serving requests through the export's root edge.
+    pub fn new(root: Arc<Child>, options: DeviceOptions) -> io::Result<Self> {
         let config = BlkConfig::new(
-            root.size(),
+            root.node().size(),
             options.logical_block_size,
             options.num_queues as u16,
         );
@@ -68,7 +69,8 @@ impl VhostUserBlkDevice {
             .collect::<io::Result<_>>()?;
         Ok(VhostUserBlkDevice {
             options,
-            root: ArcSwap::new(root),
+            root,
+            paused: AtomicBool::new(false),
             config: Mutex::new(config),
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
@@ -95,13 +97,36 @@ impl VhostUserBlkDevice {
 
     /// The node requests go to.
     pub fn root(&self) -> Arc<Node> {
-        self.root.load_full()
+        self.root.node()
+    }
+
+    /// Stops taking new requests from the queues and waits until every
+    /// request in flight has completed. New requests stay in the rings.
+    pub fn quiesce(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        for worker in &self.workers {
+            let guard = worker.lock().unwrap();
+            drop(
+                self.drained
+                    .wait_while(guard, |w| w.in_flight() > 0)
+                    .unwrap(),
+            );
+        }
+    }
+
+    /// Takes requests again after [`Self::quiesce`]; each queue looks at
+    /// its ring at once.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        for worker in &self.workers {
+            worker.lock().unwrap().notify();
+        }
     }
 
     fn limits(&self) -> DeviceLimits {
         let wce = self.config.lock().unwrap().0.wce;
         DeviceLimits {
-            capacity: self.root.load().size(),
+            capacity: self.root.node().size(),
             block_size: u64::from(self.options.logical_block_size),
             read_only: !self.options.writable,
             writethrough: self.options.writethrough || wce == 0,
@@ -172,7 +197,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut config = *self.config.lock().unwrap();
-        config.0.capacity = (self.root.load().size() >> 9).to_le();
+        config.0.capacity = (self.root.node().size() >> 9).to_le();
         config.read(offset, size)
     }
 
@@ -227,8 +252,13 @@ impl VhostUserBackend for VhostUserBlkDevice {
         let mut worker = self.workers[thread_id].lock().unwrap();
         if u64::from(device_event) == self.completion_event() {
             worker.process_completions(vring)?;
-        } else {
-            let root = self.root.load_full();
+        }
+        let ready = {
+            let state = vring.get_ref();
+            state.is_enabled() && state.get_queue().ready()
+        };
+        if ready && !self.paused.load(Ordering::SeqCst) {
+            let root = self.root.node();
             let queue = QueueContext {
                 memory: &self.memory,
                 root: &root,
@@ -236,6 +266,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
                 serial: self.options.id.as_bytes(),
                 event_idx: self.event_idx.load(Ordering::Relaxed),
                 poll: self.options.poll,
+                paused: &self.paused,
             };
             worker.process_queue(vring, &queue)?;
         }

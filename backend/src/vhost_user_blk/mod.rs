@@ -8,4 +8,4 @@ mod server;
 mod worker;
 
 pub use device::{DeviceOptions, VhostUserBlkDevice};
-pub use server::{bind, spawn};
+pub use server::{bind, spawn, Server};

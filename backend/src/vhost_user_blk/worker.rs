@@ -32,6 +32,8 @@ pub struct QueueContext<'a> {
     pub event_idx: bool,
     /// How long to keep polling after the last request (0: never).
     pub poll: Duration,
+    /// Set while the device is quiesced: take no new request.
+    pub paused: &'a std::sync::atomic::AtomicBool,
 }
 
 /// The state of one queue's worker, locked only by that queue's thread
@@ -108,7 +110,7 @@ impl QueueWorker {
     /// passes without a new request.
     fn poll(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
         let mut idle_since = Instant::now();
-        while idle_since.elapsed() < queue.poll {
+        while idle_since.elapsed() < queue.poll && !queue.paused.load(Ordering::SeqCst) {
             let available = {
                 let memory = queue.memory.memory();
                 let state = vring.get_ref();
@@ -125,6 +127,11 @@ impl QueueWorker {
             }
         }
         Ok(())
+    }
+
+    /// Makes the queue's thread look at the queue and its completions.
+    pub fn notify(&self) {
+        self.executor.notify();
     }
 
     /// Handles the completion eventfd.

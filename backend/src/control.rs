@@ -1,0 +1,419 @@
+//! The QMP commands: what the control socket can do with the graph and
+//! the exports.
+
+use std::sync::Arc;
+
+use blkgraph_ctl::{Dispatcher, Events, QmpError};
+use blkgraph_graph::{Graph, Node, Options, Parent, ReplaceParent, ThrottleGroup};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::exports::Exports;
+
+/// The commands, in query-commands order.
+const COMMANDS: &[&str] = &[
+    "query-version",
+    "blockdev-add",
+    "blockdev-del",
+    "x-blockdev-replace",
+    "transaction",
+    "query-named-block-nodes",
+    "x-debug-query-block-graph",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+    "object-add",
+    "object-del",
+    "quit",
+];
+
+/// The QEMU version whose QMP semantics blkgraph follows.
+pub fn version() -> Value {
+    json!({
+        "qemu": {"major": 10, "minor": 0, "micro": 0},
+        "package": format!("blkgraph {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// Executes QMP commands on a graph and its exports.
+pub struct Control {
+    graph: Arc<Graph>,
+    exports: Arc<Exports>,
+    quit: Box<dyn Fn() + Send + Sync>,
+}
+
+fn parse<T: DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
+    Options::from_json(Value::Object(args))
+        .and_then(|o| o.parse(""))
+        .map_err(|e| QmpError::generic(e.to_string()))
+}
+
+fn generic(e: impl ToString) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct NodeName {
+    node_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Replace {
+    parent_type: String,
+    #[serde(default)]
+    export_id: Option<String>,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    child: Option<String>,
+    new_child: String,
+}
+
+impl Replace {
+    fn parent(&self) -> Result<ReplaceParent<'_>, QmpError> {
+        match (
+            self.parent_type.as_str(),
+            &self.export_id,
+            &self.node_name,
+            &self.child,
+        ) {
+            ("export", Some(id), None, None) => Ok(ReplaceParent::Export(id)),
+            ("driver", None, Some(node_name), Some(child)) => {
+                Ok(ReplaceParent::Node { node_name, child })
+            }
+            ("export", ..) => Err(generic(
+                "parent-type 'export' takes 'export-id' (and no 'node-name' or 'child')",
+            )),
+            ("driver", ..) => Err(generic(
+                "parent-type 'driver' takes 'node-name' and 'child' (and no 'export-id')",
+            )),
+            (other, ..) => Err(generic(format!(
+                "Parameter 'parent-type' does not accept value '{other}'"
+            ))),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransactionArgs {
+    actions: Vec<Value>,
+    #[serde(default)]
+    properties: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionArgs {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    data: Option<Map<String, Value>>,
+}
+
+/// A transaction action, checked before anything happens.
+enum Action {
+    Add(Options),
+    Del(String),
+    Replace(Replace),
+    Abort,
+}
+
+impl Action {
+    fn parse(value: Value, index: usize) -> Result<Action, QmpError> {
+        let prefix = |e: QmpError| generic(format!("actions[{index}]: {}", e.desc));
+        let ActionArgs { kind, data } = match value {
+            Value::Object(m) => parse(m).map_err(prefix)?,
+            _ => {
+                return Err(generic(format!(
+                    "Invalid parameter type for 'actions[{index}]', expected: object"
+                )))
+            }
+        };
+        let data = data.unwrap_or_default();
+        match kind.as_str() {
+            "blockdev-add" => Ok(Action::Add(
+                Options::from_json(Value::Object(data)).map_err(generic)?,
+            )),
+            "blockdev-del" => Ok(Action::Del(
+                parse::<NodeName>(data).map_err(prefix)?.node_name,
+            )),
+            "x-blockdev-replace" => {
+                let r: Replace = parse(data).map_err(prefix)?;
+                r.parent().map_err(prefix)?;
+                Ok(Action::Replace(r))
+            }
+            "abort" => {
+                parse::<Map<String, Value>>(data).map_err(prefix)?;
+                Ok(Action::Abort)
+            }
+            other => Err(generic(format!(
+                "actions[{index}]: Parameter 'type' does not accept value '{other}'"
+            ))),
+        }
+    }
+
+    /// Whether the action changes edges that requests may cross.
+    fn changes_edges(&self) -> bool {
+        matches!(self, Action::Del(_) | Action::Replace(_))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ExportDel {
+    id: String,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ObjectAdd {
+    qom_type: String,
+    id: String,
+    #[serde(default)]
+    limits: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectDel {
+    id: String,
+}
+
+impl Control {
+    /// Commands on `graph` and `exports`; `quit` calls `quit`.
+    pub fn new(
+        graph: Arc<Graph>,
+        exports: Arc<Exports>,
+        quit: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        Control {
+            graph,
+            exports,
+            quit,
+        }
+    }
+
+    /// Runs actions as one transaction: all are prepared in order, the
+    /// permissions are checked once at the end, and a failure anywhere rolls
+    /// every action back. Edge changes happen with every export quiesced.
+    fn run_transaction(&self, actions: Vec<Action>) -> Result<(), QmpError> {
+        let _quiesced = actions
+            .iter()
+            .any(Action::changes_edges)
+            .then(|| self.exports.quiesce());
+        let mut tx = self.graph.transaction();
+        for action in actions {
+            match action {
+                Action::Add(options) => tx.add(options).map(|_| ()),
+                Action::Del(name) => tx.remove(&name),
+                Action::Replace(r) => tx.replace(r.parent()?, &r.new_child),
+                Action::Abort => return Err(generic("Transaction aborted using Abort action")),
+            }
+            .map_err(generic)?;
+        }
+        tx.commit().map_err(generic)
+    }
+
+    fn transaction(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let args: TransactionArgs = parse(args)?;
+        if let Some(props) = args.properties {
+            let ok = props.as_object().is_some_and(|p| {
+                p.iter().all(|(k, v)| {
+                    k == "completion-mode"
+                        && matches!(v.as_str(), Some("individual") | Some("grouped"))
+                })
+            });
+            if !ok {
+                return Err(generic("Invalid parameter 'properties'"));
+            }
+        }
+        let actions = args
+            .actions
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| Action::parse(a, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.run_transaction(actions)?;
+        Ok(json!({}))
+    }
+
+    fn node_info(node: &Node) -> Value {
+        json!({
+            "node-name": node.name(),
+            "drv": node.driver_name(),
+            "ro": node.read_only(),
+            "file": node.filename().unwrap_or_default(),
+            "encrypted": false,
+            "detect_zeroes": "off",
+            "backing_file_depth": 0,
+            "write_threshold": 0,
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "cache": {"writeback": true, "direct": node.direct(), "no-flush": node.no_flush()},
+            "image": {
+                "filename": node.filename().unwrap_or_default(),
+                "format": node.driver_name(),
+                "virtual-size": node.size(),
+            },
+            "dirty-bitmaps": [],
+        })
+    }
+
+    /// x-debug-query-block-graph: exports and nodes with stable ids (exports
+    /// by id, then nodes by name), and every edge with its permissions.
+    fn block_graph(&self) -> Value {
+        let view = self.graph.view();
+        let mut ids = std::collections::HashMap::new();
+        let mut nodes = Vec::new();
+        for (id, _) in &view.exports {
+            ids.insert(format!("export:{id}"), nodes.len());
+            nodes.push(json!({"id": nodes.len(), "type": "block-export", "name": id}));
+        }
+        for node in &view.nodes {
+            ids.insert(format!("node:{}", node.name()), nodes.len());
+            nodes.push(json!({"id": nodes.len(), "type": "block-driver", "name": node.name(), "driver": node.driver_name()}));
+        }
+        let key = |p: &Parent| match p {
+            Parent::Node(n) => format!("node:{n}"),
+            Parent::Export(e) => format!("export:{e}"),
+        };
+        let mut edges = Vec::new();
+        let all = view
+            .exports
+            .iter()
+            .map(|(_, c)| c.clone())
+            .chain(view.nodes.iter().flat_map(|n| n.children().to_vec()));
+        for edge in all {
+            let (perm, shared) = edge.permissions();
+            edges.push(json!({
+                "parent": ids.get(&key(edge.parent())),
+                "child": ids.get(&format!("node:{}", edge.node().name())),
+                "name": edge.role(),
+                "perm": perm.names(),
+                "shared-perm": shared.names(),
+            }));
+        }
+        json!({"nodes": nodes, "edges": edges})
+    }
+
+    fn object_add(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let args: ObjectAdd = parse(args)?;
+        if args.qom_type != "throttle-group" {
+            return Err(generic(format!(
+                "Parameter 'qom-type' does not accept value '{}'",
+                args.qom_type
+            )));
+        }
+        let limits =
+            ThrottleGroup::limits_from(args.limits.unwrap_or(json!({}))).map_err(generic)?;
+        self.graph
+            .add_throttle_group(&args.id, limits)
+            .map_err(generic)?;
+        Ok(json!({}))
+    }
+}
+
+impl Dispatcher for Control {
+    fn commands(&self) -> Vec<String> {
+        COMMANDS.iter().map(|c| c.to_string()).collect()
+    }
+
+    fn execute(&self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let empty = |args: Map<String, Value>| {
+            parse::<Map<String, Value>>(args).and_then(|m| match m.keys().next() {
+                Some(k) => Err(generic(format!("Parameter '{k}' is unexpected"))),
+                None => Ok(()),
+            })
+        };
+        match command {
+            "query-version" => {
+                empty(args)?;
+                Ok(version())
+            }
+            "blockdev-add" => {
+                let options = Options::from_json(Value::Object(args)).map_err(generic)?;
+                self.run_transaction(vec![Action::Add(options)])?;
+                Ok(json!({}))
+            }
+            "blockdev-del" => {
+                let NodeName { node_name } = parse(args)?;
+                self.run_transaction(vec![Action::Del(node_name)])?;
+                Ok(json!({}))
+            }
+            "x-blockdev-replace" => {
+                let r: Replace = parse(args)?;
+                r.parent()?;
+                self.run_transaction(vec![Action::Replace(r)])?;
+                Ok(json!({}))
+            }
+            "transaction" => self.transaction(args),
+            "query-named-block-nodes" => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Args {
+                    /// Accepted for compatibility: blkgraph has no backing
+                    /// chains to flatten.
+                    #[serde(default, rename = "flat")]
+                    _flat: Option<bool>,
+                }
+                parse::<Args>(args)?;
+                Ok(Value::Array(
+                    self.graph
+                        .nodes()
+                        .iter()
+                        .map(|n| Self::node_info(n))
+                        .collect(),
+                ))
+            }
+            "x-debug-query-block-graph" => {
+                empty(args)?;
+                Ok(self.block_graph())
+            }
+            "block-export-add" => {
+                let options = Options::from_json(Value::Object(args)).map_err(generic)?;
+                self.exports.add(options).map_err(generic)?;
+                Ok(json!({}))
+            }
+            "block-export-del" => {
+                let ExportDel { id, mode } = parse(args)?;
+                let hard = match mode.as_deref() {
+                    None | Some("safe") => false,
+                    Some("hard") => true,
+                    Some(other) => {
+                        return Err(generic(format!(
+                            "Parameter 'mode' does not accept value '{other}'"
+                        )))
+                    }
+                };
+                self.exports.delete(&id, hard).map_err(generic)?;
+                Ok(json!({}))
+            }
+            "query-block-exports" => {
+                empty(args)?;
+                Ok(self.exports.query())
+            }
+            "object-add" => self.object_add(args),
+            "object-del" => {
+                let ObjectDel { id } = parse(args)?;
+                self.graph.remove_throttle_group(&id).map_err(generic)?;
+                Ok(json!({}))
+            }
+            "quit" => {
+                empty(args)?;
+                (self.quit)();
+                Ok(json!({}))
+            }
+            other => Err(QmpError::command_not_found(other)),
+        }
+    }
+}
+
+/// Forwards export events to the QMP clients.
+pub fn event_sink(events: Events) -> crate::exports::EventSink {
+    Box::new(move |name, data| events.emit(name, data))
+}
