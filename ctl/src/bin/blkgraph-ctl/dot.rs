@@ -28,10 +28,12 @@ pub fn render(graph: &Value) -> Result<String, String> {
         let id = member(node, "id")?;
         let kind = text(node, "type")?;
         let name = text(node, "name")?;
-        let label = if name.is_empty() {
-            kind.to_string()
-        } else {
-            format!("{kind}\n{name}")
+        // blkgraph's reply also names the driver of a driver node.
+        let driver = node.get("driver").and_then(Value::as_str);
+        let label = match (name.is_empty(), driver) {
+            (true, _) => kind.to_string(),
+            (false, Some(driver)) => format!("{driver}\n{name}"),
+            (false, None) => format!("{kind}\n{name}"),
         };
         let shape = match kind {
             "block-driver" => ", shape=ellipse",
@@ -129,7 +131,7 @@ mod tests {
             "nodes": [
                 {"id": 1, "type": "block-export", "name": "vub0"},
                 {"id": 2, "type": "block-driver", "name": "raw disk0"},
-                {"id": 3, "type": "block-driver", "name": "file f0"},
+                {"id": 3, "type": "block-driver", "name": "f0", "driver": "file"},
                 {"id": 4, "type": "block-backend", "name": ""},
             ],
             "edges": [
@@ -145,7 +147,7 @@ mod tests {
     node [shape=box];
     "1" [label="block-export\nvub0", shape=cds];
     "2" [label="block-driver\nraw disk0", shape=ellipse];
-    "3" [label="block-driver\nfile f0", shape=ellipse];
+    "3" [label="file\nf0", shape=ellipse];
     "4" [label="block-backend"];
     "1" -> "2" [label="root\nR W / shared: R W U S"];
     "2" -> "3" [label="file\nW R new-perm / shared: -"];
