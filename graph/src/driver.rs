@@ -87,4 +87,30 @@ pub trait BlockDriver: Send + Sync {
 
     /// The state of the range starting at `offset`, at most `len` bytes long.
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus>;
+
+    /// Snapshot API (copy-before-write): reads the point-in-time view.
+    fn snapshot_read<'a>(&'a self, _offset: u64, _buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+        unsupported()
+    }
+
+    /// Snapshot API: the state of the point-in-time view.
+    fn snapshot_block_status(&self, _offset: u64, _len: u64) -> IoFuture<'_, BlockStatus> {
+        unsupported()
+    }
+
+    /// Snapshot API: the range is no longer needed in the view.
+    fn snapshot_discard(&self, _offset: u64, _len: u64) -> IoFuture<'_> {
+        unsupported()
+    }
+
+    /// Driver-specific state for query-named-block-nodes, if any.
+    fn info(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+fn unsupported<'a, T: Send + 'a>() -> IoFuture<'a, T> {
+    Box::pin(std::future::ready(Err(std::io::Error::from_raw_os_error(
+        libc::ENOTSUP,
+    ))))
 }

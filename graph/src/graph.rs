@@ -18,6 +18,7 @@ pub(crate) struct State {
     pub(crate) nodes: BTreeMap<String, Arc<Node>>,
     pub(crate) exports: BTreeMap<String, Arc<Child>>,
     pub(crate) groups: BTreeMap<String, Arc<ThrottleGroup>>,
+    pub(crate) events: Option<crate::EventSink>,
     pub(crate) implicit_counter: u64,
 }
 
@@ -109,6 +110,11 @@ impl Graph {
         let edge = tx.attach_export(id, node_name, perm, shared)?;
         tx.commit()?;
         Ok(edge)
+    }
+
+    /// Where events of nodes (e.g. a broken snapshot) go from now on.
+    pub fn set_event_sink(&self, sink: crate::EventSink) {
+        self.lock().events = Some(sink);
     }
 
     /// Adds a throttle group object (`--object throttle-group`, object-add).

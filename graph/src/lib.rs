@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod aio;
+mod bitmap;
 mod buffer;
 mod child;
 mod driver;
@@ -22,6 +23,14 @@ mod permission;
 mod throttle_group;
 mod transaction;
 
+/// The event sent when a copy-before-write snapshot breaks (a blkgraph
+/// extension, named by QMP's convention for downstream extensions).
+pub const SNAPSHOT_BROKEN_EVENT: &str = "__org.blkgraph_SNAPSHOT_BROKEN";
+
+/// Receives events with a name and data (e.g. a snapshot that broke).
+pub type EventSink = std::sync::Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
+
+pub use bitmap::DirtyBitmap;
 pub use buffer::{IoBuffer, IoSegment};
 pub use child::Child;
 pub use driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
@@ -31,4 +40,4 @@ pub use node::{DiscardMode, Node};
 pub use options::Options;
 pub use permission::{Parent, Permission};
 pub use throttle_group::{Direction, ThrottleGroup, ThrottleLimits};
-pub use transaction::{ReplaceParent, Transaction};
+pub use transaction::{BitmapRef, ReplaceParent, Transaction};

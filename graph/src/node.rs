@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use arc_swap::ArcSwap;
+
+use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
 use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
@@ -33,6 +36,7 @@ pub struct Node {
     direct: bool,
     children: Vec<Arc<Child>>,
     implicit: bool,
+    bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -68,6 +72,54 @@ impl Node {
             direct: common.direct(),
             children,
             implicit,
+            bitmaps: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+
+    /// The node's dirty bitmaps.
+    pub fn bitmaps(&self) -> Arc<Vec<Arc<DirtyBitmap>>> {
+        self.bitmaps.load_full()
+    }
+
+    /// The dirty bitmap `name`.
+    pub fn bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        self.bitmaps
+            .load()
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
+    }
+
+    /// Adds a dirty bitmap; the name must be new on this node.
+    pub fn add_bitmap(&self, bitmap: Arc<DirtyBitmap>) -> bool {
+        let mut ok = true;
+        self.bitmaps.rcu(|list| {
+            ok = !list.iter().any(|b| b.name() == bitmap.name());
+            let mut list = (**list).clone();
+            if ok {
+                list.push(bitmap.clone());
+            }
+            list
+        });
+        ok
+    }
+
+    /// Removes the dirty bitmap `name`; returns it.
+    pub fn remove_bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        let found = self.bitmap(name)?;
+        self.bitmaps.rcu(|list| {
+            list.iter()
+                .filter(|b| b.name() != name)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        Some(found)
+    }
+
+    fn record(&self, offset: u64, len: u64) {
+        let bitmaps = self.bitmaps.load();
+        for b in bitmaps.iter() {
+            b.record(offset, len);
         }
     }
 
@@ -169,7 +221,10 @@ impl Node {
         flags: WriteFlags,
     ) -> IoFuture<'a> {
         match self.check_write(offset, buf.len() as u64) {
-            Ok(()) => self.driver.write(offset, buf, flags),
+            Ok(()) => {
+                self.record(offset, buf.len() as u64);
+                self.driver.write(offset, buf, flags)
+            }
             Err(e) => ready(Err(e)),
         }
     }
@@ -188,7 +243,10 @@ impl Node {
             return ready(Err(e));
         }
         match self.discard {
-            DiscardMode::Unmap => self.driver.discard(offset, len),
+            DiscardMode::Unmap => {
+                self.record(offset, len);
+                self.driver.discard(offset, len)
+            }
             DiscardMode::Ignore => ready(Ok(())),
         }
     }
@@ -200,7 +258,37 @@ impl Node {
             return ready(Err(e));
         }
         flags.may_unmap &= self.discard == DiscardMode::Unmap;
+        self.record(offset, len);
         self.driver.write_zeroes(offset, len, flags)
+    }
+
+    /// Reads the point-in-time view of a copy-before-write node.
+    pub fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+        match self.check(offset, buf.len() as u64) {
+            Ok(()) => self.driver.snapshot_read(offset, buf),
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// The state of the point-in-time view of a copy-before-write node.
+    pub fn snapshot_block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        match self.check(offset, len) {
+            Ok(()) => self.driver.snapshot_block_status(offset, len),
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// Drops a range from the point-in-time view of a copy-before-write node.
+    pub fn snapshot_discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        match self.check(offset, len) {
+            Ok(()) => self.driver.snapshot_discard(offset, len),
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// Driver-specific state, for queries.
+    pub fn driver_info(&self) -> Option<serde_json::Value> {
+        self.driver.info()
     }
 
     /// The state of the range starting at `offset`.

@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, MutexGuard};
 
+use crate::bitmap::DirtyBitmap;
 use crate::child::Child;
 use crate::drivers::Staging;
 use crate::error::Error;
@@ -36,8 +37,25 @@ pub enum ReplaceParent<'a> {
 pub struct Transaction<'g> {
     graph: MutexGuard<'g, State>,
     working: State,
-    undo: Vec<(Arc<Child>, Arc<Node>)>,
+    undo: Vec<Undo>,
     committed: bool,
+}
+
+/// How to take back a prepared action that changed something live.
+enum Undo {
+    /// Point the edge back at the node.
+    Edge(Arc<Child>, Arc<Node>),
+    /// Put a bitmap change back.
+    Bitmap(Box<dyn FnOnce() + Send>),
+}
+
+/// A dirty bitmap named in a merge: its node and name.
+#[derive(Clone, Debug)]
+pub struct BitmapRef {
+    /// The node holding it.
+    pub node: String,
+    /// Its name.
+    pub name: String,
 }
 
 impl<'g> Transaction<'g> {
@@ -58,10 +76,12 @@ impl<'g> Transaction<'g> {
             nodes,
             implicit_counter,
             groups,
+            events,
             ..
         } = &mut self.working;
         let mut staging = Staging {
             existing: nodes,
+            events: events.clone(),
             groups,
             created: Vec::new(),
             counter: implicit_counter,
@@ -163,7 +183,113 @@ impl<'g> Transaction<'g> {
             )));
         }
         let previous = edge.replace(new);
-        self.undo.push((edge, previous));
+        self.undo.push(Undo::Edge(edge, previous));
+        Ok(())
+    }
+
+    fn node(&self, name: &str) -> Result<Arc<Node>, Error> {
+        self.working
+            .nodes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NodeNotFound(name.to_string()))
+    }
+
+    fn bitmap(&self, node: &str, name: &str) -> Result<(Arc<Node>, Arc<DirtyBitmap>), Error> {
+        let n = self.node(node)?;
+        let b = n
+            .bitmap(name)
+            .ok_or_else(|| Error::OpenFailed(format!("Dirty bitmap '{name}' not found")))?;
+        Ok((n, b))
+    }
+
+    /// block-dirty-bitmap-add: a clean bitmap on `node`, recording unless
+    /// `disabled`. `granularity` defaults to 64 KiB.
+    pub fn bitmap_add(
+        &mut self,
+        node: &str,
+        name: &str,
+        granularity: Option<u64>,
+        disabled: bool,
+    ) -> Result<(), Error> {
+        let n = self.node(node)?;
+        let granularity = granularity.unwrap_or(65536);
+        if !granularity.is_power_of_two() || !(512..=(1u64 << 31)).contains(&granularity) {
+            return Err(Error::InvalidOptions(
+                "Granularity must be power of 2, and between 512 and 2147483648".into(),
+            ));
+        }
+        if name.is_empty() || name.len() > 1023 {
+            return Err(Error::InvalidOptions(
+                "Bitmap name must be 1 to 1023 characters long".into(),
+            ));
+        }
+        let bitmap = Arc::new(DirtyBitmap::new(name, n.size(), granularity, !disabled));
+        if !n.add_bitmap(bitmap) {
+            return Err(Error::OpenFailed(format!("Bitmap already exists: {name}")));
+        }
+        let name = name.to_string();
+        self.undo.push(Undo::Bitmap(Box::new(move || {
+            n.remove_bitmap(&name);
+        })));
+        Ok(())
+    }
+
+    /// block-dirty-bitmap-remove.
+    pub fn bitmap_remove(&mut self, node: &str, name: &str) -> Result<(), Error> {
+        let (n, b) = self.bitmap(node, name)?;
+        n.remove_bitmap(name);
+        self.undo.push(Undo::Bitmap(Box::new(move || {
+            n.add_bitmap(b);
+        })));
+        Ok(())
+    }
+
+    /// block-dirty-bitmap-clear.
+    pub fn bitmap_clear(&mut self, node: &str, name: &str) -> Result<(), Error> {
+        let (_, b) = self.bitmap(node, name)?;
+        let saved = b.snapshot();
+        b.clear();
+        self.undo
+            .push(Undo::Bitmap(Box::new(move || b.restore(&saved))));
+        Ok(())
+    }
+
+    /// block-dirty-bitmap-enable / -disable.
+    pub fn bitmap_set_recording(&mut self, node: &str, name: &str, on: bool) -> Result<(), Error> {
+        let (_, b) = self.bitmap(node, name)?;
+        let was = b.recording();
+        b.set_recording(on);
+        self.undo
+            .push(Undo::Bitmap(Box::new(move || b.set_recording(was))));
+        Ok(())
+    }
+
+    /// block-dirty-bitmap-merge: marks dirty in `target` (on `node`) what is
+    /// dirty in any of `sources`.
+    pub fn bitmap_merge(
+        &mut self,
+        node: &str,
+        target: &str,
+        sources: &[BitmapRef],
+    ) -> Result<(), Error> {
+        let (_, t) = self.bitmap(node, target)?;
+        let sources = sources
+            .iter()
+            .map(|r| self.bitmap(&r.node, &r.name).map(|(_, b)| b))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(bad) = sources.iter().find(|s| !t.compatible(s)) {
+            return Err(Error::OpenFailed(format!(
+                "Bitmap '{}' is incompatible with '{target}' (their sizes differ)",
+                bad.name()
+            )));
+        }
+        let saved = t.snapshot();
+        for s in &sources {
+            t.merge(s);
+        }
+        self.undo
+            .push(Undo::Bitmap(Box::new(move || t.restore(&saved))));
         Ok(())
     }
 
@@ -217,8 +343,13 @@ impl<'g> Transaction<'g> {
 impl Drop for Transaction<'_> {
     fn drop(&mut self) {
         if !self.committed {
-            for (edge, previous) in self.undo.drain(..).rev() {
-                edge.replace(previous);
+            for undo in self.undo.drain(..).rev() {
+                match undo {
+                    Undo::Edge(edge, previous) => {
+                        edge.replace(previous);
+                    }
+                    Undo::Bitmap(f) => f(),
+                }
             }
         }
     }
@@ -326,6 +457,36 @@ mod tests {
         let e = tx.commit().unwrap_err();
         assert!(e.to_string().contains("is read-only"), "{e}");
         assert_eq!(g.view().exports[0].1.node().name(), "disk0");
+    }
+
+    #[test]
+    fn bitmap_actions_roll_back_with_the_rest() {
+        let g = base();
+        let mut tx = g.transaction();
+        tx.bitmap_add("disk0", "b0", None, false).unwrap();
+        tx.commit().unwrap();
+        let disk0 = g.find("disk0").unwrap();
+        disk0.bitmap("b0").unwrap().record(0, 4096);
+        {
+            let mut tx = g.transaction();
+            tx.bitmap_add("disk0", "b1", Some(4096), true).unwrap();
+            tx.bitmap_merge(
+                "disk0",
+                "b1",
+                &[BitmapRef {
+                    node: "disk0".into(),
+                    name: "b0".into(),
+                }],
+            )
+            .unwrap();
+            tx.bitmap_clear("disk0", "b0").unwrap();
+            tx.bitmap_set_recording("disk0", "b0", false).unwrap();
+            assert!(tx.bitmap_add("disk0", "b1", None, false).is_err());
+        }
+        let b0 = disk0.bitmap("b0").unwrap();
+        assert!(disk0.bitmap("b1").is_none());
+        assert_eq!(b0.count(), 65536);
+        assert!(b0.recording());
     }
 
     #[test]

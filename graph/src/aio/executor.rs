@@ -62,6 +62,16 @@ struct Task<T> {
     waker: Waker,
 }
 
+/// Wakes an executor's event loop from any thread.
+pub struct Notifier(Arc<WakeQueue>);
+
+impl Notifier {
+    /// Makes the executor's eventfd readable.
+    pub fn notify(&self) {
+        let _ = self.0.event.write(1);
+    }
+}
+
 /// Marks this thread as running an executor until dropped.
 struct RunningGuard(*const WakeQueue);
 
@@ -112,6 +122,11 @@ impl<T> Executor<T> {
     /// The eventfd that becomes readable when [`Executor::run`] has work.
     pub fn event_fd(&self) -> RawFd {
         self.queue.event.as_raw_fd()
+    }
+
+    /// A handle that makes the eventfd readable from any thread.
+    pub fn notifier(&self) -> Notifier {
+        Notifier(self.queue.clone())
     }
 
     /// Makes the eventfd readable, so the event loop calls

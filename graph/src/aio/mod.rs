@@ -9,12 +9,14 @@
 //! there is work: io_uring posts it on completions, and wakers from other
 //! threads write it.
 
+mod detached;
 mod executor;
 mod pool;
 mod sleep;
 mod uring;
 
-pub use executor::{block_on, Executor};
+pub use detached::{race, spawn_detached, Detached, Either};
+pub use executor::{block_on, Executor, Notifier};
 pub(crate) use pool::{run_blocking, BlockingOp};
 pub use sleep::sleep;
 pub(crate) use uring::{submit, UringOp};

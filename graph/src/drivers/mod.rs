@@ -1,8 +1,10 @@
 //! The driver table and what drivers get while they open.
 
+mod copy_before_write;
 mod file;
 mod null;
 mod raw;
+mod snapshot_access;
 mod throttle;
 
 use std::collections::BTreeMap;
@@ -32,7 +34,14 @@ pub struct DriverEntry {
 }
 
 /// Every driver blkgraph has.
-pub const DRIVERS: &[DriverEntry] = &[file::ENTRY, raw::ENTRY, null::ENTRY, throttle::ENTRY];
+pub const DRIVERS: &[DriverEntry] = &[
+    file::ENTRY,
+    raw::ENTRY,
+    null::ENTRY,
+    throttle::ENTRY,
+    copy_before_write::ENTRY,
+    snapshot_access::ENTRY,
+];
 
 /// Looks a driver up by name.
 pub fn find_driver(name: &str) -> Option<&'static DriverEntry> {
@@ -117,6 +126,7 @@ impl CommonOptions {
 /// Nodes opened by one graph operation, registered only if it succeeds.
 pub(crate) struct Staging<'g> {
     pub(crate) existing: &'g BTreeMap<String, Arc<Node>>,
+    pub(crate) events: Option<crate::EventSink>,
     pub(crate) groups: &'g BTreeMap<String, Arc<ThrottleGroup>>,
     pub(crate) created: Vec<Arc<Node>>,
     pub(crate) counter: &'g mut u64,
@@ -238,6 +248,23 @@ impl OpenContext<'_, '_> {
         let child = Child::new(Parent::Node(self.name.clone()), role, node);
         self.children.push(child.clone());
         Ok(Some(child))
+    }
+
+    /// The node-name of the node being opened.
+    pub fn node_name(&self) -> &str {
+        &self.name
+    }
+
+    /// A node of the graph being built, by name.
+    pub fn node(&self, name: &str) -> Result<Arc<Node>, Error> {
+        self.staging
+            .lookup(name)
+            .ok_or_else(|| Error::NodeNotFound(name.to_string()))
+    }
+
+    /// Where driver events (e.g. a snapshot that broke) go.
+    pub fn events(&self) -> Option<crate::EventSink> {
+        self.staging.events.clone()
     }
 
     /// The throttle group object `id`.
