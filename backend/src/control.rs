@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use blkgraph_ctl::{Dispatcher, Events, QmpError};
-use blkgraph_graph::{Graph, Node, Options, Parent, ReplaceParent, ThrottleGroup};
+use blkgraph_graph::{
+    BitmapRef, Graph, Node, Options, Parent, ReplaceParent, ThrottleGroup, Transaction,
+};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -25,8 +27,18 @@ const COMMANDS: &[&str] = &[
     "query-block-exports",
     "object-add",
     "object-del",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
     "quit",
 ];
+
+/// The node-info member with a copy-before-write node's snapshot state (a
+/// blkgraph extension).
+pub const SNAPSHOT_INFO_MEMBER: &str = "__org.blkgraph_snapshot";
 
 /// The QEMU version whose QMP semantics blkgraph follows.
 pub fn version() -> Value {
@@ -114,11 +126,109 @@ struct ActionArgs {
     data: Option<Map<String, Value>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BitmapName {
+    node: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BitmapAdd {
+    node: String,
+    name: String,
+    #[serde(default)]
+    granularity: Option<u64>,
+    #[serde(default)]
+    persistent: Option<bool>,
+    #[serde(default)]
+    disabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MergeSource {
+    Name(String),
+    Ref(BitmapName),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BitmapMerge {
+    node: String,
+    target: String,
+    bitmaps: Vec<MergeSource>,
+}
+
+/// A dirty bitmap action (command or transaction action).
+enum BitmapAction {
+    Add(BitmapAdd),
+    Remove(BitmapName),
+    Clear(BitmapName),
+    Enable(BitmapName),
+    Disable(BitmapName),
+    Merge(BitmapMerge),
+}
+
+impl BitmapAction {
+    /// Parses the arguments of `kind` (block-dirty-bitmap-...), or `None`
+    /// if `kind` is not a bitmap action.
+    fn parse(kind: &str, args: Map<String, Value>) -> Option<Result<BitmapAction, QmpError>> {
+        let kind = kind.strip_prefix("block-dirty-bitmap-")?;
+        Some(match kind {
+            "add" => parse::<BitmapAdd>(args).and_then(|a| {
+                if a.persistent == Some(true) {
+                    Err(generic("Persistent bitmaps are not supported"))
+                } else {
+                    Ok(BitmapAction::Add(a))
+                }
+            }),
+            "remove" => parse(args).map(BitmapAction::Remove),
+            "clear" => parse(args).map(BitmapAction::Clear),
+            "enable" => parse(args).map(BitmapAction::Enable),
+            "disable" => parse(args).map(BitmapAction::Disable),
+            "merge" => parse(args).map(BitmapAction::Merge),
+            _ => return None,
+        })
+    }
+
+    fn apply(&self, tx: &mut Transaction<'_>) -> Result<(), blkgraph_graph::Error> {
+        match self {
+            BitmapAction::Add(a) => {
+                tx.bitmap_add(&a.node, &a.name, a.granularity, a.disabled.unwrap_or(false))
+            }
+            BitmapAction::Remove(b) => tx.bitmap_remove(&b.node, &b.name),
+            BitmapAction::Clear(b) => tx.bitmap_clear(&b.node, &b.name),
+            BitmapAction::Enable(b) => tx.bitmap_set_recording(&b.node, &b.name, true),
+            BitmapAction::Disable(b) => tx.bitmap_set_recording(&b.node, &b.name, false),
+            BitmapAction::Merge(m) => {
+                let sources: Vec<BitmapRef> = m
+                    .bitmaps
+                    .iter()
+                    .map(|s| match s {
+                        MergeSource::Name(name) => BitmapRef {
+                            node: m.node.clone(),
+                            name: name.clone(),
+                        },
+                        MergeSource::Ref(r) => BitmapRef {
+                            node: r.node.clone(),
+                            name: r.name.clone(),
+                        },
+                    })
+                    .collect();
+                tx.bitmap_merge(&m.node, &m.target, &sources)
+            }
+        }
+    }
+}
+
 /// A transaction action, checked before anything happens.
 enum Action {
     Add(Options),
     Del(String),
     Replace(Replace),
+    Bitmap(BitmapAction),
     Abort,
 }
 
@@ -149,6 +259,12 @@ impl Action {
             "abort" => {
                 parse::<Map<String, Value>>(data).map_err(prefix)?;
                 Ok(Action::Abort)
+            }
+            other if BitmapAction::parse(other, Map::new()).is_some() => {
+                BitmapAction::parse(other, data)
+                    .expect("a bitmap action")
+                    .map(Action::Bitmap)
+                    .map_err(prefix)
             }
             other => Err(generic(format!(
                 "actions[{index}]: Parameter 'type' does not accept value '{other}'"
@@ -213,6 +329,7 @@ impl Control {
                 Action::Add(options) => tx.add(options).map(|_| ()),
                 Action::Del(name) => tx.remove(&name),
                 Action::Replace(r) => tx.replace(r.parent()?, &r.new_child),
+                Action::Bitmap(b) => b.apply(&mut tx),
                 Action::Abort => return Err(generic("Transaction aborted using Abort action")),
             }
             .map_err(generic)?;
@@ -244,7 +361,21 @@ impl Control {
     }
 
     fn node_info(node: &Node) -> Value {
-        json!({
+        let bitmaps: Vec<Value> = node
+            .bitmaps()
+            .iter()
+            .map(|b| {
+                json!({
+                    "name": b.name(),
+                    "count": b.count(),
+                    "granularity": b.granularity(),
+                    "recording": b.recording(),
+                    "busy": false,
+                    "persistent": false,
+                })
+            })
+            .collect();
+        let mut info = json!({
             "node-name": node.name(),
             "drv": node.driver_name(),
             "ro": node.read_only(),
@@ -260,8 +391,12 @@ impl Control {
                 "format": node.driver_name(),
                 "virtual-size": node.size(),
             },
-            "dirty-bitmaps": [],
-        })
+            "dirty-bitmaps": bitmaps,
+        });
+        if let Some(extra) = node.driver_info() {
+            info[SNAPSHOT_INFO_MEMBER] = extra;
+        }
+        info
     }
 
     /// x-debug-query-block-graph: exports and nodes with stable ids (exports
@@ -401,6 +536,12 @@ impl Dispatcher for Control {
             "object-del" => {
                 let ObjectDel { id } = parse(args)?;
                 self.graph.remove_throttle_group(&id).map_err(generic)?;
+                Ok(json!({}))
+            }
+            bitmap if bitmap.starts_with("block-dirty-bitmap-") => {
+                let action = BitmapAction::parse(bitmap, args)
+                    .unwrap_or_else(|| Err(QmpError::command_not_found(bitmap)))?;
+                self.run_transaction(vec![Action::Bitmap(action)])?;
                 Ok(json!({}))
             }
             "quit" => {

@@ -134,6 +134,8 @@ pub fn run(mut config: Config) -> Result<(), String> {
     }
     let events = Events::new();
     exports.set_event_sink(control::event_sink(events.clone()));
+    let graph_events = events.clone();
+    graph.set_event_sink(Arc::new(move |name, data| graph_events.emit(name, data)));
     let quit: Box<dyn Fn() + Send + Sync> = Box::new(|| {
         // Reply first, then exit as on SIGTERM.
         std::thread::spawn(|| {
