@@ -102,6 +102,10 @@ pub struct File {
     direct: bool,
     align: u64,
     aio: Aio,
+    /// Buffered writes go to the thread pool: the file system cannot do
+    /// them without blocking, so io_uring would hand them to its io-wq
+    /// workers, which serialise writes to one file.
+    pool_writes: bool,
 }
 
 fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn BlockDriver>, Error> {
@@ -142,6 +146,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
     } else {
         1
     };
+    let pool_writes = !direct && !read_only && !nowait_buffered_writes(file.as_raw_fd());
     Ok(Box::new(File {
         filename: opts.filename.clone(),
         file: Arc::new(file),
@@ -149,7 +154,24 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
         direct,
         align,
         aio: opts.aio,
+        pool_writes,
     }))
+}
+
+/// Whether the file system takes buffered writes without blocking
+/// (RWF_NOWAIT): XFS and btrfs do; ext4 and others answer EOPNOTSUPP.
+fn nowait_buffered_writes(fd: RawFd) -> bool {
+    const XFS_MAGIC: i64 = 0x5846_5342;
+    const BTRFS_MAGIC: i64 = 0x9123_683e;
+    // SAFETY: statfs is a plain C struct for which all-zero bytes are valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes only into the struct passed.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between architectures
+    let kind = st.f_type as i64;
+    kind == XFS_MAGIC || kind == BTRFS_MAGIC
 }
 
 /// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
@@ -204,7 +226,12 @@ impl File {
         write: bool,
         fua: bool,
     ) -> io::Result<usize> {
-        match self.aio {
+        let aio = if write && self.pool_writes {
+            Aio::Threads
+        } else {
+            self.aio
+        };
+        match aio {
             Aio::IoUring | Aio::Native => {
                 // SAFETY: `buf` (its memory and its iovec array) is borrowed
                 // by this future until the operation completes.
