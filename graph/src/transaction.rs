@@ -442,13 +442,25 @@ mod tests {
     fn permission_conflicts_are_refused_and_change_nothing() {
         let g = base();
         let before = shape(&g);
-        // A second format node on n0 while disk0 is written through vub0.
-        let e = g.add(opts("driver=raw,node-name=r2,file=n0")).unwrap_err();
+        // A copy-before-write filter on disk0 while vub0 still writes it
+        // (the export's root must move to the filter in the same transaction).
+        g.add(opts("driver=null-co,node-name=tmp,size=1M")).unwrap();
+        let with_tmp = shape(&g);
+        let e = g
+            .add(opts(
+                "driver=copy-before-write,node-name=cbw,file=disk0,target=tmp",
+            ))
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "Permission conflict on node 'n0': permissions 'write' are both required by node 'disk0' (uses node 'n0' as 'file' child) and unshared by node 'r2' (uses node 'n0' as 'file' child)"
+            "Permission conflict on node 'disk0': permissions 'write' are both required by export 'vub0' (uses node 'disk0' as 'root' child) and unshared by node 'cbw' (uses node 'disk0' as 'file' child)"
         );
+        assert_eq!(shape(&g), with_tmp);
+        g.remove("tmp").unwrap();
         assert_eq!(shape(&g), before);
+        // Two raw windows writing one file are fine.
+        g.add(opts("driver=raw,node-name=r2,file=n0")).unwrap();
+        g.remove("r2").unwrap();
         // A writable export moved onto a read-only node.
         g.add(opts("driver=null-co,node-name=ro,size=1M,read-only=on"))
             .unwrap();

@@ -88,7 +88,8 @@ fn actions(fail: Option<usize>) -> Value {
                "throttle-group": "nope", "file": "disk0"}}),
         json!({"type": "x-blockdev-replace", "data": {"parent-type": "export", "export-id": "vub0",
                "new-child": "missing"}}),
-        json!({"type": "blockdev-add", "data": {"driver": "raw", "node-name": "r1", "file": "f0"}}),
+        json!({"type": "blockdev-add", "data": {"driver": "raw", "node-name": "r1", "file": "n1",
+               "offset": 2 * SIZE}}),
         json!({"type": "blockdev-del", "data": {"node-name": "disk0"}}),
     ];
     if let Some(i) = fail {
@@ -140,20 +141,23 @@ fn every_failing_action_leaves_the_graph_as_it_was() {
 fn a_permission_conflict_is_refused_and_changes_nothing() {
     let mut s = setup();
     let before = graph(&mut s.qmp);
-    // A second format node writing f0 while disk0 does.
+    // A copy-before-write filter on disk0 while vub0 still writes it: the
+    // export's root must move to the filter in the same transaction.
     let e = exec(
         &mut s.qmp,
         "transaction",
         json!({"actions": [
-            {"type": "blockdev-add", "data": {"driver": "null-co", "node-name": "n1"}},
-            {"type": "blockdev-add", "data": {"driver": "raw", "node-name": "r2", "file": "f0"}},
+            {"type": "blockdev-add", "data": {"driver": "null-co", "node-name": "tmp", "size": SIZE}},
+            {"type": "blockdev-add", "data": {"driver": "copy-before-write", "node-name": "cbw",
+             "file": "disk0", "target": "tmp"}},
         ]}),
     )
     .unwrap_err();
     assert_eq!(
         e,
-        "Permission conflict on node 'f0': permissions 'write' are both required by node 'disk0' \
-         (uses node 'f0' as 'file' child) and unshared by node 'r2' (uses node 'f0' as 'file' child)"
+        "Permission conflict on node 'disk0': permissions 'write' are both required by export \
+         'vub0' (uses node 'disk0' as 'root' child) and unshared by node 'cbw' (uses node 'disk0' \
+         as 'file' child)"
     );
     assert_eq!(graph(&mut s.qmp), before);
     // The writable export onto a read-only node.

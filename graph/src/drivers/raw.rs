@@ -70,8 +70,9 @@ impl BlockDriver for Raw {
         self.file.node().request_alignment()
     }
 
-    /// A format node reads its protocol child consistently and, like
-    /// QEMU's format drivers, lets nobody else write or resize it.
+    /// Like QEMU's raw: reads its child consistently, passes its parents'
+    /// needs down, and lets nobody resize the child (that would move the
+    /// data area); other writers are fine (e.g. two raw windows on one file).
     fn child_perm(
         &self,
         _role: &str,
@@ -80,7 +81,7 @@ impl BlockDriver for Raw {
     ) -> (Permission, Permission) {
         (
             perm | Permission::CONSISTENT_READ,
-            shared & !(Permission::WRITE | Permission::RESIZE),
+            shared & !Permission::RESIZE,
         )
     }
 
