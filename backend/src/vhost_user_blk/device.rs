@@ -2,7 +2,7 @@
 //! vhost-user-backend callbacks.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use blkgraph_graph::{Child, Node};
@@ -47,7 +47,9 @@ pub struct DeviceOptions {
 pub struct VhostUserBlkDevice {
     options: DeviceOptions,
     root: Arc<Child>,
-    paused: AtomicBool,
+    /// Quiesced sections in progress (they may overlap: two control
+    /// clients may run transactions at once).
+    pauses: AtomicUsize,
     config: Mutex<BlkConfig>,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
@@ -70,7 +72,7 @@ impl VhostUserBlkDevice {
         Ok(VhostUserBlkDevice {
             options,
             root,
-            paused: AtomicBool::new(false),
+            pauses: AtomicUsize::new(0),
             config: Mutex::new(config),
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
@@ -103,7 +105,7 @@ impl VhostUserBlkDevice {
     /// Stops taking new requests from the queues and waits until every
     /// request in flight has completed. New requests stay in the rings.
     pub fn quiesce(&self) {
-        self.paused.store(true, Ordering::SeqCst);
+        self.pauses.fetch_add(1, Ordering::SeqCst);
         for worker in &self.workers {
             let guard = worker.lock().unwrap();
             drop(
@@ -117,7 +119,9 @@ impl VhostUserBlkDevice {
     /// Takes requests again after [`Self::quiesce`]; each queue looks at
     /// its ring at once.
     pub fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
+        if self.pauses.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return; // another quiesced section is still in progress
+        }
         for worker in &self.workers {
             worker.lock().unwrap().notify();
         }
@@ -257,7 +261,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
             let state = vring.get_ref();
             state.is_enabled() && state.get_queue().ready()
         };
-        if ready && !self.paused.load(Ordering::SeqCst) {
+        if ready && self.pauses.load(Ordering::SeqCst) == 0 {
             let root = self.root.node();
             let queue = QueueContext {
                 memory: &self.memory,
@@ -266,7 +270,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
                 serial: self.options.id.as_bytes(),
                 event_idx: self.event_idx.load(Ordering::Relaxed),
                 poll: self.options.poll,
-                paused: &self.paused,
+                pauses: &self.pauses,
             };
             worker.process_queue(vring, &queue)?;
         }

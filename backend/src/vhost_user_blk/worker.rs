@@ -32,8 +32,8 @@ pub struct QueueContext<'a> {
     pub event_idx: bool,
     /// How long to keep polling after the last request (0: never).
     pub poll: Duration,
-    /// Set while the device is quiesced: take no new request.
-    pub paused: &'a std::sync::atomic::AtomicBool,
+    /// Non-zero while the device is quiesced: take no new request.
+    pub pauses: &'a std::sync::atomic::AtomicUsize,
 }
 
 /// The state of one queue's worker, locked only by that queue's thread
@@ -110,7 +110,7 @@ impl QueueWorker {
     /// passes without a new request.
     fn poll(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
         let mut idle_since = Instant::now();
-        while idle_since.elapsed() < queue.poll && !queue.paused.load(Ordering::SeqCst) {
+        while idle_since.elapsed() < queue.poll && queue.pauses.load(Ordering::SeqCst) == 0 {
             let available = {
                 let memory = queue.memory.memory();
                 let state = vring.get_ref();
