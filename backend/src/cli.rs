@@ -21,6 +21,11 @@ qemu-storage-daemon compatible options:
                          addr.type=unix,addr.path=PATH (or addr.type=fd,addr.str=N),
                          writable=on|off,writethrough=on|off,num-queues=N,
                          logical-block-size=BYTES
+                         or type=nbd,id=ID,node-name=NODE[,name=NAME][,description=TEXT]
+                         [,writable=on|off][,bitmaps.0=BITMAP] (needs --nbd-server)
+  --nbd-server OPTIONS   start the NBD server: addr.type=unix,addr.path=PATH or
+                         addr.type=inet,addr.host=HOST,addr.port=PORT (or
+                         addr.type=fd,addr.str=N)[,max-connections=N]
   --pidfile PATH         write the process id there once everything is ready
   --object OPTIONS       add an object: throttle-group,id=ID,limits.iops-total=N,...
   --chardev OPTIONS      socket,id=ID,path=PATH,server=on,wait=off: a socket for --monitor
@@ -62,6 +67,8 @@ pub struct Config {
     pub exports: Vec<Options>,
     /// `--object` options, in order.
     pub objects: Vec<Options>,
+    /// `--nbd-server` options (a second one is an error when started).
+    pub nbd_servers: Vec<Options>,
     /// QMP control sockets (`--monitor` on a `--chardev`, or `--qmp`).
     pub qmp_sockets: Vec<PathBuf>,
     /// `--pidfile`.
@@ -106,6 +113,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 .blockdevs
                 .push(opt(value(&name, inline, &mut args)?)?),
             "--export" => config.exports.push(opt(value(&name, inline, &mut args)?)?),
+            "--nbd-server" => config
+                .nbd_servers
+                .push(opt(value(&name, inline, &mut args)?)?),
             "--pidfile" => config.pidfile = Some(value(&name, inline, &mut args)?.into()),
             "--object" => config.objects.push(
                 Options::from_arg(&value(&name, inline, &mut args)?, Some("qom-type"))
@@ -241,6 +251,17 @@ mod tests {
         assert_eq!(c.exports.len(), 1);
         assert_eq!(c.pidfile.as_deref(), Some(std::path::Path::new("/tmp/p")));
         assert!(!c.embedded_default);
+        let Command::Run(c) = parse(args(&[
+            "--nbd-server",
+            "addr.type=unix,addr.path=/tmp/nbd.sock",
+            "--export",
+            "type=nbd,id=nbd0,node-name=d,name=disk,writable=on",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.nbd_servers.len(), 1);
+        assert_eq!(c.exports.len(), 1);
     }
 
     #[test]

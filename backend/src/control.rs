@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::exports::Exports;
+use crate::nbd::NbdServerOptions;
 
 /// The commands, in query-commands order.
 const COMMANDS: &[&str] = &[
@@ -25,6 +26,8 @@ const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "nbd-server-start",
+    "nbd-server-stop",
     "object-add",
     "object-del",
     "block-dirty-bitmap-add",
@@ -122,8 +125,7 @@ struct TransactionArgs {
 struct ActionArgs {
     #[serde(rename = "type")]
     kind: String,
-    #[serde(default)]
-    data: Option<Map<String, Value>>,
+    data: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +225,15 @@ impl BitmapAction {
     }
 }
 
+/// Puts `path` before the key a QMP error text names ('x' becomes
+/// 'PATHx'), or before the whole text if it names none.
+fn with_key_prefix(desc: &str, path: &str) -> String {
+    match desc.split_once('\'') {
+        Some((head, rest)) => format!("{head}'{path}{rest}"),
+        None => format!("{}: {desc}", path.trim_end_matches('.')),
+    }
+}
+
 /// A transaction action, checked before anything happens.
 enum Action {
     Add(Options),
@@ -234,16 +245,17 @@ enum Action {
 
 impl Action {
     fn parse(value: Value, index: usize) -> Result<Action, QmpError> {
-        let prefix = |e: QmpError| generic(format!("actions[{index}]: {}", e.desc));
+        let at = |path: String| move |e: QmpError| generic(with_key_prefix(&e.desc, &path));
+        let data_path = format!("actions[{index}].data.");
+        let prefix = |e: QmpError| generic(with_key_prefix(&e.desc, &data_path));
         let ActionArgs { kind, data } = match value {
-            Value::Object(m) => parse(m).map_err(prefix)?,
+            Value::Object(m) => parse(m).map_err(at(format!("actions[{index}].")))?,
             _ => {
                 return Err(generic(format!(
                     "Invalid parameter type for 'actions[{index}]', expected: object"
                 )))
             }
         };
-        let data = data.unwrap_or_default();
         match kind.as_str() {
             "blockdev-add" => Ok(Action::Add(
                 Options::from_json(Value::Object(data)).map_err(generic)?,
@@ -531,6 +543,16 @@ impl Dispatcher for Control {
             "query-block-exports" => {
                 empty(args)?;
                 Ok(self.exports.query())
+            }
+            "nbd-server-start" => {
+                let options = NbdServerOptions::from_qmp(args).map_err(generic)?;
+                self.exports.nbd_server_start(&options).map_err(generic)?;
+                Ok(json!({}))
+            }
+            "nbd-server-stop" => {
+                empty(args)?;
+                self.exports.nbd_server_stop().map_err(generic)?;
+                Ok(json!({}))
             }
             "object-add" => self.object_add(args),
             "object-del" => {

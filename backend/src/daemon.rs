@@ -128,6 +128,14 @@ pub fn run(mut config: Config) -> Result<(), String> {
         sockets: Vec::new(),
     };
     let exports = Arc::new(Exports::new(graph.clone()));
+    for options in config.nbd_servers.drain(..) {
+        let options = crate::nbd::NbdServerOptions::from_cli(options)
+            .map_err(|e| format!("--nbd-server: {e}"))?;
+        exports
+            .nbd_server_start(&options)
+            .map_err(|e| format!("--nbd-server: {e}"))?;
+        cleanup.sockets = exports.socket_paths();
+    }
     for options in config.exports.drain(..) {
         exports.add(options)?;
         cleanup.sockets = exports.socket_paths();

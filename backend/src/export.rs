@@ -8,6 +8,7 @@ use blkgraph_graph::{Graph, Options, Permission};
 use serde::Deserialize;
 use vhost::vhost_user::Listener;
 
+use crate::nbd::{self, NbdExport, NbdServer};
 use crate::vhost_user_blk::{self, DeviceOptions, VhostUserBlkDevice};
 
 /// A listening socket address in QAPI's flat SocketAddress form.
@@ -46,16 +47,27 @@ struct VhostUserBlkOptions {
     poll_us: Option<u32>,
 }
 
+/// What serves an export, by type.
+pub enum Backend {
+    /// A vhost-user-blk device and the server accepting its frontends.
+    VhostUserBlk {
+        /// The device.
+        device: Arc<VhostUserBlkDevice>,
+        /// The server accepting frontends.
+        server: vhost_user_blk::Server,
+    },
+    /// An export of the NBD server.
+    Nbd(Arc<NbdExport>),
+}
+
 /// A running export.
 pub struct Export {
     /// The export id.
     pub id: String,
     /// The export type, e.g. `vhost-user-blk`.
     pub kind: &'static str,
-    /// The vhost-user-blk device, for that type.
-    pub device: Arc<VhostUserBlkDevice>,
-    /// The server accepting frontends.
-    pub server: vhost_user_blk::Server,
+    /// What serves it.
+    pub backend: Backend,
     /// The unix socket path to remove when the export goes, if any.
     pub socket_path: Option<PathBuf>,
 }
@@ -63,7 +75,38 @@ pub struct Export {
 impl Export {
     /// The node the export serves now.
     pub fn node_name(&self) -> String {
-        self.device.root().name().to_string()
+        match &self.backend {
+            Backend::VhostUserBlk { device, .. } => device.root().name().to_string(),
+            Backend::Nbd(e) => e.node().name().to_string(),
+        }
+    }
+
+    /// Stops taking new requests and waits for those in flight.
+    pub fn quiesce(&self) {
+        match &self.backend {
+            Backend::VhostUserBlk { device, .. } => device.quiesce(),
+            Backend::Nbd(e) => e.quiesce(),
+        }
+    }
+
+    /// Takes requests again after [`Export::quiesce`].
+    pub fn resume(&self) {
+        match &self.backend {
+            Backend::VhostUserBlk { device, .. } => device.resume(),
+            Backend::Nbd(e) => e.resume(),
+        }
+    }
+
+    /// Stops serving: connected clients are disconnected if `hard`, an
+    /// error otherwise (and then nothing changes).
+    pub fn stop(&mut self, hard: bool) -> Result<(), String> {
+        let id = &self.id;
+        match &mut self.backend {
+            Backend::VhostUserBlk { server, .. } => server
+                .stop(hard)
+                .map_err(|e| format!("export '{id}' is in use: {e}")),
+            Backend::Nbd(e) => e.shut_down(hard),
+        }
     }
 }
 
@@ -74,8 +117,13 @@ fn invalid(text: impl Into<String>) -> String {
     text.into()
 }
 
-/// Starts the export described by `options` on a node of `graph`.
-pub fn start(graph: &Graph, mut options: Options) -> Result<Export, String> {
+/// Starts the export described by `options` on a node of `graph`; NBD
+/// exports need the running NBD server.
+pub fn start(
+    graph: &Graph,
+    mut options: Options,
+    nbd: Option<&NbdServer>,
+) -> Result<Export, String> {
     let kind = match options.take("type") {
         Some(serde_json::Value::String(t)) => t,
         Some(_) => {
@@ -85,6 +133,16 @@ pub fn start(graph: &Graph, mut options: Options) -> Result<Export, String> {
         }
         None => return Err(invalid("Parameter 'type' is missing")),
     };
+    if kind == "nbd" {
+        let server = nbd.ok_or("NBD server not running")?;
+        let export = nbd::start_export(graph, server, options)?;
+        return Ok(Export {
+            id: export.id().to_string(),
+            kind: "nbd",
+            backend: Backend::Nbd(export),
+            socket_path: None,
+        });
+    }
     if kind != "vhost-user-blk" {
         return Err(format!("Parameter 'type' does not accept value '{kind}'"));
     }
@@ -167,8 +225,7 @@ pub fn start(graph: &Graph, mut options: Options) -> Result<Export, String> {
     Ok(Export {
         id: opts.id,
         kind: "vhost-user-blk",
-        device,
-        server,
+        backend: Backend::VhostUserBlk { device, server },
         socket_path,
     })
 }

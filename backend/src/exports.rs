@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use blkgraph_graph::{Graph, Options};
 use serde_json::{json, Value};
 
-use crate::export::{self, Export};
+use crate::export::{self, Backend, Export};
+use crate::nbd::{NbdServer, NbdServerOptions};
 
 /// Called with an event name and its data (BLOCK_EXPORT_DELETED, ...).
 pub type EventSink = Box<dyn Fn(&str, Value) + Send + Sync>;
@@ -17,6 +18,8 @@ pub struct Exports {
     graph: Arc<Graph>,
     exports: Mutex<BTreeMap<String, Export>>,
     events: Mutex<Option<EventSink>>,
+    /// The NBD server, while it runs. Lock order: `exports`, then `nbd`.
+    nbd: Mutex<Option<Arc<NbdServer>>>,
 }
 
 /// Exports quiesced until this is dropped.
@@ -27,7 +30,7 @@ pub struct Quiesced<'a> {
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {
         for e in self.exports.exports.lock().unwrap().values() {
-            e.device.resume();
+            e.resume();
         }
     }
 }
@@ -39,6 +42,7 @@ impl Exports {
             graph,
             exports: Mutex::new(BTreeMap::new()),
             events: Mutex::new(None),
+            nbd: Mutex::new(None),
         }
     }
 
@@ -50,7 +54,13 @@ impl Exports {
     /// Starts an export (`--export`, block-export-add).
     pub fn add(&self, options: Options) -> Result<(), String> {
         let mut exports = self.exports.lock().unwrap();
-        let export = export::start(&self.graph, options)?;
+        if let Some(serde_json::Value::String(id)) = options.map.get("id") {
+            if exports.contains_key(id) {
+                return Err(format!("Block export id '{id}' is already in use"));
+            }
+        }
+        let nbd = self.nbd.lock().unwrap().clone();
+        let export = export::start(&self.graph, options, nbd.as_deref())?;
         exports.insert(export.id.clone(), export);
         Ok(())
     }
@@ -62,20 +72,72 @@ impl Exports {
         let export = exports
             .get_mut(id)
             .ok_or_else(|| format!("Export '{id}' is not found"))?;
-        export
-            .server
-            .stop(hard)
-            .map_err(|e| format!("export '{id}' is in use: {e}"))?;
+        export.stop(hard)?;
         let export = exports.remove(id).expect("present");
+        if let Backend::Nbd(e) = &export.backend {
+            if let Some(server) = self.nbd.lock().unwrap().as_ref() {
+                server.remove_export(e);
+            }
+        }
         drop(exports);
-        self.graph.detach_export(id).map_err(|e| e.to_string())?;
+        self.finish_delete(&export)
+    }
+
+    /// Detaches a stopped export from the graph and announces it.
+    fn finish_delete(&self, export: &Export) -> Result<(), String> {
+        self.graph
+            .detach_export(&export.id)
+            .map_err(|e| e.to_string())?;
         if let Some(path) = &export.socket_path {
             let _ = std::fs::remove_file(path);
         }
         if let Some(sink) = self.events.lock().unwrap().as_ref() {
-            sink("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+            sink("BLOCK_EXPORT_DELETED", json!({ "id": export.id }));
         }
         Ok(())
+    }
+
+    /// Starts the NBD server (`--nbd-server`, nbd-server-start).
+    pub fn nbd_server_start(&self, options: &NbdServerOptions) -> Result<(), String> {
+        let mut nbd = self.nbd.lock().unwrap();
+        if nbd.is_some() {
+            return Err("NBD server already running".into());
+        }
+        *nbd = Some(Arc::new(NbdServer::start(options)?));
+        Ok(())
+    }
+
+    /// Stops the NBD server (nbd-server-stop): every NBD export is deleted
+    /// (its clients disconnected, BLOCK_EXPORT_DELETED sent), then the
+    /// server stops listening and drops the clients still negotiating.
+    pub fn nbd_server_stop(&self) -> Result<(), String> {
+        let mut exports = self.exports.lock().unwrap();
+        let Some(server) = self.nbd.lock().unwrap().take() else {
+            return Err("NBD server not running".into());
+        };
+        let ids: Vec<String> = exports
+            .values()
+            .filter(|e| matches!(e.backend, Backend::Nbd(_)))
+            .map(|e| e.id.clone())
+            .collect();
+        let mut removed = Vec::new();
+        for id in ids {
+            let mut export = exports.remove(&id).expect("present");
+            export.stop(true)?;
+            if let Backend::Nbd(e) = &export.backend {
+                server.remove_export(e);
+            }
+            removed.push(export);
+        }
+        drop(exports);
+        server.stop();
+        let mut result = Ok(());
+        for export in &removed {
+            if let Err(e) = self.finish_delete(export) {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     /// query-block-exports.
@@ -100,7 +162,7 @@ impl Exports {
     /// flight, until the returned guard is dropped.
     pub fn quiesce(&self) -> Quiesced<'_> {
         for e in self.exports.lock().unwrap().values() {
-            e.device.quiesce();
+            e.quiesce();
         }
         Quiesced { exports: self }
     }
@@ -108,9 +170,13 @@ impl Exports {
     /// The socket paths to remove at exit.
     pub fn socket_paths(&self) -> Vec<std::path::PathBuf> {
         let exports = self.exports.lock().unwrap();
-        exports
+        let mut paths: Vec<_> = exports
             .values()
             .filter_map(|e| e.socket_path.clone())
-            .collect()
+            .collect();
+        if let Some(server) = self.nbd.lock().unwrap().as_ref() {
+            paths.extend(server.socket_path().cloned());
+        }
+        paths
     }
 }

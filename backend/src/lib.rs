@@ -8,5 +8,6 @@ pub mod control;
 pub mod daemon;
 pub mod export;
 pub mod exports;
+pub mod nbd;
 mod signals;
 pub mod vhost_user_blk;
