@@ -4,7 +4,7 @@ use std::os::unix::io::FromRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use blkgraph_graph::{Graph, Options, Permission};
+use blkgraph_graph::{Child, Graph, Options, Permission};
 use serde::Deserialize;
 use vhost::vhost_user::Listener;
 
@@ -110,6 +110,25 @@ impl Export {
     }
 }
 
+/// Attaches export `id` to its node as a parent that reads it (and writes
+/// it if `writable`) and lets every other parent do anything, as QEMU's
+/// block exports do; returns the export's root edge.
+pub fn attach(
+    graph: &Graph,
+    id: &str,
+    node_name: &str,
+    writable: bool,
+) -> Result<Arc<Child>, String> {
+    let perm = if writable {
+        Permission::CONSISTENT_READ | Permission::WRITE
+    } else {
+        Permission::CONSISTENT_READ
+    };
+    graph
+        .attach_export(id, node_name, perm, Permission::ALL)
+        .map_err(|e| e.to_string())
+}
+
 /// Default of `x-poll-us`.
 pub const DEFAULT_POLL_US: u32 = 50;
 
@@ -181,14 +200,7 @@ pub fn start(
     if opts.writable && node.read_only() {
         return Err(invalid("Cannot export read-only node as writable"));
     }
-    let perm = if opts.writable {
-        Permission::CONSISTENT_READ | Permission::WRITE
-    } else {
-        Permission::CONSISTENT_READ
-    };
-    let edge = graph
-        .attach_export(&opts.id, &opts.node_name, perm, Permission::ALL)
-        .map_err(|e| e.to_string())?;
+    let edge = attach(graph, &opts.id, &opts.node_name, opts.writable)?;
     let detach = |e: String| {
         let _ = graph.detach_export(&opts.id);
         e

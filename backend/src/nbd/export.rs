@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use blkgraph_graph::options::Syntax;
-use blkgraph_graph::{Child, Graph, Node, Options, Permission};
+use blkgraph_graph::{Child, Graph, Node, Options};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -362,14 +362,7 @@ pub fn start(
         }
         bitmaps.push(source);
     }
-    let perm = if opts.writable {
-        Permission::CONSISTENT_READ | Permission::WRITE
-    } else {
-        Permission::CONSISTENT_READ
-    };
-    let edge = graph
-        .attach_export(&opts.id, &opts.node_name, perm, Permission::ALL)
-        .map_err(|e| e.to_string())?;
+    let edge = crate::export::attach(graph, &opts.id, &opts.node_name, opts.writable)?;
     let id = opts.id.clone();
     let export = Arc::new(NbdExport::new(opts, edge, bitmaps));
     if let Err(e) = server.add_export(export.clone()) {

@@ -537,17 +537,11 @@ impl Connection<'_> {
     /// Waits until every started request has completed; their replies are
     /// dropped.
     fn drain(&mut self) {
-        while self.exec.pending() > 0 {
-            let mut pfd = libc::pollfd {
-                fd: self.exec.event_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: pfd is valid for the call.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
-            self.exec.consume_event();
-            self.run_executor();
-        }
+        let (out, held) = (&mut self.out, &mut self.held);
+        self.exec.run_until_idle(|done| {
+            *held -= done.cost;
+            out.push(done.reply);
+        });
         let mut gate = self.client.gate();
         self.client.set_in_flight(&mut gate, 0, true);
     }

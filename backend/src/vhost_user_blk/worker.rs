@@ -160,17 +160,7 @@ impl QueueWorker {
     /// Completes every request in flight after the frontend went away; their
     /// results have nowhere to go.
     pub fn abandon_in_flight(&mut self) {
-        while self.executor.pending() > 0 {
-            let mut pfd = libc::pollfd {
-                fd: self.executor.event_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: pfd is valid for the call.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
-            self.executor.consume_event();
-            self.executor.run(|_| ());
-        }
+        self.executor.run_until_idle(|_| ());
         self.done.clear();
     }
 }

@@ -195,6 +195,26 @@ impl<T> Executor<T> {
     }
 }
 
+impl<T> Executor<T> {
+    /// Blocks the calling thread until every task has finished, running
+    /// them as their I/O completes; `done` gets each output. For shutting a
+    /// queue or connection down when no event loop runs it any more.
+    pub fn run_until_idle(&mut self, mut done: impl FnMut(T)) {
+        self.run(&mut done);
+        while self.pending() > 0 {
+            let mut pfd = libc::pollfd {
+                fd: self.event_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: pfd is valid for the call.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            self.consume_event();
+            self.run(&mut done);
+        }
+    }
+}
+
 /// Runs a future to completion on the calling thread, with a temporary
 /// reactor; for control-plane threads and tests.
 pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
