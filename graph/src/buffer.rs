@@ -5,8 +5,10 @@
 //! is a list of raw segments that is only handed to system calls or copied
 //! with raw pointer copies.
 
+use std::alloc::{self, Layout};
+use std::io;
 use std::marker::PhantomData;
-use std::ptr;
+use std::ptr::{self, NonNull};
 
 /// One contiguous memory segment, laid out as the kernel's `struct iovec`.
 pub type IoSegment = libc::iovec;
@@ -172,6 +174,54 @@ impl<'a> IoBuffer<'a> {
             left -= take;
             skip = 0;
         }
+    }
+}
+
+/// An aligned, zeroed heap buffer, for O_DIRECT bounce I/O and copies.
+pub(crate) struct AlignedBuffer {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the buffer is exclusively owned heap memory.
+unsafe impl Send for AlignedBuffer {}
+
+impl AlignedBuffer {
+    /// `len` zeroed bytes (at least `align`) aligned to `align`.
+    pub(crate) fn new(len: usize, align: usize) -> io::Result<Self> {
+        let layout = Layout::from_size_align(len.max(align), align)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        NonNull::new(ptr)
+            .map(|ptr| AlignedBuffer { ptr, layout })
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))
+    }
+
+    /// The first `len` bytes as an I/O buffer.
+    pub(crate) fn as_io_buffer(&mut self, len: usize) -> IoBuffer<'_> {
+        assert!(len <= self.layout.size());
+        let seg = IoSegment {
+            iov_base: self.ptr.as_ptr().cast(),
+            iov_len: len,
+        };
+        // SAFETY: the segment lies inside this buffer, which is borrowed
+        // mutably for the IoBuffer's lifetime.
+        unsafe { IoBuffer::from_raw_segments(vec![seg]) }
+    }
+}
+
+impl AlignedBuffer {
+    /// The start of the buffer.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
 

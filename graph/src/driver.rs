@@ -109,7 +109,8 @@ pub trait BlockDriver: Send + Sync {
     }
 }
 
-fn unsupported<'a, T: Send + 'a>() -> IoFuture<'a, T> {
+/// A future that fails at once with ENOTSUP.
+pub(crate) fn unsupported<'a, T: Send + 'a>() -> IoFuture<'a, T> {
     Box::pin(std::future::ready(Err(std::io::Error::from_raw_os_error(
         libc::ENOTSUP,
     ))))

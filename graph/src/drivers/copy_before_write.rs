@@ -22,7 +22,7 @@ use serde_json::json;
 
 use super::{DriverEntry, OpenContext};
 use crate::aio::{race, sleep, spawn_detached, Either};
-use crate::buffer::IoBuffer;
+use crate::buffer::{AlignedBuffer, IoBuffer};
 use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
@@ -192,13 +192,6 @@ impl<F: Fn(&State) -> bool> Future for WaitUntil<'_, F> {
     }
 }
 
-/// An aligned buffer for a cluster copy.
-fn buffer(len: usize) -> (Vec<u8>, usize) {
-    let v = vec![0u8; len + 4096];
-    let skip = v.as_ptr().align_offset(4096);
-    (v, skip)
-}
-
 impl Inner {
     fn clusters(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
         let end = (offset + len).min(self.size);
@@ -211,8 +204,8 @@ impl Inner {
         let start = run.start as u64 * self.cluster;
         let end = (run.end as u64 * self.cluster).min(self.size);
         let len = (end - start) as usize;
-        let (mut v, skip) = buffer(len);
-        let buf = IoBuffer::from_slice(&mut v[skip..skip + len]);
+        let mut copy = AlignedBuffer::new(len, 4096)?;
+        let buf = copy.as_io_buffer(len);
         self.file.node().read(start, &buf).await?;
         self.target
             .node()

@@ -6,12 +6,10 @@
 //! `cache.direct=on` a request whose memory, offset or length is not aligned
 //! goes through an aligned bounce buffer.
 
-use std::alloc::{self, Layout};
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::ptr::NonNull;
 use std::sync::Arc;
 
 use io_uring::{opcode, types};
@@ -19,7 +17,7 @@ use serde::Deserialize;
 
 use super::{DriverEntry, OpenContext};
 use crate::aio::{run_blocking, submit, BlockingOp, UringOp};
-use crate::buffer::{IoBuffer, IoSegment};
+use crate::buffer::{AlignedBuffer, IoBuffer, IoSegment};
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
 use crate::options::Options;
@@ -53,45 +51,6 @@ struct FileOptions {
     locking: Option<String>,
     #[serde(default)]
     aio_max_batch: Option<u64>,
-}
-
-/// An aligned heap buffer for O_DIRECT bounce I/O.
-struct AlignedBuffer {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: the buffer is exclusively owned heap memory.
-unsafe impl Send for AlignedBuffer {}
-
-impl AlignedBuffer {
-    fn new(len: usize, align: usize) -> io::Result<Self> {
-        let layout = Layout::from_size_align(len.max(align), align)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        NonNull::new(ptr)
-            .map(|ptr| AlignedBuffer { ptr, layout })
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))
-    }
-
-    fn as_io_buffer(&mut self, len: usize) -> IoBuffer<'_> {
-        assert!(len <= self.layout.size());
-        let seg = IoSegment {
-            iov_base: self.ptr.as_ptr().cast(),
-            iov_len: len,
-        };
-        // SAFETY: the segment lies inside this buffer, which is borrowed
-        // mutably for the IoBuffer's lifetime.
-        unsafe { IoBuffer::from_raw_segments(vec![seg]) }
-    }
-}
-
-impl Drop for AlignedBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
 }
 
 /// An open file.
@@ -193,7 +152,7 @@ fn probe_alignment(fd: RawFd) -> u64 {
         return 4096;
     };
     // SAFETY: the buffer holds 4096 bytes, more than the 512 read.
-    let ret = unsafe { libc::pread(fd, buf.ptr.as_ptr().cast(), 512, 0) };
+    let ret = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), 512, 0) };
     let _ = &mut buf;
     if ret >= 0 {
         512
@@ -335,7 +294,7 @@ impl File {
         let skip = (offset - start) as usize;
         // SAFETY: the bounce buffer is initialised (zeroed at allocation)
         // and no I/O on it is in flight any more.
-        let data = unsafe { std::slice::from_raw_parts(bounce.ptr.as_ptr().add(skip), buf.len()) };
+        let data = unsafe { std::slice::from_raw_parts(bounce.as_mut_ptr().add(skip), buf.len()) };
         buf.copy_from(0, data);
         Ok(())
     }
@@ -349,7 +308,7 @@ impl File {
         let mut bounce = AlignedBuffer::new(buf.len(), self.align as usize)?;
         {
             // SAFETY: the bounce buffer holds buf.len() bytes and is not in use.
-            let dst = unsafe { std::slice::from_raw_parts_mut(bounce.ptr.as_ptr(), buf.len()) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(bounce.as_mut_ptr(), buf.len()) };
             buf.copy_to(0, dst);
         }
         let bbuf = bounce.as_io_buffer(buf.len());

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::{DriverEntry, OpenContext};
 use crate::buffer::IoBuffer;
 use crate::child::Child;
-use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::driver::{unsupported, BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
 use crate::options::Options;
 use crate::permission::Permission;
@@ -36,12 +36,6 @@ fn open(
     let file = ctx.required_child(&mut options, "file")?;
     let _: NoOptions = options.parse("")?;
     Ok(Box::new(SnapshotAccess { file }))
-}
-
-fn unsupported<'a, T: Send + 'a>() -> IoFuture<'a, T> {
-    Box::pin(std::future::ready(Err(std::io::Error::from_raw_os_error(
-        libc::ENOTSUP,
-    ))))
 }
 
 impl BlockDriver for SnapshotAccess {
