@@ -2,14 +2,16 @@
 //! permission conflicts change nothing, and the export keeps serving.
 
 mod frontend;
+mod qmp;
 
 use std::ffi::OsString;
 
-use blkgraph_ctl::{ClientError, QmpClient};
+use blkgraph_ctl::QmpClient;
 use blkgraph_tests::{check_pattern, fill_pattern, Daemon, DaemonKind, ExportOptions, TempDir};
 use frontend::blk::{read, write, S_OK};
 use frontend::driver::Driver;
-use serde_json::{json, Map, Value};
+use qmp::exec;
+use serde_json::{json, Value};
 
 const SIZE: u64 = 64 << 20;
 
@@ -38,20 +40,6 @@ fn setup() -> Setup {
         _daemon: daemon,
         _dir: dir,
     }
-}
-
-fn args(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => panic!("arguments must be an object"),
-    }
-}
-
-fn exec(qmp: &mut QmpClient, cmd: &str, a: Value) -> Result<Value, String> {
-    qmp.execute(cmd, args(a)).map_err(|e| match e {
-        ClientError::Qmp(q) => q.desc,
-        other => panic!("{cmd}: {other:?}"),
-    })
 }
 
 fn graph(qmp: &mut QmpClient) -> Value {

@@ -4,15 +4,17 @@
 //! nbdcopy) read the point-in-time snapshot.
 
 mod frontend;
+mod qmp;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use blkgraph_ctl::{ClientError, QmpClient};
+use blkgraph_ctl::QmpClient;
 use blkgraph_tests::{check_pattern, fill_pattern, Daemon, DaemonKind, ExportOptions, TempDir};
 use frontend::blk::{read, write, S_IOERR, S_OK};
 use frontend::driver::Driver;
+use qmp::exec;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -25,16 +27,6 @@ struct Fleece {
     image: PathBuf,
     nbd: PathBuf,
     _daemon: Daemon,
-}
-
-fn exec(qmp: &mut QmpClient, cmd: &str, a: Value) -> Result<Value, String> {
-    let Value::Object(m) = a else {
-        panic!("object")
-    };
-    qmp.execute(cmd, m).map_err(|e| match e {
-        ClientError::Qmp(q) => q.desc,
-        other => panic!("{cmd}: {other:?}"),
-    })
 }
 
 /// A daemon exporting a 64 MiB image (written with `init` first) on

@@ -7,6 +7,8 @@
 //! (`BLKGRAPH_TEST_DAEMON=qsd`), except the transaction test, which needs
 //! blkgraph's `x-blockdev-replace`.
 
+mod qmp;
+
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,9 +16,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use blkgraph_ctl::{ClientError, QmpClient};
+use blkgraph_ctl::QmpClient;
 use blkgraph_tests::{check_pattern, fill_pattern, Daemon, DaemonKind, TempDir};
-use serde_json::{json, Map, Value};
+use qmp::exec;
+use serde_json::{json, Value};
 
 const SIZE: u64 = 16 << 20;
 const SEED: u64 = 77;
@@ -139,20 +142,6 @@ impl Nbd {
         let mut rest = Vec::new();
         matches!(self.s.read_to_end(&mut rest), Ok(_) | Err(_)) && rest.is_empty()
     }
-}
-
-fn args(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => panic!("arguments must be an object"),
-    }
-}
-
-fn exec(qmp: &mut QmpClient, cmd: &str, a: Value) -> Result<Value, String> {
-    qmp.execute(cmd, args(a)).map_err(|e| match e {
-        ClientError::Qmp(q) => q.desc,
-        other => panic!("{cmd}: {other:?}"),
-    })
 }
 
 fn wait_event(qmp: &mut QmpClient, name: &str) -> Value {
