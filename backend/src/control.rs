@@ -272,15 +272,12 @@ impl Action {
                 parse::<Map<String, Value>>(data).map_err(prefix)?;
                 Ok(Action::Abort)
             }
-            other if BitmapAction::parse(other, Map::new()).is_some() => {
-                BitmapAction::parse(other, data)
-                    .expect("a bitmap action")
-                    .map(Action::Bitmap)
-                    .map_err(prefix)
-            }
-            other => Err(generic(format!(
-                "actions[{index}]: Parameter 'type' does not accept value '{other}'"
-            ))),
+            other => match BitmapAction::parse(other, data) {
+                Some(action) => action.map(Action::Bitmap).map_err(prefix),
+                None => Err(generic(format!(
+                    "actions[{index}]: Parameter 'type' does not accept value '{other}'"
+                ))),
+            },
         }
     }
 
