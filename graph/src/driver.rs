@@ -71,10 +71,10 @@ pub trait BlockDriver: Send + Sync {
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.
-    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a>;
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a>;
 
     /// Writes `buf` at `offset`.
-    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>, flags: WriteFlags) -> IoFuture<'a>;
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a>;
 
     /// Makes completed writes stable.
     fn flush(&self) -> IoFuture<'_>;
@@ -89,7 +89,7 @@ pub trait BlockDriver: Send + Sync {
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus>;
 
     /// Snapshot API (copy-before-write): reads the point-in-time view.
-    fn snapshot_read<'a>(&'a self, _offset: u64, _buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    fn snapshot_read<'a>(&'a self, _offset: u64, _buf: &'a IoBuffer) -> IoFuture<'a> {
         unsupported()
     }
 

@@ -206,7 +206,7 @@ impl Node {
     }
 
     /// Reads `buf.len()` bytes at `offset`.
-    pub fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    pub fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         match self.check(offset, buf.len() as u64) {
             Ok(()) => self.driver.read(offset, buf),
             Err(e) => ready(Err(e)),
@@ -214,12 +214,7 @@ impl Node {
     }
 
     /// Writes `buf` at `offset`.
-    pub fn write<'a>(
-        &'a self,
-        offset: u64,
-        buf: &'a IoBuffer<'_>,
-        flags: WriteFlags,
-    ) -> IoFuture<'a> {
+    pub fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         match self.check_write(offset, buf.len() as u64) {
             Ok(()) => {
                 self.record(offset, buf.len() as u64);
@@ -263,7 +258,7 @@ impl Node {
     }
 
     /// Reads the point-in-time view of a copy-before-write node.
-    pub fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    pub fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         match self.check(offset, buf.len() as u64) {
             Ok(()) => self.driver.snapshot_read(offset, buf),
             Err(e) => ready(Err(e)),

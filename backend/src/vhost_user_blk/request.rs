@@ -59,11 +59,11 @@ pub struct DeviceLimits {
 enum Op {
     Read {
         offset: u64,
-        data: IoBuffer<'static>,
+        data: IoBuffer,
     },
     Write {
         offset: u64,
-        data: IoBuffer<'static>,
+        data: IoBuffer,
         fua: bool,
     },
     Flush,
@@ -181,12 +181,11 @@ impl Stream {
 }
 
 /// A buffer over guest memory segments of a request.
-fn guest_buffer(segments: Vec<IoSegment>) -> IoBuffer<'static> {
-    // SAFETY: the segments come from `Stream::host_segments` and lie in guest
-    // memory that the request's `_memory` Arc keeps mapped for as long as
-    // the request (and so the buffer) lives; guest memory is only accessed
-    // by raw copies and system calls.
-    unsafe { IoBuffer::from_raw_segments(segments) }
+fn guest_buffer(segments: Vec<IoSegment>, memory: &Arc<GuestMemory>) -> IoBuffer {
+    // SAFETY: the segments come from `Stream::host_segments` and lie in the
+    // regions of `memory`, which stay mapped while the buffer holds it;
+    // guest memory is only accessed by volatile copies and system calls.
+    unsafe { IoBuffer::from_raw_segments(segments, memory.clone()) }
 }
 
 /// Whether `[sector, sector + bytes)` is a valid request range (QEMU's
@@ -275,7 +274,7 @@ impl Request {
                 match writable.host_segments(mem, 0, in_data) {
                     Some(segs) => Op::Read {
                         offset: sector * 512,
-                        data: guest_buffer(segs),
+                        data: guest_buffer(segs, memory),
                     },
                     None => return req,
                 }
@@ -287,7 +286,7 @@ impl Request {
                 match readable.host_segments(mem, 16, out_data) {
                     Some(segs) => Op::Write {
                         offset: sector * 512,
-                        data: guest_buffer(segs),
+                        data: guest_buffer(segs, memory),
                         fua: limits.writethrough,
                     },
                     None => return req,

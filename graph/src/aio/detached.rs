@@ -98,7 +98,7 @@ pub enum Either<A, B> {
 }
 
 /// Polls both futures and returns the output of the first to finish; the
-/// other is dropped, so it must be safe to drop unfinished.
+/// other is dropped unfinished (block operations may be: see `IoBuffer`).
 pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
     let mut a = std::pin::pin!(a);
     let mut b = std::pin::pin!(b);

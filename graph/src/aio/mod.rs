@@ -19,4 +19,4 @@ pub use detached::{race, spawn_detached, Detached, Either};
 pub use executor::{block_on, Executor, Notifier};
 pub(crate) use pool::{run_blocking, BlockingOp};
 pub use sleep::sleep;
-pub(crate) use uring::{submit, UringOp};
+pub(crate) use uring::{submit, Keepalive, UringOp};

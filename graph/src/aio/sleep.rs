@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use io_uring::{opcode, types};
 
-use super::uring::submit;
+use super::uring::{submit, Keepalive};
 
 /// Completes after `duration`, on the executor polling it.
 pub async fn sleep(duration: Duration) -> io::Result<()> {
     let ts = Box::new(types::Timespec::from(duration));
     let entry = opcode::Timeout::new(&*ts as *const types::Timespec).build();
-    // SAFETY: the timespec lives in this future, which stays alive until the
-    // timeout completes (executors poll every task to completion).
-    let op = unsafe { submit(entry) }?;
+    // SAFETY: the entry points to the boxed timespec, which the reactor
+    // keeps until the timeout completes.
+    let op = unsafe { submit(entry, Keepalive::Timespec(ts)) }?;
     match op.await {
         Ok(_) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),

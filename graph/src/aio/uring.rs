@@ -1,30 +1,58 @@
 //! The io_uring reactor owned by each executor.
+//!
+//! An operation in flight holds what its memory lives in (a buffer clone, a
+//! boxed timespec) in its slot until the kernel posts its completion, not in
+//! its future: dropping or forgetting the future cannot free memory the
+//! kernel still uses. A reactor that is dropped with operations in flight
+//! cancels them and waits for their completions before it closes the ring.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
-use io_uring::{squeue, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::buffer::IoBuffer;
 
 thread_local! {
     /// The reactor of the executor running on this thread, if any.
     static CURRENT: Cell<*const Reactor> = const { Cell::new(std::ptr::null()) };
 }
 
+/// `user_data` of the cancel requests a closing reactor sends.
+const CANCEL: u64 = u64::MAX;
+
+/// What the memory an operation points to lives in; kept until the
+/// operation's completion is reaped. (Held only to be dropped then: its
+/// contents are never read.)
+#[allow(dead_code)]
+pub(crate) enum Keepalive {
+    /// The operation points to no memory.
+    Nothing,
+    /// A buffer: its segments (the iovec array) and their memory.
+    Buffer(IoBuffer),
+    /// A timeout's duration.
+    Timespec(Box<types::Timespec>),
+}
+
 enum OpState {
     Free,
+    /// Submitted; the waker of the future that waits for it, once polled.
     Pending(Option<Waker>),
+    /// Completed with this result; the future has not seen it yet.
     Done(i32),
-    /// The future was dropped; the slot is freed when the kernel completes.
+    /// The future was dropped; the slot is freed at the completion.
     Abandoned,
 }
 
 struct Slot {
     state: OpState,
+    keep: Keepalive,
 }
 
 struct Inner {
@@ -35,16 +63,20 @@ struct Inner {
 
 /// An io_uring whose completions post the executor's eventfd.
 pub(crate) struct Reactor {
+    /// Tells this reactor's operations from another's.
+    id: u64,
     inner: RefCell<Inner>,
 }
 
 impl Reactor {
     pub(crate) fn new(entries: u32, event: &EventFd) -> io::Result<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let ring = IoUring::builder()
             .setup_cqsize(entries * 4)
             .build(entries)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
         Ok(Reactor {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             inner: RefCell::new(Inner {
                 ring,
                 slots: Vec::new(),
@@ -53,27 +85,35 @@ impl Reactor {
         })
     }
 
-    fn push(&self, entry: squeue::Entry) -> io::Result<u32> {
+    fn push(&self, entry: squeue::Entry, keep: Keepalive) -> io::Result<u32> {
         let mut inner = self.inner.borrow_mut();
         let id = match inner.free.pop() {
             Some(id) => id,
             None => {
                 inner.slots.push(Slot {
                     state: OpState::Free,
+                    keep: Keepalive::Nothing,
                 });
                 (inner.slots.len() - 1) as u32
             }
         };
         let entry = entry.user_data(u64::from(id));
         loop {
-            // SAFETY: `submit`'s contract: the entry's buffers (and iovec
-            // array) stay valid until the operation completes.
+            // SAFETY: `submit`'s contract: the entry points only into memory
+            // that `keep` keeps valid, and `keep` stays in the slot until
+            // the completion is reaped.
             if unsafe { inner.ring.submission().push(&entry) }.is_ok() {
                 break;
             }
-            inner.ring.submit()?;
+            if let Err(e) = inner.ring.submit() {
+                inner.free.push(id);
+                return Err(e);
+            }
         }
-        inner.slots[id as usize].state = OpState::Pending(None);
+        inner.slots[id as usize] = Slot {
+            state: OpState::Pending(None),
+            keep,
+        };
         Ok(id)
     }
 
@@ -86,31 +126,7 @@ impl Reactor {
                 log::error!("io_uring submit failed: {e}");
             }
         }
-        let mut reaped = 0;
-        let completions: Vec<(u32, i32)> = inner
-            .ring
-            .completion()
-            .map(|c| (c.user_data() as u32, c.result()))
-            .collect();
-        for (id, result) in completions {
-            reaped += 1;
-            let slot = &mut inner.slots[id as usize];
-            match std::mem::replace(&mut slot.state, OpState::Done(result)) {
-                OpState::Pending(waker) => {
-                    if let Some(w) = waker {
-                        w.wake();
-                    }
-                }
-                OpState::Abandoned => {
-                    slot.state = OpState::Free;
-                    inner.free.push(id);
-                }
-                OpState::Free | OpState::Done(_) => {
-                    log::error!("io_uring completion for idle slot {id}")
-                }
-            }
-        }
-        reaped
+        inner.reap()
     }
 
     fn poll_op(&self, id: u32, cx: &mut Context<'_>) -> Poll<i32> {
@@ -131,11 +147,97 @@ impl Reactor {
         }
     }
 
+    /// The future of operation `id` is gone: its slot is freed now if the
+    /// operation completed, or when it does.
     fn abandon(&self, id: u32) {
         let mut inner = self.inner.borrow_mut();
         let slot = &mut inner.slots[id as usize];
-        if matches!(slot.state, OpState::Pending(_)) {
-            slot.state = OpState::Abandoned;
+        match slot.state {
+            OpState::Pending(_) => slot.state = OpState::Abandoned,
+            OpState::Done(_) => {
+                slot.state = OpState::Free;
+                inner.free.push(id);
+            }
+            OpState::Free | OpState::Abandoned => {}
+        }
+    }
+}
+
+impl Inner {
+    fn in_flight(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.state, OpState::Pending(_) | OpState::Abandoned))
+            .map(|(i, _)| i)
+    }
+
+    fn reap(&mut self) -> usize {
+        let completions: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let mut reaped = 0;
+        for (user_data, result) in completions {
+            let Some(slot) = self.slots.get_mut(user_data as usize) else {
+                continue; // a cancel request's own completion
+            };
+            reaped += 1;
+            // The kernel is done with the operation's memory.
+            slot.keep = Keepalive::Nothing;
+            match std::mem::replace(&mut slot.state, OpState::Done(result)) {
+                OpState::Pending(waker) => {
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                }
+                OpState::Abandoned => {
+                    slot.state = OpState::Free;
+                    self.free.push(user_data as u32);
+                }
+                OpState::Free | OpState::Done(_) => {
+                    log::error!("io_uring completion for idle slot {user_data}")
+                }
+            }
+        }
+        reaped
+    }
+}
+
+impl Drop for Reactor {
+    /// Cancels the operations still in flight and waits until the kernel
+    /// has completed them, so that the memory they point to is released
+    /// only once nothing uses it.
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut();
+        let pending: Vec<usize> = inner.in_flight().collect();
+        for id in pending {
+            let cancel = opcode::AsyncCancel::new(id as u64)
+                .build()
+                .user_data(CANCEL);
+            // SAFETY: a cancel request points to no memory.
+            while unsafe { inner.ring.submission().push(&cancel) }.is_err() {
+                if inner.ring.submit().is_err() {
+                    break;
+                }
+            }
+        }
+        while inner.in_flight().next().is_some() {
+            match inner.ring.submit_and_wait(1) {
+                Ok(_) => {
+                    inner.reap();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // The memory cannot be proven unused: never free it.
+                    log::error!("io_uring: cannot wait for operations in flight: {e}");
+                    for slot in inner.slots.drain(..) {
+                        std::mem::forget(slot.keep);
+                    }
+                    return;
+                }
+            }
         }
     }
 }
@@ -165,6 +267,7 @@ fn with_current<R>(f: impl FnOnce(&Reactor) -> R) -> Option<R> {
 
 /// An operation submitted to the current thread's io_uring.
 pub(crate) struct UringOp {
+    reactor: u64,
     id: u32,
     finished: bool,
 }
@@ -174,15 +277,16 @@ pub(crate) struct UringOp {
 ///
 /// # Safety
 ///
-/// Every buffer the entry points to, including an iovec array, must stay
-/// valid until the returned future completes, and the future must not be
-/// dropped before it completes (blkgraph's executors poll every task to
-/// completion).
-pub(crate) unsafe fn submit(entry: squeue::Entry) -> io::Result<UringOp> {
-    let id = with_current(|r| r.push(entry)).ok_or_else(|| {
-        io::Error::other("io_uring I/O outside of an executor (no reactor on this thread)")
-    })??;
+/// Every address in `entry` (buffers, iovec arrays, a timespec) must point
+/// into memory that `keep` keeps valid, or the entry must point to no
+/// memory. The future may then be dropped or forgotten at any time.
+pub(crate) unsafe fn submit(entry: squeue::Entry, keep: Keepalive) -> io::Result<UringOp> {
+    let (reactor, id) =
+        with_current(|r| r.push(entry, keep).map(|id| (r.id, id))).ok_or_else(|| {
+            io::Error::other("io_uring I/O outside of an executor (no reactor on this thread)")
+        })??;
     Ok(UringOp {
+        reactor,
         id,
         finished: false,
     })
@@ -192,9 +296,12 @@ impl Future for UringOp {
     type Output = io::Result<u32>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let id = self.id;
-        match with_current(|r| r.poll_op(id, cx)) {
-            None => Poll::Ready(Err(io::Error::other("polled outside of its executor"))),
+        let (reactor, id) = (self.reactor, self.id);
+        let polled = with_current(|r| (r.id == reactor).then(|| r.poll_op(id, cx)));
+        match polled.flatten() {
+            None => Poll::Ready(Err(io::Error::other(
+                "io_uring operation polled outside of its executor",
+            ))),
             Some(Poll::Pending) => Poll::Pending,
             Some(Poll::Ready(res)) => {
                 self.finished = true;
@@ -211,8 +318,80 @@ impl Future for UringOp {
 impl Drop for UringOp {
     fn drop(&mut self) {
         if !self.finished {
-            // Without a current reactor the slot is leaked, which is safe.
-            with_current(|r| r.abandon(self.id));
+            // Away from its reactor the slot is never reused, which is safe:
+            // the reactor still releases the memory at the completion.
+            with_current(|r| {
+                if r.id == self.reactor {
+                    r.abandon(self.id)
+                }
+            });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aio::{block_on, sleep};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Polls a future once, then gives it back.
+    fn poll_once<F: Future + Unpin>(mut f: F) -> F {
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(Pin::new(&mut f).poll(&mut cx).is_pending());
+        f
+    }
+
+    #[test]
+    fn a_dropped_operation_keeps_its_memory_until_it_completes() {
+        let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+        let buf = IoBuffer::from_vec(vec![0u8; 64]);
+        let weak = {
+            // The buffer's only strong holder after this block is the
+            // operation in flight.
+            let probe = Arc::new(());
+            let owner = (buf.clone(), probe.clone());
+            // SAFETY: the segment is inside `buf`, which `owner` keeps.
+            let tracked =
+                unsafe { IoBuffer::from_raw_segments(buf.segments().to_vec(), Arc::new(owner)) };
+            drop(buf);
+            let weak = Arc::downgrade(&probe);
+            drop(probe);
+            block_on(async {
+                let iov = tracked.segments();
+                let entry =
+                    opcode::Readv::new(types::Fd(r.as_raw_fd()), iov.as_ptr(), iov.len() as u32)
+                        .build();
+                // SAFETY: the entry points into `tracked`, the keepalive.
+                let op = unsafe { submit(entry, Keepalive::Buffer(tracked.clone())) }.unwrap();
+                drop(tracked);
+                let op = Box::pin(op);
+                let op = poll_once(op);
+                drop(op);
+                assert!(weak.upgrade().is_some(), "memory freed while in flight");
+                // The read completes once data arrives; the reactor then
+                // releases the memory.
+                std::io::Write::write_all(&mut &w, b"hello").unwrap();
+                sleep(Duration::from_millis(20)).await.unwrap();
+            })
+            .unwrap();
+            weak
+        };
+        assert!(weak.upgrade().is_none());
+    }
+
+    #[test]
+    fn a_reactor_closing_with_operations_in_flight_cancels_and_waits() {
+        let start = Instant::now();
+        block_on(async {
+            // Forgotten: neither its future nor its timespec is dropped.
+            std::mem::forget(poll_once(Box::pin(sleep(Duration::from_secs(30)))));
+            // Dropped after one poll.
+            drop(poll_once(Box::pin(sleep(Duration::from_secs(30)))));
+        })
+        .unwrap();
+        assert!(start.elapsed() < Duration::from_secs(10));
     }
 }

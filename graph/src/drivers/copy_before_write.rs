@@ -22,7 +22,7 @@ use serde_json::json;
 
 use super::{DriverEntry, OpenContext};
 use crate::aio::{race, sleep, spawn_detached, Either};
-use crate::buffer::{AlignedBuffer, IoBuffer};
+use crate::buffer::IoBuffer;
 use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
@@ -204,8 +204,7 @@ impl Inner {
         let start = run.start as u64 * self.cluster;
         let end = (run.end as u64 * self.cluster).min(self.size);
         let len = (end - start) as usize;
-        let mut copy = AlignedBuffer::new(len, 4096)?;
-        let buf = copy.as_io_buffer(len);
+        let buf = IoBuffer::aligned(len, 4096)?;
         self.file.node().read(start, &buf).await?;
         self.target
             .node()
@@ -411,12 +410,12 @@ impl BlockDriver for CopyBeforeWrite {
         }
     }
 
-    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         let file = self.0.file.node();
         Box::pin(async move { file.read(offset, buf).await })
     }
 
-    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>, flags: WriteFlags) -> IoFuture<'a> {
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             self.before_write(offset, buf.len() as u64).await?;
             self.0.file.node().write(offset, buf, flags).await
@@ -447,7 +446,7 @@ impl BlockDriver for CopyBeforeWrite {
         Box::pin(async move { file.block_status(offset, len).await })
     }
 
-    fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         Box::pin(async move {
             let inner = &self.0;
             let end = offset + buf.len() as u64;
@@ -582,18 +581,15 @@ mod tests {
 
     fn write(g: &Graph, node: &str, off: u64, len: usize, byte: u8) -> std::io::Result<()> {
         let n = g.find(node).unwrap();
-        let mut v = vec![byte; len];
-        let buf = IoBuffer::from_slice(&mut v);
+        let buf = IoBuffer::from_vec(vec![byte; len]);
         block_on(n.write(off, &buf, WriteFlags::default())).unwrap()
     }
 
     fn read(g: &Graph, node: &str, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
         let n = g.find(node).unwrap();
-        let mut v = vec![0xeeu8; len];
-        let buf = IoBuffer::from_slice(&mut v);
+        let buf = IoBuffer::from_vec(vec![0xeeu8; len]);
         block_on(n.read(off, &buf)).unwrap()?;
-        drop(buf);
-        Ok(v)
+        Ok(buf.into_vec())
     }
 
     fn is(v: &[u8], byte: u8) -> bool {

@@ -16,8 +16,8 @@ use io_uring::{opcode, types};
 use serde::Deserialize;
 
 use super::{DriverEntry, OpenContext};
-use crate::aio::{run_blocking, submit, BlockingOp, UringOp};
-use crate::buffer::{AlignedBuffer, IoBuffer, IoSegment};
+use crate::aio::{run_blocking, submit, BlockingOp, Keepalive, UringOp};
+use crate::buffer::{AlignedBuffer, IoBuffer};
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
 use crate::options::Options;
@@ -165,12 +165,6 @@ fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
 }
 
-/// iovecs that move to a pool thread.
-struct SendSegments(Vec<IoSegment>);
-// SAFETY: the segments point to memory that stays valid until the job
-// completes (the request owning it awaits the job).
-unsafe impl Send for SendSegments {}
-
 impl File {
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
@@ -181,7 +175,7 @@ impl File {
     async fn transfer_once(
         &self,
         offset: u64,
-        buf: &IoBuffer<'_>,
+        buf: &IoBuffer,
         write: bool,
         fua: bool,
     ) -> io::Result<usize> {
@@ -192,22 +186,17 @@ impl File {
         };
         match aio {
             Aio::IoUring | Aio::Native => {
-                // SAFETY: `buf` (its memory and its iovec array) is borrowed
-                // by this future until the operation completes.
-                let op = unsafe { self.submit_rw(offset, buf, write, fua) }?;
-                Ok(op.await? as usize)
+                Ok(self.submit_rw(offset, buf, write, fua)?.await? as usize)
             }
             Aio::Threads => Ok(self.spawn_rw(offset, buf, write, fua).await? as usize),
         }
     }
 
     /// # Safety
-    ///
-    /// `buf` must stay valid until the returned operation completes.
-    unsafe fn submit_rw(
+    fn submit_rw(
         &self,
         offset: u64,
-        buf: &IoBuffer<'_>,
+        buf: &IoBuffer,
         write: bool,
         fua: bool,
     ) -> io::Result<UringOp> {
@@ -223,19 +212,20 @@ impl File {
         } else {
             opcode::Readv::new(fd, ptr, n).offset(offset).build()
         };
-        // SAFETY: the caller keeps `buf` valid until completion.
-        unsafe { submit(entry) }
+        // SAFETY: the entry points to the buffer's iovec array and memory,
+        // which the clone kept until the completion holds.
+        unsafe { submit(entry, Keepalive::Buffer(buf.clone())) }
     }
 
-    fn spawn_rw(&self, offset: u64, buf: &IoBuffer<'_>, write: bool, fua: bool) -> BlockingOp {
+    fn spawn_rw(&self, offset: u64, buf: &IoBuffer, write: bool, fua: bool) -> BlockingOp {
         let file = self.file.clone();
-        let segs = SendSegments(buf.segments().to_vec());
+        let buf = buf.clone();
         run_blocking(move || {
-            let segs = segs;
-            let (fd, ptr, cnt) = (file.as_raw_fd(), segs.0.as_ptr(), segs.0.len() as i32);
+            let segs = buf.segments();
+            let (fd, ptr, cnt) = (file.as_raw_fd(), segs.as_ptr(), segs.len() as i32);
             let off = offset as libc::off_t;
-            // SAFETY: the iovecs point to memory valid for the transfer
-            // (SendSegments' contract).
+            // SAFETY: the iovecs and their memory belong to `buf`, which
+            // this job holds until the call returns.
             let ret = unsafe {
                 if write {
                     let flags = if fua { libc::RWF_DSYNC } else { 0 };
@@ -257,7 +247,7 @@ impl File {
     async fn transfer(
         &self,
         offset: u64,
-        buf: &IoBuffer<'_>,
+        buf: &IoBuffer,
         write: bool,
         fua: bool,
     ) -> io::Result<()> {
@@ -279,40 +269,28 @@ impl File {
         Ok(())
     }
 
-    fn needs_bounce(&self, offset: u64, buf: &IoBuffer<'_>) -> bool {
+    fn needs_bounce(&self, offset: u64, buf: &IoBuffer) -> bool {
         self.direct && (!offset.is_multiple_of(self.align) || !buf.is_aligned(self.align as usize))
     }
 
-    async fn read_bounced(&self, offset: u64, buf: &IoBuffer<'_>) -> io::Result<()> {
+    async fn read_bounced(&self, offset: u64, buf: &IoBuffer) -> io::Result<()> {
         let start = offset - offset % self.align;
         let end = (offset + buf.len() as u64).div_ceil(self.align) * self.align;
-        let mut bounce = AlignedBuffer::new((end - start) as usize, self.align as usize)?;
-        {
-            let bbuf = bounce.as_io_buffer((end - start) as usize);
-            self.transfer(start, &bbuf, false, false).await?;
-        }
-        let skip = (offset - start) as usize;
-        // SAFETY: the bounce buffer is initialised (zeroed at allocation)
-        // and no I/O on it is in flight any more.
-        let data = unsafe { std::slice::from_raw_parts(bounce.as_mut_ptr().add(skip), buf.len()) };
-        buf.copy_from(0, data);
+        let bounce = IoBuffer::aligned((end - start) as usize, self.align as usize)?;
+        self.transfer(start, &bounce, false, false).await?;
+        buf.copy_from_buffer(0, &bounce, (offset - start) as usize, buf.len());
         Ok(())
     }
 
-    async fn write_bounced(&self, offset: u64, buf: &IoBuffer<'_>, fua: bool) -> io::Result<()> {
+    async fn write_bounced(&self, offset: u64, buf: &IoBuffer, fua: bool) -> io::Result<()> {
         if !offset.is_multiple_of(self.align) || !(buf.len() as u64).is_multiple_of(self.align) {
             // A read-modify-write could race with a concurrent write of the
             // same block; the export refuses block sizes below the alignment.
             return Err(errno(libc::EINVAL));
         }
-        let mut bounce = AlignedBuffer::new(buf.len(), self.align as usize)?;
-        {
-            // SAFETY: the bounce buffer holds buf.len() bytes and is not in use.
-            let dst = unsafe { std::slice::from_raw_parts_mut(bounce.as_mut_ptr(), buf.len()) };
-            buf.copy_to(0, dst);
-        }
-        let bbuf = bounce.as_io_buffer(buf.len());
-        self.transfer(offset, &bbuf, true, fua).await
+        let bounce = IoBuffer::aligned(buf.len(), self.align as usize)?;
+        bounce.copy_from_buffer(0, buf, 0, buf.len());
+        self.transfer(offset, &bounce, true, fua).await
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -323,7 +301,9 @@ impl File {
                     .mode(mode)
                     .build();
                 // SAFETY: fallocate points to no memory.
-                unsafe { submit(entry) }?.await.map(|_| ())
+                unsafe { submit(entry, Keepalive::Nothing) }?
+                    .await
+                    .map(|_| ())
             }
             Aio::Threads => {
                 let file = self.file.clone();
@@ -346,12 +326,12 @@ impl File {
 
     async fn write_zero_buffers(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let chunk = ZERO_CHUNK.min(len) as usize;
-        let mut zeroes = AlignedBuffer::new(chunk, 4096)?;
+        let zeroes = IoBuffer::aligned(chunk, 4096)?;
         let mut done = 0;
         while done < len {
             let n = chunk.min((len - done) as usize);
-            let zbuf = zeroes.as_io_buffer(n);
-            self.transfer(offset + done, &zbuf, true, fua).await?;
+            self.transfer(offset + done, &zeroes.slice(0, n), true, fua)
+                .await?;
             done += n as u64;
         }
         Ok(())
@@ -378,7 +358,7 @@ impl BlockDriver for File {
         Some(self.filename.clone())
     }
 
-    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         Box::pin(async move {
             if self.needs_bounce(offset, buf) {
                 self.read_bounced(offset, buf).await
@@ -388,7 +368,7 @@ impl BlockDriver for File {
         })
     }
 
-    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>, flags: WriteFlags) -> IoFuture<'a> {
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             if self.needs_bounce(offset, buf) {
                 self.write_bounced(offset, buf, flags.fua).await
@@ -405,8 +385,10 @@ impl BlockDriver for File {
                     let entry = opcode::Fsync::new(types::Fd(self.fd()))
                         .flags(types::FsyncFlags::DATASYNC)
                         .build();
-                    // SAFETY: fallocate points to no memory.
-                    unsafe { submit(entry) }?.await.map(|_| ())
+                    // SAFETY: fsync points to no memory.
+                    unsafe { submit(entry, Keepalive::Nothing) }?
+                        .await
+                        .map(|_| ())
                 }
                 Aio::Threads => {
                     let file = self.file.clone();
@@ -521,32 +503,26 @@ mod tests {
         assert_eq!(node.size(), 1 << 20);
         block_on(async {
             // Unaligned memory and offsets exercise the bounce path with O_DIRECT.
-            let mut data: Vec<u8> = (0..12289u32).map(|i| (i * 7) as u8).collect();
-            let wbuf = IoBuffer::from_slice(&mut data[1..]);
+            let data: Vec<u8> = (0..12289u32).map(|i| (i * 7) as u8).collect();
+            let wbuf = IoBuffer::from_vec(data.clone()).slice(1, 12288);
             node.write(4096, &wbuf, WriteFlags::default())
                 .await
                 .unwrap();
-            let mut back = vec![0u8; 12288];
-            let rbuf = IoBuffer::from_slice(&mut back);
+            let rbuf = IoBuffer::from_vec(vec![0u8; 12288]);
             node.read(4096, &rbuf).await.unwrap();
-            drop(rbuf);
-            assert_eq!(&back[..], &data[1..]);
+            assert_eq!(rbuf.to_vec(), &data[1..]);
             node.flush().await.unwrap();
-            let mut odd = vec![0u8; 100];
-            let obuf = IoBuffer::from_slice(&mut odd);
+            let obuf = IoBuffer::from_vec(vec![0u8; 100]);
             node.read(4096 + 7, &obuf).await.unwrap();
-            drop(obuf);
-            assert_eq!(&odd[..], &data[8..108]);
+            assert_eq!(obuf.into_vec(), &data[8..108]);
             node.write_zeroes(4096, 4096, ZeroFlags::default())
                 .await
                 .unwrap();
-            let rbuf = IoBuffer::from_slice(&mut back);
             node.read(4096, &rbuf).await.unwrap();
-            drop(rbuf);
+            let back = rbuf.to_vec();
             assert!(back[..4096].iter().all(|&b| b == 0));
             assert_eq!(&back[4096..], &data[4097..]);
             // Out of range.
-            let rbuf = IoBuffer::from_slice(&mut back);
             assert_eq!(
                 node.read((1 << 20) - 4096, &rbuf)
                     .await

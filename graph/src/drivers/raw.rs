@@ -85,12 +85,12 @@ impl BlockDriver for Raw {
         )
     }
 
-    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         let file = self.file.node();
         Box::pin(async move { file.read(self.offset + offset, buf).await })
     }
 
-    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>, flags: WriteFlags) -> IoFuture<'a> {
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         let file = self.file.node();
         Box::pin(async move { file.write(self.offset + offset, buf, flags).await })
     }
@@ -135,8 +135,7 @@ mod tests {
         assert_eq!(node.size(), 8192);
         assert_eq!(graph.nodes().len(), 2, "the inline file node is registered");
         block_on(async {
-            let mut data = vec![0xabu8; 512];
-            let buf = IoBuffer::from_slice(&mut data);
+            let buf = IoBuffer::from_vec(vec![0xabu8; 512]);
             node.write(512, &buf, WriteFlags::default()).await.unwrap();
             assert!(node.write(8192, &buf, WriteFlags::default()).await.is_err());
         })

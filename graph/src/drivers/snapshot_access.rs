@@ -54,12 +54,12 @@ impl BlockDriver for SnapshotAccess {
         (Permission::NONE, Permission::ALL)
     }
 
-    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         let file = self.file.node();
         Box::pin(async move { file.snapshot_read(offset, buf).await })
     }
 
-    fn write<'a>(&'a self, _: u64, _: &'a IoBuffer<'_>, _: WriteFlags) -> IoFuture<'a> {
+    fn write<'a>(&'a self, _: u64, _: &'a IoBuffer, _: WriteFlags) -> IoFuture<'a> {
         unsupported()
     }
 

@@ -76,14 +76,14 @@ impl BlockDriver for Throttle {
         self.file.node().request_alignment()
     }
 
-    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>) -> IoFuture<'a> {
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         Box::pin(async move {
             self.admit(Direction::Read, buf.len() as u64).await?;
             self.file.node().read(offset, buf).await
         })
     }
 
-    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer<'_>, flags: WriteFlags) -> IoFuture<'a> {
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             self.admit(Direction::Write, buf.len() as u64).await?;
             self.file.node().write(offset, buf, flags).await
@@ -130,8 +130,7 @@ mod tests {
         let node = graph.add(Options::from_arg(arg, None).unwrap()).unwrap();
         let start = Instant::now();
         block_on(async {
-            let mut data = vec![0u8; 512];
-            let buf = IoBuffer::from_slice(&mut data);
+            let buf = IoBuffer::from_vec(vec![0u8; 512]);
             for _ in 0..40 {
                 node.read(0, &buf).await.unwrap();
             }
