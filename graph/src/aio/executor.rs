@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -44,21 +45,37 @@ impl WakeQueue {
 struct TaskWaker {
     id: usize,
     queue: Arc<WakeQueue>,
+    /// The task is on the ready list: a task is polled once per wake-up,
+    /// however many times it was woken.
+    queued: AtomicBool,
+}
+
+impl TaskWaker {
+    fn new(id: usize, queue: Arc<WakeQueue>) -> Arc<Self> {
+        Arc::new(TaskWaker {
+            id,
+            queue,
+            queued: AtomicBool::new(false),
+        })
+    }
 }
 
 impl Wake for TaskWaker {
     fn wake(self: Arc<Self>) {
-        self.queue.push(self.id);
+        self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.queue.push(self.id);
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.queue.push(self.id);
+        }
     }
 }
 
 struct Task<T> {
     future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
     /// Made once per slot and kept when the slot is reused.
+    state: Arc<TaskWaker>,
     waker: Waker,
 }
 
@@ -149,19 +166,21 @@ impl<T> Executor<T> {
     pub fn spawn(&mut self, future: impl Future<Output = T> + Send + 'static) {
         let id = self.free.pop().unwrap_or_else(|| {
             let id = self.tasks.len();
-            let waker = Waker::from(Arc::new(TaskWaker {
-                id,
-                queue: self.queue.clone(),
-            }));
+            let state = TaskWaker::new(id, self.queue.clone());
             self.tasks.push(Task {
                 future: None,
-                waker,
+                waker: Waker::from(state.clone()),
+                state,
             });
             id
         });
-        self.tasks[id].future = Some(Box::pin(future));
+        let task = &mut self.tasks[id];
+        task.future = Some(Box::pin(future));
         self.live += 1;
-        self.queue.ready.lock().unwrap().push(id);
+        // A stale wake of the slot's previous task may have queued it.
+        if !task.state.queued.swap(true, Ordering::AcqRel) {
+            self.queue.ready.lock().unwrap().push(id);
+        }
     }
 
     /// Polls every woken task, submits and reaps I/O, and repeats until no
@@ -175,6 +194,7 @@ impl<T> Executor<T> {
             let idle = ready.is_empty();
             for id in ready.drain(..) {
                 let task = &mut self.tasks[id];
+                task.state.queued.store(false, Ordering::Release);
                 let Some(future) = task.future.as_mut() else {
                     continue; // a stale wake of a finished task
                 };
@@ -224,15 +244,14 @@ pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
         ready: Mutex::new(Vec::new()),
         event,
     });
-    let waker = Waker::from(Arc::new(TaskWaker {
-        id: 0,
-        queue: queue.clone(),
-    }));
+    let task = TaskWaker::new(0, queue.clone());
+    let waker = Waker::from(task.clone());
     let mut cx = Context::from_waker(&waker);
     let mut future = pin!(future);
     let _running = RunningGuard::enter(&queue);
     let _reactor = ReactorGuard::enter(&reactor);
     loop {
+        task.queued.store(false, Ordering::Release);
         if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
             return Ok(out);
         }
@@ -287,6 +306,35 @@ mod tests {
             flag: Arc::new(AtomicBool::new(false)),
         };
         assert_eq!(block_on(f).unwrap(), 7);
+    }
+
+    /// Wakes itself three times per poll until it was polled five times.
+    struct Noisy(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Future for Noisy {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if self.0.fetch_add(1, Ordering::SeqCst) + 1 == 5 {
+                return Poll::Ready(());
+            }
+            for _ in 0..3 {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_task_woken_many_times_is_polled_once_per_wake_up() {
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut ex = Executor::new().unwrap();
+        ex.spawn(Noisy(polls.clone()));
+        ex.run(|()| ());
+        assert_eq!(ex.pending(), 0);
+        assert_eq!(polls.load(Ordering::SeqCst), 5);
+        polls.store(0, Ordering::SeqCst);
+        block_on(Noisy(polls.clone())).unwrap();
+        assert_eq!(polls.load(Ordering::SeqCst), 5);
     }
 
     #[test]
