@@ -30,7 +30,12 @@ const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_MAGIC: u32 = 0x6744_6698;
 const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
 const REP_ACK: u32 = 1;
+const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
@@ -61,13 +66,34 @@ fn unix(path: &Path) -> Box<dyn Conn + Send> {
 }
 
 impl Nbd {
-    fn connect(mut s: Box<dyn Conn + Send>, name: &str) -> Result<Nbd, String> {
+    fn connect(s: Box<dyn Conn + Send>, name: &str) -> Result<Nbd, String> {
+        Self::negotiate(s, name, false)
+    }
+
+    /// Connects with structured replies negotiated.
+    fn connect_structured(s: Box<dyn Conn + Send>, name: &str) -> Result<Nbd, String> {
+        Self::negotiate(s, name, true)
+    }
+
+    fn negotiate(mut s: Box<dyn Conn + Send>, name: &str, structured: bool) -> Result<Nbd, String> {
         let mut g = [0u8; 18];
         s.read_exact(&mut g).map_err(|e| format!("greeting: {e}"))?;
         assert_eq!(be64(&g), INIT_MAGIC);
         assert_eq!(be64(&g[8..]), OPTS_MAGIC);
         let mut m = Vec::new();
         m.extend_from_slice(&1u32.to_be_bytes()); // fixed newstyle
+        if structured {
+            m.extend_from_slice(&OPTS_MAGIC.to_be_bytes());
+            m.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+            m.extend_from_slice(&0u32.to_be_bytes());
+            s.write_all(&m)
+                .map_err(|e| format!("STRUCTURED_REPLY: {e}"))?;
+            m.clear();
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h)
+                .map_err(|e| format!("STRUCTURED_REPLY reply: {e}"))?;
+            assert_eq!(be32(&h[12..]), REP_ACK, "structured replies refused");
+        }
         m.extend_from_slice(&OPTS_MAGIC.to_be_bytes());
         m.extend_from_slice(&OPT_GO.to_be_bytes());
         m.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
@@ -122,6 +148,42 @@ impl Nbd {
         let mut d = vec![0u8; if err == 0 { data } else { 0 }];
         self.s.read_exact(&mut d).unwrap();
         (err, be64(&h[8..]), d)
+    }
+
+    /// Reads the chunks of a structured reply to a read of `len` bytes;
+    /// `offset_of` gives the read's offset from its handle. Returns the
+    /// handle and the data (holes as zeroes).
+    fn structured_read_reply(
+        &mut self,
+        offset_of: impl Fn(u64) -> u64,
+        len: usize,
+    ) -> (u64, Vec<u8>) {
+        let mut out = vec![0xeeu8; len];
+        loop {
+            let mut h = [0u8; 20];
+            self.s.read_exact(&mut h).unwrap();
+            assert_eq!(be32(&h), STRUCTURED_MAGIC);
+            let offset = offset_of(be64(&h[8..]));
+            let flags = u16::from_be_bytes([h[4], h[5]]);
+            let kind = u16::from_be_bytes([h[6], h[7]]);
+            let mut payload = vec![0u8; be32(&h[16..]) as usize];
+            self.s.read_exact(&mut payload).unwrap();
+            match kind {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let at = (be64(&payload) - offset) as usize;
+                    out[at..at + payload.len() - 8].copy_from_slice(&payload[8..]);
+                }
+                REPLY_TYPE_OFFSET_HOLE => {
+                    let at = (be64(&payload) - offset) as usize;
+                    let n = be32(&payload[8..]) as usize;
+                    out[at..at + n].fill(0);
+                }
+                other => panic!("unexpected chunk type {other}"),
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                return (be64(&h[8..]), out);
+            }
+        }
     }
 
     fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
@@ -284,6 +346,80 @@ fn hostile_clients_do_not_disturb_others() {
     let exports = exec(&mut s.qmp, "query-block-exports", json!({})).unwrap();
     assert_eq!(exports[0]["id"], "nbd0");
     assert_eq!(exports[0]["type"], "nbd");
+}
+
+/// The resident set size of a process, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn a_client_that_does_not_read_its_replies_holds_bounded_memory() {
+    // A sparse image with 4 KiB of data every 32 MiB.
+    const IMAGE: u64 = 2 << 30;
+    const READ: u32 = 32 << 20;
+    let dir = TempDir::new("blkgraph-nbd-mem").unwrap();
+    let image = dir.path().join("sparse.raw");
+    blkgraph_tests::create_sparse_image(&image, IMAGE).unwrap();
+    let mut block = vec![0u8; 4096];
+    for off in (0..IMAGE).step_by(READ as usize) {
+        fill_pattern(&mut block, off, SEED);
+        blkgraph_tests::write_file_range(&image, off, &block).unwrap();
+    }
+    let nbd_sock = dir.path().join("nbd.sock");
+    let a: Vec<OsString> = [
+        "--blockdev".into(),
+        format!("driver=file,node-name=f0,filename={}", image.display()),
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", nbd_sock.display()),
+        "--export".into(),
+        "type=nbd,id=nbd0,node-name=f0".into(),
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect();
+    let mut daemon = Daemon::start(DaemonKind::from_env(), &a, dir.path(), &nbd_sock).unwrap();
+    let before = rss_mib(daemon.pid());
+    let mut c = Nbd::connect_structured(unix(&nbd_sock), "f0").unwrap();
+    // Every read of the image, twice, pipelined; no reply is read yet.
+    let offsets: Vec<u64> = (0..2)
+        .flat_map(|_| (0..IMAGE).step_by(READ as usize))
+        .collect();
+    for (i, off) in offsets.iter().enumerate() {
+        c.request(CMD_READ, i as u64, *off, READ, &[]);
+    }
+    // Let the server do what it will with them.
+    std::thread::sleep(Duration::from_secs(3));
+    let peak = rss_mib(daemon.pid());
+    assert!(
+        peak < before + 320,
+        "RSS went from {before} MiB to {peak} MiB with {} unread 32 MiB replies",
+        offsets.len()
+    );
+    // Every reply arrives, complete and right.
+    let mut seen = vec![false; offsets.len()];
+    for _ in 0..offsets.len() {
+        let (handle, data) = c.structured_read_reply(|h| offsets[h as usize], READ as usize);
+        let off = offsets[handle as usize];
+        check_pattern(&data[..4096], off, SEED).unwrap();
+        assert!(data[4096..].iter().all(|&b| b == 0), "read at {off}");
+        assert!(!std::mem::replace(&mut seen[handle as usize], true));
+    }
+    drop(c);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rss_mib(daemon.pid());
+    assert!(
+        after < before + 64,
+        "RSS stayed at {after} MiB after the client left (was {before} MiB)"
+    );
+    assert!(daemon.try_exit_status().is_none(), "the daemon died");
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

@@ -25,7 +25,6 @@ pub struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
     parts: SmallVec<[Part; 4]>,
-    len: usize,
 }
 
 impl Reply {
@@ -42,7 +41,6 @@ impl Reply {
         let start = self.head.len();
         f(&mut self.head);
         let end = self.head.len();
-        self.len += end - start;
         match self.parts.last_mut() {
             Some(p) if !p.in_data && p.end == start => p.end = end,
             _ => self.parts.push(Part {
@@ -54,7 +52,6 @@ impl Reply {
     }
 
     fn data_part(&mut self, range: Range<usize>) {
-        self.len += range.len();
         self.parts.push(Part {
             in_data: true,
             start: range.start,
@@ -181,9 +178,10 @@ impl Reply {
         });
     }
 
-    /// Bytes on the wire.
-    pub fn len(&self) -> usize {
-        self.len
+    /// Bytes of memory the reply holds (its buffers' capacity), which can
+    /// be far more than it sends.
+    pub fn held(&self) -> usize {
+        self.head.capacity() + self.data.capacity()
     }
 
     /// The bytes of part `i` from byte `skip` of it.
@@ -212,13 +210,13 @@ pub struct OutQueue {
     /// Position in the front reply: part index and bytes of it written.
     part: usize,
     skip: usize,
-    bytes: usize,
+    held: usize,
 }
 
 impl OutQueue {
     /// Queues a reply.
     pub fn push(&mut self, reply: Reply) {
-        self.bytes += reply.len();
+        self.held += reply.held();
         self.replies.push_back(reply);
     }
 
@@ -227,9 +225,16 @@ impl OutQueue {
         self.replies.is_empty()
     }
 
-    /// Bytes not yet written.
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    /// Bytes of memory the queued replies hold.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(reply) = self.replies.pop_front() {
+            self.held -= reply.held();
+        }
+        self.part = 0;
     }
 
     /// Writes as much as the socket takes without blocking; returns whether
@@ -274,7 +279,6 @@ impl OutQueue {
     }
 
     fn advance(&mut self, mut n: usize) {
-        self.bytes -= n;
         while n > 0 {
             let front = &self.replies[0];
             let left = front.part(self.part, self.skip).len();
@@ -286,8 +290,7 @@ impl OutQueue {
             self.part += 1;
             self.skip = 0;
             if self.part == front.parts.len() {
-                self.replies.pop_front();
-                self.part = 0;
+                self.pop_front();
             }
         }
         // Drop replies made only of empty parts (none are built, but the
@@ -297,8 +300,7 @@ impl OutQueue {
             .front()
             .is_some_and(|r| self.part >= r.parts.len())
         {
-            self.replies.pop_front();
-            self.part = 0;
+            self.pop_front();
         }
     }
 }
@@ -313,7 +315,7 @@ mod tests {
     #[test]
     fn chunk_layouts() {
         let r = Reply::simple(9, proto::EPERM);
-        assert_eq!(r.len(), 16);
+        assert_eq!(r.to_bytes().len(), 16);
         let mut r = Reply::structured(vec![1, 2, 3, 4]);
         r.hole_chunk(9, 100, 512, false);
         r.data_chunk(9, 612, 1..3, true);
@@ -330,7 +332,7 @@ mod tests {
         assert_eq!(&b[20..24], &proto::EINVAL.to_be_bytes());
         let mut s = Reply::default();
         s.block_status_chunk(1, 2, &[(512, 3), (1024, 0)], true);
-        assert_eq!(s.len(), 20 + 4 + 16);
+        assert_eq!(s.to_bytes().len(), 20 + 4 + 16);
     }
 
     #[test]
@@ -356,7 +358,7 @@ mod tests {
             expected.extend(r.to_bytes());
             q.push(r);
         }
-        assert_eq!(q.bytes(), expected.len());
+        assert!(q.held() >= expected.len());
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             b.read_to_end(&mut got).unwrap();
@@ -365,7 +367,7 @@ mod tests {
         while !q.write_to(a.as_raw_fd()).unwrap() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        assert_eq!(q.bytes(), 0);
+        assert_eq!(q.held(), 0);
         drop(a);
         assert_eq!(reader.join().unwrap(), expected);
     }

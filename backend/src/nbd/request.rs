@@ -83,37 +83,40 @@ pub async fn read(node: Arc<Node>, handle: u64, offset: u64, len: u32, mode: Rea
                 }
             }
         };
-        let has_data = runs.iter().any(|r| !r.2);
-        let mut data = if has_data { vec![0u8; len] } else { Vec::new() };
+        // Only the data runs are held, one after the other: the reply to a
+        // mostly sparse read holds about what it sends.
+        let data_len = runs.iter().filter(|r| !r.2).map(|r| r.1).sum();
+        let data = IoBuffer::from_vec(vec![0u8; data_len]);
+        let mut at = 0;
         for &(start, l, zero) in &runs {
             if zero {
                 continue;
             }
-            let buf = IoBuffer::from_slice(&mut data[start..start + l]);
-            if let Err(e) = node.read(offset + start as u64, &buf).await {
+            if let Err(e) = node.read(offset + start as u64, &data.slice(at, l)).await {
                 return Done {
                     reply: fail(e, "reading from file failed"),
                     cost,
                 };
             }
+            at += l;
         }
-        let mut reply = Reply::structured(data);
+        let mut reply = Reply::structured(data.into_vec());
         let last = runs.len() - 1;
+        let mut at = 0;
         for (i, &(start, l, zero)) in runs.iter().enumerate() {
-            let at = offset + start as u64;
+            let from = offset + start as u64;
             if zero {
-                reply.hole_chunk(handle, at, l as u32, i == last);
+                reply.hole_chunk(handle, from, l as u32, i == last);
             } else {
-                reply.data_chunk(handle, at, start..start + l, i == last);
+                reply.data_chunk(handle, from, at..at + l, i == last);
+                at += l;
             }
         }
         return Done { reply, cost };
     }
-    let mut data = vec![0u8; len];
-    let result = {
-        let buf = IoBuffer::from_slice(&mut data);
-        node.read(offset, &buf).await
-    };
+    let buf = IoBuffer::from_vec(vec![0u8; len]);
+    let result = node.read(offset, &buf).await;
+    let data = buf.into_vec();
     let reply = match (result, mode) {
         (Err(e), _) => fail(e, "reading from file failed"),
         (Ok(()), ReadMode::Simple) => Reply::simple_data(handle, data),
@@ -155,15 +158,13 @@ pub async fn write(
     node: Arc<Node>,
     handle: u64,
     offset: u64,
-    mut data: Vec<u8>,
+    data: Vec<u8>,
     fua: bool,
     structured: bool,
 ) -> Done {
     let cost = data.len();
-    let result = {
-        let buf = IoBuffer::from_slice(&mut data);
-        node.write(offset, &buf, WriteFlags { fua }).await
-    };
+    let buf = IoBuffer::from_vec(data);
+    let result = node.write(offset, &buf, WriteFlags { fua }).await;
     finish(handle, structured, result, "writing to file failed", cost)
 }
 

@@ -28,8 +28,9 @@ use super::socket::Stream;
 const INBUF_SIZE: usize = 256 << 10;
 /// Most requests running at once per connection.
 const MAX_IN_FLIGHT: usize = 1024;
-/// Most bytes held by running requests and unsent replies before the
-/// connection stops reading (one maximal request is always allowed).
+/// Most bytes of memory held by running requests and unsent replies before
+/// the connection stops reading (one request, however large, is allowed
+/// when nothing is held).
 const MAX_BUFFERED: usize = 256 << 20;
 /// Most receive calls in a row before completions are looked at.
 const MAX_RECVS: usize = 16;
@@ -118,8 +119,8 @@ fn recv_flags(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize
 impl Connection<'_> {
     /// Whether more requests may start (flow control).
     fn can_take_requests(&self) -> bool {
-        self.exec.pending() == 0
-            || (self.exec.pending() < MAX_IN_FLIGHT && self.held + self.out.bytes() < MAX_BUFFERED)
+        let held = self.held + self.out.held();
+        held == 0 || (self.exec.pending() < MAX_IN_FLIGHT && held < MAX_BUFFERED)
     }
 
     /// Whether the socket should be read.
@@ -167,8 +168,22 @@ impl Connection<'_> {
         }
     }
 
+    /// Whether a request header waits in the receive buffer that flow
+    /// control would now let through: completions freed room after it was
+    /// held back, and no socket event will come for it.
+    fn header_ready(&self) -> bool {
+        matches!(self.state, RxState::Header)
+            && self.end - self.start >= REQUEST_SIZE
+            && !self.closing
+            && !self.export.paused()
+            && self.can_take_requests()
+    }
+
     /// Waits for something to do; returns whether the socket is readable.
     fn wait(&mut self) -> io::Result<bool> {
+        if self.header_ready() {
+            return Ok(false);
+        }
         if self.exec.pending() == 0 && self.out.is_empty() && self.wants_input() {
             return self.wait_idle();
         }
