@@ -1,7 +1,30 @@
 //! Dirty bitmaps: which granules of a node were written since the bitmap
 //! was created or cleared.
+//!
+//! A transaction that changes a bitmap (clear, merge, enable, disable,
+//! remove) first opens a journal on it: while it is open, every write
+//! records in the journal what the bitmap would have recorded had the
+//! transaction never started. Rolling back restores the saved bits plus the
+//! journal, so a rollback never loses a bit set by I/O, whatever I/O ran
+//! during the transaction.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+
+/// Bits recorded while a transaction holds the bitmap.
+struct Journal {
+    words: Vec<AtomicU64>,
+    /// Whether the bitmap recorded when the transaction began.
+    recording: bool,
+}
+
+/// The state of a bitmap when a transaction began, to roll back to.
+pub(crate) struct Saved {
+    words: Vec<u64>,
+    recording: bool,
+}
 
 /// A dirty bitmap of a node.
 pub struct DirtyBitmap {
@@ -10,6 +33,10 @@ pub struct DirtyBitmap {
     size: u64,
     words: Vec<AtomicU64>,
     recording: AtomicBool,
+    journal: ArcSwapOption<Journal>,
+    /// Removed by a transaction that has not committed yet: invisible, but
+    /// still recording in case it is rolled back.
+    hidden: AtomicBool,
 }
 
 impl DirtyBitmap {
@@ -21,8 +48,10 @@ impl DirtyBitmap {
             name: name.to_string(),
             granularity,
             size,
-            words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: zeroed_words(bits.div_ceil(64)),
             recording: AtomicBool::new(recording),
+            journal: ArcSwapOption::empty(),
+            hidden: AtomicBool::new(false),
         }
     }
 
@@ -58,6 +87,13 @@ impl DirtyBitmap {
 
     /// Marks `[offset, offset + len)` dirty if the bitmap is recording.
     pub fn record(&self, offset: u64, len: u64) {
+        // The journal first: a rollback that reads it before this write
+        // sets the bitmap also overwrites the bitmap before this write.
+        if let Some(journal) = &*self.journal.load() {
+            if journal.recording {
+                set_bits(&journal.words, self.bits(offset, len));
+            }
+        }
         if self.recording() {
             self.set_range(offset, len);
         }
@@ -65,9 +101,7 @@ impl DirtyBitmap {
 
     /// Marks `[offset, offset + len)` dirty.
     pub fn set_range(&self, offset: u64, len: u64) {
-        for bit in self.bits(offset, len) {
-            self.words[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::AcqRel);
-        }
+        set_bits(&self.words, self.bits(offset, len));
     }
 
     /// Marks every granule clean.
@@ -93,19 +127,54 @@ impl DirtyBitmap {
         bytes
     }
 
-    /// A copy of the bits, to restore with [`DirtyBitmap::restore`].
-    pub fn snapshot(&self) -> Vec<u64> {
-        self.words
+    /// Opens a journal and saves the bitmap's state, before a transaction
+    /// changes it; `None` if a journal is open already (the first save of
+    /// the transaction is the one to roll back to).
+    pub(crate) fn begin_journal(&self) -> Option<Saved> {
+        if self.journal.load().is_some() {
+            return None;
+        }
+        let recording = self.recording();
+        self.journal.store(Some(Arc::new(Journal {
+            words: zeroed_words(self.words.len() as u64),
+            recording,
+        })));
+        // Saved after the journal is open: a write in between is in both.
+        let words = self
+            .words
             .iter()
-            .map(|w| w.load(Ordering::Acquire))
-            .collect()
+            .map(|w| w.load(Ordering::SeqCst))
+            .collect();
+        Some(Saved { words, recording })
     }
 
-    /// Puts back bits taken with [`DirtyBitmap::snapshot`].
-    pub fn restore(&self, words: &[u64]) {
-        for (w, v) in self.words.iter().zip(words) {
-            w.store(*v, Ordering::Release);
+    /// Ends the transaction's journal: its changes stay.
+    pub(crate) fn commit_journal(&self) {
+        self.journal.store(None);
+    }
+
+    /// Puts back the state saved by [`DirtyBitmap::begin_journal`], plus
+    /// everything I/O recorded in the journal since, and closes it.
+    pub(crate) fn roll_back(&self, saved: &Saved) {
+        self.recording.store(saved.recording, Ordering::SeqCst);
+        if let Some(journal) = &*self.journal.load() {
+            for ((w, s), j) in self.words.iter().zip(&saved.words).zip(&journal.words) {
+                w.store(s | j.load(Ordering::SeqCst), Ordering::SeqCst);
+            }
         }
+        self.journal.store(None);
+        self.hidden.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether a transaction removed the bitmap and has not committed yet.
+    pub(crate) fn hidden(&self) -> bool {
+        self.hidden.load(Ordering::Acquire)
+    }
+
+    /// Hides the bitmap until the transaction that removed it commits (it
+    /// goes) or rolls back (it is back, with what was recorded meanwhile).
+    pub(crate) fn hide(&self) {
+        self.hidden.store(true, Ordering::Release);
     }
 
     /// Marks dirty everything dirty in `other` (of the same size, checked
@@ -155,6 +224,16 @@ impl DirtyBitmap {
     }
 }
 
+fn zeroed_words(n: u64) -> Vec<AtomicU64> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+fn set_bits(words: &[AtomicU64], bits: std::ops::Range<u64>) {
+    for bit in bits {
+        words[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,11 +258,48 @@ mod tests {
         b.set_recording(false);
         b.record(65536 * 10, 1);
         assert_eq!(b.count(), 65536 * 3);
-        let saved = b.snapshot();
+        let saved = b.begin_journal().unwrap();
+        assert!(b.begin_journal().is_none());
         b.clear();
         assert_eq!(b.count(), 0);
-        b.restore(&saved);
+        b.roll_back(&saved);
         assert_eq!(b.count(), 65536 * 3);
+    }
+
+    #[test]
+    fn a_rollback_keeps_what_io_recorded_during_the_transaction() {
+        let b = DirtyBitmap::new("b", 1 << 20, 65536, true);
+        b.record(0, 1);
+        // Clear, a write, roll back: both bits.
+        let saved = b.begin_journal().unwrap();
+        b.clear();
+        b.record(65536 * 5, 1);
+        b.roll_back(&saved);
+        assert_eq!(b.extents(0, 65536 * 6)[0], (65536, true));
+        assert_eq!(b.count(), 2 * 65536);
+        // Disable, a write, roll back: recording again, and the write in.
+        let saved = b.begin_journal().unwrap();
+        b.set_recording(false);
+        b.record(65536 * 7, 1);
+        b.roll_back(&saved);
+        assert!(b.recording());
+        assert!(b.any_dirty(65536 * 7, 1));
+        // Enable a disabled bitmap, a write, roll back: not recorded, as
+        // if the transaction had not been.
+        b.set_recording(false);
+        let saved = b.begin_journal().unwrap();
+        b.set_recording(true);
+        b.record(65536 * 9, 1);
+        b.roll_back(&saved);
+        assert!(!b.recording());
+        assert!(!b.any_dirty(65536 * 9, 1));
+        // A committed clear stays clear; later writes record.
+        b.set_recording(true);
+        let _ = b.begin_journal().unwrap();
+        b.clear();
+        b.commit_journal();
+        b.record(0, 1);
+        assert_eq!(b.count(), 65536);
     }
 
     #[test]

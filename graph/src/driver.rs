@@ -107,6 +107,20 @@ pub trait BlockDriver: Send + Sync {
     fn info(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// Waits until the work the driver started on its own (not on behalf
+    /// of a request still running, e.g. a copy that outlived its guest
+    /// write) has finished. Called in drained sections, when no parent
+    /// starts requests.
+    fn drain(&self) -> IoFuture<'_> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Writes what the driver keeps in memory; called once, after the node
+    /// was flushed, when it leaves the graph. Requests never follow.
+    fn close(&self) -> IoFuture<'_> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// A future that fails at once with ENOTSUP.

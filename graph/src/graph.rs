@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::child::Child;
+use crate::drain::{close_nodes, DrainParent, DrainedSection};
 use crate::error::Error;
 use crate::node::Node;
 use crate::options::Options;
@@ -12,11 +13,18 @@ use crate::permission::{Parent, Permission};
 use crate::throttle_group::{ThrottleGroup, ThrottleLimits};
 use crate::transaction::Transaction;
 
+/// An export's root edge and the export itself, as a parent to drain.
+#[derive(Clone)]
+pub(crate) struct ExportEdge {
+    pub(crate) edge: Arc<Child>,
+    pub(crate) parent: Arc<dyn DrainParent>,
+}
+
 /// The nodes and export edges of a graph.
 #[derive(Clone, Default)]
 pub(crate) struct State {
     pub(crate) nodes: BTreeMap<String, Arc<Node>>,
-    pub(crate) exports: BTreeMap<String, Arc<Child>>,
+    pub(crate) exports: BTreeMap<String, ExportEdge>,
     pub(crate) groups: BTreeMap<String, Arc<ThrottleGroup>>,
     pub(crate) events: Option<crate::EventSink>,
     pub(crate) implicit_counter: u64,
@@ -49,9 +57,17 @@ impl Graph {
     }
 
     /// Starts a transaction; the graph is locked until it is committed or
-    /// dropped (which rolls it back).
+    /// dropped (which rolls it back). Requests keep running: for actions
+    /// that only add.
     pub fn transaction(&self) -> Transaction<'_> {
-        Transaction::new(self.lock())
+        Transaction::new(self.lock(), false)
+    }
+
+    /// Starts a transaction in a drained section: every export is paused
+    /// and every driver's own work has finished before the first action,
+    /// and the exports take requests again when the transaction ends.
+    pub fn drained_transaction(&self) -> Transaction<'_> {
+        Transaction::new(self.lock(), true)
     }
 
     /// Opens a node from `options` (blockdev-add) in a transaction of its
@@ -63,9 +79,10 @@ impl Graph {
         Ok(node)
     }
 
-    /// Deletes a node nobody uses (blockdev-del), in a transaction of its own.
+    /// Deletes a node nobody uses (blockdev-del), in a drained transaction
+    /// of its own; the node is closed before this returns.
     pub fn remove(&self, name: &str) -> Result<(), Error> {
-        let mut tx = self.transaction();
+        let mut tx = self.drained_transaction();
         tx.remove(name)?;
         tx.commit()
     }
@@ -92,24 +109,36 @@ impl Graph {
             exports: state
                 .exports
                 .iter()
-                .map(|(id, c)| (id.clone(), c.clone()))
+                .map(|(id, e)| (id.clone(), e.edge.clone()))
                 .collect(),
         }
     }
 
     /// Attaches export `id` to node `node_name` with the given permissions;
-    /// returns the export's root edge.
+    /// `parent` is the export, paused whenever the graph is drained.
+    /// Returns the export's root edge.
     pub fn attach_export(
         &self,
         id: &str,
         node_name: &str,
         perm: Permission,
         shared: Permission,
+        parent: Arc<dyn DrainParent>,
     ) -> Result<Arc<Child>, Error> {
         let mut tx = self.transaction();
-        let edge = tx.attach_export(id, node_name, perm, shared)?;
+        let edge = tx.attach_export(id, node_name, perm, shared, parent)?;
         tx.commit()?;
         Ok(edge)
+    }
+
+    /// At exit: drains the graph for good (exports stay paused, requests
+    /// still queued stay where they are), then closes every node, parents
+    /// first.
+    pub fn shut_down(&self) {
+        let mut state = self.lock();
+        let parents = state.exports.values().map(|e| e.parent.clone()).collect();
+        DrainedSection::begin(parents, state.nodes.values()).keep();
+        close_nodes(std::mem::take(&mut state.nodes).into_values().collect());
     }
 
     /// Where events of nodes (e.g. a broken snapshot) go from now on.
@@ -195,7 +224,7 @@ pub(crate) fn check_permissions(
             }
         }
     }
-    for edge in state.exports.values() {
+    for ExportEdge { edge, .. } in state.exports.values() {
         let (perm, shared) = edge.permissions();
         let name = edge.node().name().to_string();
         let key = state

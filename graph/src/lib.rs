@@ -13,6 +13,7 @@ pub mod aio;
 mod bitmap;
 mod buffer;
 mod child;
+mod drain;
 mod driver;
 pub mod drivers;
 mod error;
@@ -33,6 +34,7 @@ pub type EventSink = std::sync::Arc<dyn Fn(&str, serde_json::Value) + Send + Syn
 pub use bitmap::DirtyBitmap;
 pub use buffer::{IoBuffer, IoSegment};
 pub use child::Child;
+pub use drain::DrainParent;
 pub use driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 pub use error::Error;
 pub use graph::{Graph, GraphView};

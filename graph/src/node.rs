@@ -77,8 +77,13 @@ impl Node {
     }
 
     /// The node's dirty bitmaps.
-    pub fn bitmaps(&self) -> Arc<Vec<Arc<DirtyBitmap>>> {
-        self.bitmaps.load_full()
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.bitmaps
+            .load()
+            .iter()
+            .filter(|b| !b.hidden())
+            .cloned()
+            .collect()
     }
 
     /// The dirty bitmap `name`.
@@ -86,7 +91,7 @@ impl Node {
         self.bitmaps
             .load()
             .iter()
-            .find(|b| b.name() == name)
+            .find(|b| b.name() == name && !b.hidden())
             .cloned()
     }
 
@@ -94,7 +99,9 @@ impl Node {
     pub fn add_bitmap(&self, bitmap: Arc<DirtyBitmap>) -> bool {
         let mut ok = true;
         self.bitmaps.rcu(|list| {
-            ok = !list.iter().any(|b| b.name() == bitmap.name());
+            ok = !list
+                .iter()
+                .any(|b| b.name() == bitmap.name() && !b.hidden());
             let mut list = (**list).clone();
             if ok {
                 list.push(bitmap.clone());
@@ -104,16 +111,14 @@ impl Node {
         ok
     }
 
-    /// Removes the dirty bitmap `name`; returns it.
-    pub fn remove_bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
-        let found = self.bitmap(name)?;
+    /// Removes this very bitmap.
+    pub(crate) fn remove_bitmap(&self, bitmap: &Arc<DirtyBitmap>) {
         self.bitmaps.rcu(|list| {
             list.iter()
-                .filter(|b| b.name() != name)
+                .filter(|b| !Arc::ptr_eq(b, bitmap))
                 .cloned()
                 .collect::<Vec<_>>()
         });
-        Some(found)
     }
 
     fn record(&self, offset: u64, len: u64) {
@@ -279,6 +284,25 @@ impl Node {
             Ok(()) => self.driver.snapshot_discard(offset, len),
             Err(e) => ready(Err(e)),
         }
+    }
+
+    /// Waits until the work the driver started on its own has finished.
+    pub fn drain(&self) -> IoFuture<'_> {
+        self.driver.drain()
+    }
+
+    /// Flushes the node and closes its driver, as it leaves the graph
+    /// (QEMU's bdrv_close); both run even if the first fails.
+    pub fn close(&self) -> IoFuture<'_> {
+        Box::pin(async move {
+            let flushed = if self.read_only {
+                Ok(())
+            } else {
+                self.flush().await
+            };
+            let closed = self.driver.close().await;
+            flushed.and(closed)
+        })
     }
 
     /// Driver-specific state, for queries.

@@ -4,16 +4,20 @@
 //! was.
 //!
 //! Replacing an edge takes effect at once (requests load an edge's node
-//! when they start), so callers quiesce the I/O that could cross the edge
-//! before they replace it and resume after the transaction ends.
+//! when they start), so transactions that change what requests see run in
+//! a drained section ([`crate::Graph::drained_transaction`]). Dirty bitmap
+//! changes are journaled (see the bitmap module), so a rollback never loses
+//! a bit set by I/O, drained or not. Nodes that leave the graph (deleted,
+//! or opened by a transaction that is rolled back) are closed.
 
 use std::sync::{Arc, MutexGuard};
 
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{DirtyBitmap, Saved};
 use crate::child::Child;
+use crate::drain::{close_nodes, DrainParent, DrainedSection};
 use crate::drivers::Staging;
 use crate::error::Error;
-use crate::graph::{check_permissions, State};
+use crate::graph::{check_permissions, ExportEdge, State};
 use crate::node::Node;
 use crate::options::Options;
 use crate::permission::{Parent, Permission};
@@ -35,9 +39,15 @@ pub enum ReplaceParent<'a> {
 /// A graph transaction. Dropping it without [`Transaction::commit`] rolls
 /// it back.
 pub struct Transaction<'g> {
+    /// Ended (the exports resumed) before the graph is unlocked.
+    _drained: Option<DrainedSection>,
     graph: MutexGuard<'g, State>,
     working: State,
     undo: Vec<Undo>,
+    /// Nodes the transaction opened (with inline children).
+    opened: Vec<Arc<Node>>,
+    /// Bitmaps to remove from their node at commit.
+    removed_bitmaps: Vec<(Arc<Node>, Arc<DirtyBitmap>)>,
     committed: bool,
 }
 
@@ -45,8 +55,11 @@ pub struct Transaction<'g> {
 enum Undo {
     /// Point the edge back at the node.
     Edge(Arc<Child>, Arc<Node>),
-    /// Put a bitmap change back.
-    Bitmap(Box<dyn FnOnce() + Send>),
+    /// Remove a bitmap the transaction added.
+    BitmapAdded(Arc<Node>, Arc<DirtyBitmap>),
+    /// Roll a bitmap back to its state when the transaction began, plus
+    /// what I/O recorded since.
+    BitmapChanged(Arc<DirtyBitmap>, Saved),
 }
 
 /// A dirty bitmap named in a merge: its node and name.
@@ -59,12 +72,19 @@ pub struct BitmapRef {
 }
 
 impl<'g> Transaction<'g> {
-    pub(crate) fn new(graph: MutexGuard<'g, State>) -> Self {
+    pub(crate) fn new(graph: MutexGuard<'g, State>, drained: bool) -> Self {
+        let drained = drained.then(|| {
+            let parents = graph.exports.values().map(|e| e.parent.clone()).collect();
+            DrainedSection::begin(parents, graph.nodes.values())
+        });
         let working = graph.clone();
         Transaction {
+            _drained: drained,
             graph,
             working,
             undo: Vec::new(),
+            opened: Vec::new(),
+            removed_bitmaps: Vec::new(),
             committed: false,
         }
     }
@@ -86,12 +106,16 @@ impl<'g> Transaction<'g> {
             created: Vec::new(),
             counter: implicit_counter,
         };
-        let node = staging.open(options, None)?;
+        let result = staging.open(options, None);
         let created = std::mem::take(&mut staging.created);
-        for n in created {
-            nodes.insert(n.name().to_string(), n);
+        for n in &created {
+            if result.is_ok() {
+                nodes.insert(n.name().to_string(), n.clone());
+            }
         }
-        Ok(node)
+        // Nodes of a failed open are closed with the transaction's.
+        self.opened.extend(created);
+        result
     }
 
     /// The parents of `node` in the working graph.
@@ -108,8 +132,8 @@ impl<'g> Transaction<'g> {
             self.working
                 .exports
                 .values()
-                .filter(|c| Arc::ptr_eq(&c.node(), node))
-                .map(|c| c.parent().clone()),
+                .filter(|e| Arc::ptr_eq(&e.edge.node(), node))
+                .map(|e| e.edge.parent().clone()),
         );
         parents
     }
@@ -155,7 +179,7 @@ impl<'g> Transaction<'g> {
                 .working
                 .exports
                 .get(id)
-                .cloned()
+                .map(|e| e.edge.clone())
                 .ok_or_else(|| Error::OpenFailed(format!("Export '{id}' not found")))?,
             ReplaceParent::Node { node_name, child } => self
                 .working
@@ -225,43 +249,43 @@ impl<'g> Transaction<'g> {
             ));
         }
         let bitmap = Arc::new(DirtyBitmap::new(name, n.size(), granularity, !disabled));
-        if !n.add_bitmap(bitmap) {
+        if !n.add_bitmap(bitmap.clone()) {
             return Err(Error::OpenFailed(format!("Bitmap already exists: {name}")));
         }
-        let name = name.to_string();
-        self.undo.push(Undo::Bitmap(Box::new(move || {
-            n.remove_bitmap(&name);
-        })));
+        self.undo.push(Undo::BitmapAdded(n, bitmap));
         Ok(())
     }
 
-    /// block-dirty-bitmap-remove.
+    /// Opens the transaction's journal on a bitmap it is about to change.
+    fn journal(&mut self, bitmap: &Arc<DirtyBitmap>) {
+        if let Some(saved) = bitmap.begin_journal() {
+            self.undo.push(Undo::BitmapChanged(bitmap.clone(), saved));
+        }
+    }
+
+    /// block-dirty-bitmap-remove: the bitmap is hidden at once and goes at
+    /// commit.
     pub fn bitmap_remove(&mut self, node: &str, name: &str) -> Result<(), Error> {
         let (n, b) = self.bitmap(node, name)?;
-        n.remove_bitmap(name);
-        self.undo.push(Undo::Bitmap(Box::new(move || {
-            n.add_bitmap(b);
-        })));
+        self.journal(&b);
+        b.hide();
+        self.removed_bitmaps.push((n, b));
         Ok(())
     }
 
     /// block-dirty-bitmap-clear.
     pub fn bitmap_clear(&mut self, node: &str, name: &str) -> Result<(), Error> {
         let (_, b) = self.bitmap(node, name)?;
-        let saved = b.snapshot();
+        self.journal(&b);
         b.clear();
-        self.undo
-            .push(Undo::Bitmap(Box::new(move || b.restore(&saved))));
         Ok(())
     }
 
     /// block-dirty-bitmap-enable / -disable.
     pub fn bitmap_set_recording(&mut self, node: &str, name: &str, on: bool) -> Result<(), Error> {
         let (_, b) = self.bitmap(node, name)?;
-        let was = b.recording();
+        self.journal(&b);
         b.set_recording(on);
-        self.undo
-            .push(Undo::Bitmap(Box::new(move || b.set_recording(was))));
         Ok(())
     }
 
@@ -284,22 +308,22 @@ impl<'g> Transaction<'g> {
                 bad.name()
             )));
         }
-        let saved = t.snapshot();
+        self.journal(&t);
         for s in &sources {
             t.merge(s);
         }
-        self.undo
-            .push(Undo::Bitmap(Box::new(move || t.restore(&saved))));
         Ok(())
     }
 
-    /// Attaches export `id` to node `node_name` with fixed permissions.
+    /// Attaches export `id` (drained through `parent`) to node
+    /// `node_name` with fixed permissions.
     pub fn attach_export(
         &mut self,
         id: &str,
         node_name: &str,
         perm: Permission,
         shared: Permission,
+        parent: Arc<dyn DrainParent>,
     ) -> Result<Arc<Child>, Error> {
         if self.working.exports.contains_key(id) {
             return Err(Error::OpenFailed(format!(
@@ -314,7 +338,11 @@ impl<'g> Transaction<'g> {
             .ok_or_else(|| Error::NodeNotFound(node_name.to_string()))?;
         let edge = Child::new(Parent::Export(id.to_string()), "root", node);
         edge.set_permissions(perm, shared);
-        self.working.exports.insert(id.to_string(), edge.clone());
+        let export = ExportEdge {
+            edge: edge.clone(),
+            parent,
+        };
+        self.working.exports.insert(id.to_string(), export);
         Ok(edge)
     }
 
@@ -334,31 +362,76 @@ impl<'g> Transaction<'g> {
         for (edge, perm, shared) in perms {
             edge.set_permissions(perm, shared);
         }
-        *self.graph = std::mem::take(&mut self.working);
+        let old = std::mem::replace(&mut *self.graph, std::mem::take(&mut self.working));
         self.committed = true;
+        for undo in self.undo.drain(..) {
+            if let Undo::BitmapChanged(bitmap, _) = undo {
+                bitmap.commit_journal();
+            }
+        }
+        for (node, bitmap) in self.removed_bitmaps.drain(..) {
+            node.remove_bitmap(&bitmap);
+        }
+        // Deleted nodes, and opened ones deleted again, leave the graph.
+        let now = &self.graph.nodes;
+        let gone = old
+            .nodes
+            .into_values()
+            .chain(std::mem::take(&mut self.opened))
+            .filter(|n| !now.get(n.name()).is_some_and(|m| Arc::ptr_eq(m, n)));
+        let mut left: Vec<Arc<Node>> = Vec::new();
+        for n in gone {
+            if !left.iter().any(|m| Arc::ptr_eq(m, &n)) {
+                left.push(n);
+            }
+        }
+        close_nodes(left);
         Ok(())
     }
 }
 
 impl Drop for Transaction<'_> {
     fn drop(&mut self) {
-        if !self.committed {
-            for undo in self.undo.drain(..).rev() {
-                match undo {
-                    Undo::Edge(edge, previous) => {
-                        edge.replace(previous);
-                    }
-                    Undo::Bitmap(f) => f(),
+        if self.committed {
+            return;
+        }
+        for undo in self.undo.drain(..).rev() {
+            match undo {
+                Undo::Edge(edge, previous) => {
+                    edge.replace(previous);
                 }
+                Undo::BitmapAdded(node, bitmap) => node.remove_bitmap(&bitmap),
+                Undo::BitmapChanged(bitmap, saved) => bitmap.roll_back(&saved),
             }
         }
+        self.working = State::default();
+        close_nodes(std::mem::take(&mut self.opened));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Graph;
+    use crate::aio::block_on;
+    use crate::{Graph, IoBuffer, WriteFlags};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// An export that counts how often it was paused and resumed.
+    #[derive(Default)]
+    struct Export {
+        paused: AtomicUsize,
+        resumed: AtomicUsize,
+    }
+
+    impl DrainParent for Export {
+        fn drained_begin(&self) {
+            self.paused.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn drained_end(&self) {
+            self.resumed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 
     fn opts(arg: &str) -> Options {
         Options::from_arg(arg, None).unwrap()
@@ -391,6 +464,10 @@ mod tests {
     }
 
     fn base() -> Graph {
+        base_with(Arc::new(Export::default()))
+    }
+
+    fn base_with(export: Arc<Export>) -> Graph {
         let g = Graph::new();
         g.add(opts("driver=null-co,node-name=n0,size=1M")).unwrap();
         g.add(opts("driver=raw,node-name=disk0,file=n0")).unwrap();
@@ -399,9 +476,78 @@ mod tests {
             "disk0",
             Permission::CONSISTENT_READ | Permission::WRITE,
             Permission::ALL,
+            export,
         )
         .unwrap();
         g
+    }
+
+    #[test]
+    fn a_drained_transaction_pauses_the_exports_until_it_ends() {
+        let export = Arc::new(Export::default());
+        let g = base_with(export.clone());
+        let counts = || {
+            (
+                export.paused.load(Ordering::SeqCst),
+                export.resumed.load(Ordering::SeqCst),
+            )
+        };
+        g.transaction().commit().unwrap();
+        assert_eq!(counts(), (0, 0));
+        {
+            let tx = g.drained_transaction();
+            assert_eq!(counts(), (1, 0));
+            tx.commit().unwrap();
+        }
+        assert_eq!(counts(), (1, 1));
+        drop(g.drained_transaction());
+        assert_eq!(counts(), (2, 2));
+        g.remove("disk0").unwrap_err();
+        assert_eq!(counts(), (3, 3));
+    }
+
+    #[test]
+    fn rolling_back_bitmap_changes_keeps_every_bit_io_set() {
+        let g = Arc::new(base());
+        let mut tx = g.transaction();
+        tx.bitmap_add("disk0", "b0", Some(4096), false).unwrap();
+        tx.commit().unwrap();
+        let disk0 = g.find("disk0").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (disk0, stop) = (disk0.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let buf = IoBuffer::from_vec(vec![1u8; 4096]);
+                let mut written = 0u64;
+                while !stop.load(Ordering::SeqCst) && written < (1 << 20) {
+                    block_on(disk0.write(written, &buf, WriteFlags::default()))
+                        .unwrap()
+                        .unwrap();
+                    written += 4096;
+                }
+                written
+            })
+        };
+        let mut rounds = 0;
+        while !writer.is_finished() && rounds < 20000 {
+            let mut tx = g.transaction();
+            match rounds % 3 {
+                0 => tx.bitmap_clear("disk0", "b0").unwrap(),
+                1 => tx.bitmap_set_recording("disk0", "b0", false).unwrap(),
+                _ => tx.bitmap_remove("disk0", "b0").unwrap(),
+            }
+            drop(tx); // aborted
+            rounds += 1;
+        }
+        stop.store(true, Ordering::SeqCst);
+        let written = writer.join().unwrap();
+        let b0 = disk0.bitmap("b0").unwrap();
+        assert!(b0.recording());
+        assert_eq!(
+            b0.count(),
+            written,
+            "{rounds} aborted transactions lost bits of {written} written bytes"
+        );
     }
 
     #[test]
