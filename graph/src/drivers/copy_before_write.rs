@@ -9,6 +9,9 @@
 //! copied, and the list of snapshot reads in progress from `file` (frozen
 //! reads). A cluster is copied at most once; guest writes wait for their
 //! copy and for frozen reads of their range; snapshot reads never wait.
+//! A copy that outlives its guest write (`cbw-timeout`) is counted, and the
+//! driver's drain waits for it. Claims on clusters and frozen reads are
+//! released even when the request that took them is dropped.
 
 use std::future::Future;
 use std::io;
@@ -82,6 +85,8 @@ struct State {
     error: Option<io::Error>,
     waiters: Vec<Waker>,
     clusters_copied: u64,
+    /// Copies running on after their guest write moved on.
+    detached: usize,
 }
 
 impl State {
@@ -158,6 +163,7 @@ fn open(
         error: None,
         waiters: Vec::new(),
         clusters_copied: 0,
+        detached: 0,
     };
     let inner = Inner {
         file,
@@ -189,6 +195,64 @@ impl<F: Fn(&State) -> bool> Future for WaitUntil<'_, F> {
             s.waiters.push(cx.waker().clone());
             Poll::Pending
         }
+    }
+}
+
+/// Clusters claimed for copying: released (back to be copied) if the copy
+/// does not finish, e.g. because its future was dropped.
+struct Claim<'a> {
+    inner: &'a Inner,
+    run: std::ops::Range<usize>,
+    copied: Option<bool>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut s = self.inner.state.lock().unwrap();
+        for i in self.run.clone() {
+            s.copying[i] = false;
+            if self.copied == Some(true) {
+                s.done[i] = true;
+                s.clusters_copied += 1;
+            } else {
+                s.copy[i] = true;
+            }
+        }
+        s.wake_all();
+    }
+}
+
+/// A snapshot read from `file` in progress; it ends when dropped.
+struct Frozen<'a> {
+    inner: &'a Inner,
+    id: Option<u64>,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let mut s = self.inner.state.lock().unwrap();
+            s.frozen.retain(|f| f.0 != id);
+            s.wake_all();
+        }
+    }
+}
+
+/// A copy running on its own: counted until it ends.
+struct Detached(Arc<Inner>);
+
+impl Detached {
+    fn start(inner: &Arc<Inner>) -> Self {
+        inner.state.lock().unwrap().detached += 1;
+        Detached(inner.clone())
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap();
+        s.detached -= 1;
+        s.wake_all();
     }
 }
 
@@ -244,20 +308,14 @@ impl Inner {
                 .await;
                 continue;
             };
+            let mut claim = Claim {
+                inner: self,
+                run: run.clone(),
+                copied: None,
+            };
             let result = self.copy_clusters(run.clone()).await;
-            let mut s = self.state.lock().unwrap();
-            for i in run.clone() {
-                s.copying[i] = false;
-                match &result {
-                    Ok(()) => {
-                        s.done[i] = true;
-                        s.clusters_copied += 1;
-                    }
-                    Err(_) => s.copy[i] = true,
-                }
-            }
-            s.wake_all();
-            drop(s);
+            claim.copied = Some(result.is_ok());
+            drop(claim);
             result?;
             c = run.end;
         }
@@ -310,7 +368,7 @@ impl Inner {
 
     /// Checks access and takes the run of `[offset, end)` with one done
     /// state; registers a frozen read when it is read from `file`.
-    fn begin_snapshot_op(&self, offset: u64, end: u64) -> io::Result<(u64, bool, Option<u64>)> {
+    fn begin_snapshot_op(&self, offset: u64, end: u64) -> io::Result<(u64, bool, Frozen<'_>)> {
         let mut s = self.state.lock().unwrap();
         let eacces = || io::Error::from_raw_os_error(libc::EACCES);
         if s.error.is_some() {
@@ -336,15 +394,11 @@ impl Inner {
             s.frozen.push((id, offset, end));
             Some(id)
         };
+        let frozen = Frozen {
+            inner: self,
+            id: frozen,
+        };
         Ok((run_end - offset, done, frozen))
-    }
-
-    fn end_frozen(&self, id: Option<u64>) {
-        if let Some(id) = id {
-            let mut s = self.state.lock().unwrap();
-            s.frozen.retain(|f| f.0 != id);
-            s.wake_all();
-        }
     }
 }
 
@@ -360,8 +414,11 @@ impl CopyBeforeWrite {
                 // The copy cannot be stopped halfway: on timeout it goes on
                 // in the background and the guest request moves on.
                 let copy = {
-                    let inner = inner.clone();
-                    spawn_detached(async move { inner.copy_range(clusters).await })
+                    let running = Detached::start(inner);
+                    spawn_detached(async move {
+                        let inner = &running.0;
+                        inner.copy_range(clusters).await
+                    })
                 };
                 match race(copy, sleep(inner.timeout)).await {
                     Either::Left(r) => r,
@@ -459,7 +516,7 @@ impl BlockDriver for CopyBeforeWrite {
                 } else {
                     inner.file.node().read(pos, &part).await
                 };
-                inner.end_frozen(frozen);
+                drop(frozen);
                 result?;
                 pos += run;
             }
@@ -476,7 +533,7 @@ impl BlockDriver for CopyBeforeWrite {
             } else {
                 inner.file.node().block_status(offset, run).await
             };
-            inner.end_frozen(frozen);
+            drop(frozen);
             result
         })
     }
@@ -507,6 +564,18 @@ impl BlockDriver for CopyBeforeWrite {
 
     fn info(&self) -> Option<serde_json::Value> {
         Some(self.0.status_info())
+    }
+
+    /// Waits for the copies that outlived their guest writes.
+    fn drain(&self) -> IoFuture<'_> {
+        Box::pin(async move {
+            WaitUntil {
+                inner: &self.0,
+                ready: |s: &State| s.detached == 0,
+            }
+            .await;
+            Ok(())
+        })
     }
 }
 
@@ -773,6 +842,16 @@ mod tests {
                     "{mode}: the snapshot keeps the old data"
                 );
             }
+            // The copy that timed out is still running; deleting the
+            // filter drains it: once deleted, nothing writes the target
+            // any more, and the copy is complete there.
+            g.remove("access").unwrap();
+            g.remove("cbw").unwrap();
+            let copied = std::fs::read(&tmp).unwrap();
+            assert!(
+                is(&copied[512 * 1024..MIB as usize], 7),
+                "{mode}: the detached copy outlived the filter"
+            );
         }
     }
 }
