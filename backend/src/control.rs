@@ -281,9 +281,10 @@ impl Action {
         }
     }
 
-    /// Whether the action changes edges that requests may cross.
-    fn changes_edges(&self) -> bool {
-        matches!(self, Action::Del(_) | Action::Replace(_))
+    /// Whether the action changes what requests see (edges, nodes that
+    /// go, bitmaps I/O records in): only adding needs no drained graph.
+    fn needs_drain(&self) -> bool {
+        !matches!(self, Action::Add(_) | Action::Bitmap(BitmapAction::Add(_)))
     }
 }
 
@@ -326,13 +327,14 @@ impl Control {
 
     /// Runs actions as one transaction: all are prepared in order, the
     /// permissions are checked once at the end, and a failure anywhere rolls
-    /// every action back. Edge changes happen with every export quiesced.
+    /// every action back. Actions that change what requests see run in a
+    /// drained graph.
     fn run_transaction(&self, actions: Vec<Action>) -> Result<(), QmpError> {
-        let _quiesced = actions
-            .iter()
-            .any(Action::changes_edges)
-            .then(|| self.exports.quiesce());
-        let mut tx = self.graph.transaction();
+        let mut tx = if actions.iter().any(Action::needs_drain) {
+            self.graph.drained_transaction()
+        } else {
+            self.graph.transaction()
+        };
         for action in actions {
             match action {
                 Action::Add(options) => tx.add(options).map(|_| ()),

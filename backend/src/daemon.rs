@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use blkgraph_graph::{aio, Graph, Options};
+use blkgraph_graph::{Graph, Options};
 
 use blkgraph_ctl::{Dispatcher, Events, QmpServer};
 
@@ -137,7 +137,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         cleanup.sockets = exports.socket_paths();
     }
     for options in config.exports.drain(..) {
-        exports.add(options)?;
+        exports.add(options).map_err(|e| format!("--export: {e}"))?;
         cleanup.sockets = exports.socket_paths();
     }
     let events = Events::new();
@@ -175,12 +175,9 @@ pub fn run(mut config: Config) -> Result<(), String> {
     log::info!("signal {sig}: exiting");
     cleanup.sockets = exports.socket_paths();
     cleanup.sockets.extend(qmp_sockets);
-    // Make what the guests wrote stable, as qemu-storage-daemon does at exit.
-    for node in graph.nodes() {
-        if let Ok(Err(e)) = aio::block_on(node.flush()) {
-            log::warn!("flush of {} at exit failed: {e}", node.name());
-        }
-    }
+    // No request runs from now on (those still queued stay queued); every
+    // node is flushed and closed, as qemu-storage-daemon does at exit.
+    graph.shut_down();
     drop(cleanup);
     Ok(())
 }

@@ -1,14 +1,15 @@
-//! The set of running exports: added and deleted at run time, quiesced
-//! together around graph changes.
+//! The set of running exports, of every type, added and deleted at run
+//! time, and the NBD server their NBD exports are published on.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use blkgraph_graph::{Graph, Options};
+use blkgraph_graph::{DrainParent, Graph, Options};
 use serde_json::{json, Value};
 
-use crate::export::{self, Backend, Export};
+use crate::export::{Export, ExportError};
 use crate::nbd::{NbdServer, NbdServerOptions};
+use crate::vhost_user_blk;
 
 /// Called with an event name and its data (BLOCK_EXPORT_DELETED, ...).
 pub type EventSink = Box<dyn Fn(&str, Value) + Send + Sync>;
@@ -16,23 +17,10 @@ pub type EventSink = Box<dyn Fn(&str, Value) + Send + Sync>;
 /// The running exports.
 pub struct Exports {
     graph: Arc<Graph>,
-    exports: Mutex<BTreeMap<String, Export>>,
+    exports: Mutex<BTreeMap<String, Arc<dyn Export>>>,
     events: Mutex<Option<EventSink>>,
     /// The NBD server, while it runs. Lock order: `exports`, then `nbd`.
     nbd: Mutex<Option<Arc<NbdServer>>>,
-}
-
-/// Exports quiesced until this is dropped.
-pub struct Quiesced<'a> {
-    exports: &'a Exports,
-}
-
-impl Drop for Quiesced<'_> {
-    fn drop(&mut self) {
-        for e in self.exports.exports.lock().unwrap().values() {
-            e.resume();
-        }
-    }
 }
 
 impl Exports {
@@ -52,82 +40,104 @@ impl Exports {
     }
 
     /// Starts an export (`--export`, block-export-add).
-    pub fn add(&self, options: Options) -> Result<(), String> {
+    pub fn add(&self, mut options: Options) -> Result<(), ExportError> {
+        let kind = match options.take("type") {
+            Some(Value::String(t)) => t,
+            Some(_) => {
+                return Err(ExportError::InvalidOptions(
+                    "Invalid parameter type for 'type', expected: string".into(),
+                ))
+            }
+            None => {
+                return Err(ExportError::InvalidOptions(
+                    "Parameter 'type' is missing".into(),
+                ))
+            }
+        };
         let mut exports = self.exports.lock().unwrap();
-        if let Some(serde_json::Value::String(id)) = options.map.get("id") {
+        if let Some(Value::String(id)) = options.map.get("id") {
             if exports.contains_key(id) {
-                return Err(format!("Block export id '{id}' is already in use"));
+                return Err(ExportError::Conflict(format!(
+                    "Block export id '{id}' is already in use"
+                )));
             }
         }
-        let nbd = self.nbd.lock().unwrap().clone();
-        let export = export::start(&self.graph, options, nbd.as_deref())?;
-        exports.insert(export.id.clone(), export);
+        let export: Arc<dyn Export> = match kind.as_str() {
+            "nbd" => {
+                let server = self.nbd.lock().unwrap().clone();
+                let server =
+                    server.ok_or_else(|| ExportError::Conflict("NBD server not running".into()))?;
+                server.start_export(&self.graph, options)?
+            }
+            "vhost-user-blk" => vhost_user_blk::start_export(&self.graph, options)?,
+            other => {
+                return Err(ExportError::InvalidOptions(format!(
+                    "Parameter 'type' does not accept value '{other}'"
+                )))
+            }
+        };
+        exports.insert(export.id().to_string(), export);
         Ok(())
     }
 
-    /// Deletes an export (block-export-del). `hard` disconnects a connected
-    /// frontend; otherwise that is an error. Sends BLOCK_EXPORT_DELETED.
-    pub fn delete(&self, id: &str, hard: bool) -> Result<(), String> {
+    /// Deletes an export (block-export-del): drains it, stops it (`hard`
+    /// disconnects a connected frontend or client; otherwise that is an
+    /// error and nothing changes), detaches it from the graph and sends
+    /// BLOCK_EXPORT_DELETED.
+    pub fn delete(&self, id: &str, hard: bool) -> Result<(), ExportError> {
         let mut exports = self.exports.lock().unwrap();
         let export = exports
-            .get_mut(id)
-            .ok_or_else(|| format!("Export '{id}' is not found"))?;
-        export.stop(hard)?;
-        let export = exports.remove(id).expect("present");
-        if let Backend::Nbd(e) = &export.backend {
-            if let Some(server) = self.nbd.lock().unwrap().as_ref() {
-                server.remove_export(e);
-            }
-        }
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ExportError::NotFound(format!("Export '{id}' is not found")))?;
+        stop_drained(&export, hard)?;
+        exports.remove(id);
         drop(exports);
         self.finish_delete(&export)
     }
 
     /// Detaches a stopped export from the graph and announces it.
-    fn finish_delete(&self, export: &Export) -> Result<(), String> {
-        self.graph
-            .detach_export(&export.id)
-            .map_err(|e| e.to_string())?;
-        if let Some(path) = &export.socket_path {
+    fn finish_delete(&self, export: &Arc<dyn Export>) -> Result<(), ExportError> {
+        self.graph.detach_export(export.id())?;
+        if let Some(path) = export.socket_path() {
             let _ = std::fs::remove_file(path);
         }
         if let Some(sink) = self.events.lock().unwrap().as_ref() {
-            sink("BLOCK_EXPORT_DELETED", json!({ "id": export.id }));
+            sink("BLOCK_EXPORT_DELETED", json!({ "id": export.id() }));
         }
         Ok(())
     }
 
     /// Starts the NBD server (`--nbd-server`, nbd-server-start).
-    pub fn nbd_server_start(&self, options: &NbdServerOptions) -> Result<(), String> {
+    pub fn nbd_server_start(&self, options: &NbdServerOptions) -> Result<(), ExportError> {
         let mut nbd = self.nbd.lock().unwrap();
         if nbd.is_some() {
-            return Err("NBD server already running".into());
+            return Err(ExportError::Conflict("NBD server already running".into()));
         }
-        *nbd = Some(Arc::new(NbdServer::start(options)?));
+        let server = NbdServer::start(options).map_err(ExportError::Setup)?;
+        *nbd = Some(Arc::new(server));
         Ok(())
     }
 
     /// Stops the NBD server (nbd-server-stop): every NBD export is deleted
     /// (its clients disconnected, BLOCK_EXPORT_DELETED sent), then the
     /// server stops listening and drops the clients still negotiating.
-    pub fn nbd_server_stop(&self) -> Result<(), String> {
+    pub fn nbd_server_stop(&self) -> Result<(), ExportError> {
         let mut exports = self.exports.lock().unwrap();
         let Some(server) = self.nbd.lock().unwrap().take() else {
-            return Err("NBD server not running".into());
+            return Err(ExportError::Conflict("NBD server not running".into()));
         };
         let ids: Vec<String> = exports
             .values()
-            .filter(|e| matches!(e.backend, Backend::Nbd(_)))
-            .map(|e| e.id.clone())
+            .filter(|e| e.kind() == "nbd")
+            .map(|e| e.id().to_string())
             .collect();
         let mut removed = Vec::new();
         for id in ids {
-            let mut export = exports.remove(&id).expect("present");
-            export.stop(true)?;
-            if let Backend::Nbd(e) = &export.backend {
-                server.remove_export(e);
+            if let Some(export) = exports.remove(&id) {
+                stop_drained(&export, true)?;
+                removed.push(export);
             }
-            removed.push(export);
         }
         drop(exports);
         server.stop();
@@ -148,8 +158,8 @@ impl Exports {
                 .values()
                 .map(|e| {
                     json!({
-                        "id": e.id,
-                        "type": e.kind,
+                        "id": e.id(),
+                        "type": e.kind(),
                         "node-name": e.node_name(),
                         "shutting-down": false,
                     })
@@ -158,25 +168,24 @@ impl Exports {
         )
     }
 
-    /// Stops every export from taking new requests and waits for those in
-    /// flight, until the returned guard is dropped.
-    pub fn quiesce(&self) -> Quiesced<'_> {
-        for e in self.exports.lock().unwrap().values() {
-            e.quiesce();
-        }
-        Quiesced { exports: self }
-    }
-
     /// The socket paths to remove at exit.
     pub fn socket_paths(&self) -> Vec<std::path::PathBuf> {
         let exports = self.exports.lock().unwrap();
         let mut paths: Vec<_> = exports
             .values()
-            .filter_map(|e| e.socket_path.clone())
+            .filter_map(|e| e.socket_path().map(|p| p.to_path_buf()))
             .collect();
         if let Some(server) = self.nbd.lock().unwrap().as_ref() {
             paths.extend(server.socket_path().cloned());
         }
         paths
     }
+}
+
+/// Stops an export in a drained section that never ends (the export goes)
+/// unless the stop fails.
+fn stop_drained(export: &Arc<dyn Export>, hard: bool) -> Result<(), ExportError> {
+    let gate = export.gate();
+    gate.drained_begin();
+    export.stop(hard).inspect_err(|_| gate.drained_end())
 }

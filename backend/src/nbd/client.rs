@@ -1,12 +1,13 @@
-//! What the control plane holds of one client connection: how to wake,
-//! pause-check and disconnect its thread.
+//! What the control plane holds of one client connection: how to wake
+//! and disconnect its thread, and its requests as a request source of the
+//! export's pause gate.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::socket::Stream;
+use crate::export::{Requests, Source};
 
 /// The shared part of one connection.
 pub struct Client {
@@ -17,9 +18,8 @@ pub struct Client {
     stop: AtomicBool,
     /// Requests of this connection that run in the graph. The connection
     /// thread holds the lock while it takes and starts requests, so a
-    /// quiescer that waits here sees every request it could start.
-    gate: Mutex<usize>,
-    drained: Condvar,
+    /// drained section that waits here sees every request it could start.
+    pub requests: Requests<usize>,
 }
 
 impl Client {
@@ -30,8 +30,7 @@ impl Client {
             stream,
             wake: EventFd::new(EFD_NONBLOCK)?,
             stop: AtomicBool::new(false),
-            gate: Mutex::new(0),
-            drained: Condvar::new(),
+            requests: Requests::new(0),
         })
     }
 
@@ -62,27 +61,14 @@ impl Client {
         self.stream.shutdown();
         self.kick();
     }
+}
 
-    /// Locks the gate; the guard holds the number of requests in flight.
-    pub fn gate(&self) -> MutexGuard<'_, usize> {
-        self.gate.lock().unwrap()
+impl Source for Client {
+    fn kick(&self) {
+        Client::kick(self);
     }
 
-    /// Updates the count of requests in flight under `gate` and, when none
-    /// is left and the export is `paused`, wakes quiescers. (Only a
-    /// quiescer waits, and it pauses the export before it takes the gate,
-    /// so without a pause there is nobody to wake.)
-    pub fn set_in_flight(&self, gate: &mut MutexGuard<'_, usize>, n: usize, paused: bool) {
-        **gate = n;
-        if n == 0 && paused {
-            self.drained.notify_all();
-        }
-    }
-
-    /// Waits until the connection has no request in flight. Callers make
-    /// sure first that it starts no new one (the export is paused).
-    pub fn wait_drained(&self) {
-        let gate = self.gate();
-        drop(self.drained.wait_while(gate, |n| *n > 0).unwrap());
+    fn wait_idle(&self) {
+        self.requests.wait_idle();
     }
 }

@@ -1,18 +1,20 @@
 //! An NBD export: a named view of a graph node that NBD clients select
-//! during the handshake, with its clients and its quiesce state.
+//! during the handshake, with its clients (the request sources of its
+//! pause gate), and the table of exports a server publishes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use blkgraph_graph::options::Syntax;
-use blkgraph_graph::{Child, Graph, Node, Options};
+use blkgraph_graph::{Child, Node, Options};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::bitmap::{find_bitmap, BitmapRef, BitmapSource};
+use super::bitmap::{BitmapRef, BitmapSource};
 use super::client::Client;
 use super::proto;
-use super::server::NbdServer;
+use crate::export::{Export, ExportError, PauseGate, Source};
 
 /// block-export-add options of an export of type `nbd` (QAPI's
 /// BlockExportOptions with BlockExportOptionsNbd), `type` removed.
@@ -152,37 +154,79 @@ struct ExportState {
     deleted: bool,
 }
 
+/// The exports a server publishes, by name.
+#[derive(Default)]
+pub struct ExportTable {
+    exports: Mutex<BTreeMap<String, Arc<NbdExport>>>,
+}
+
+impl ExportTable {
+    /// The export named `name`.
+    pub fn find(&self, name: &str) -> Option<Arc<NbdExport>> {
+        self.exports.lock().unwrap().get(name).cloned()
+    }
+
+    /// Every export, by name.
+    pub fn list(&self) -> Vec<Arc<NbdExport>> {
+        self.exports.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Publishes an export under its name, which must be free.
+    pub fn publish(&self, export: Arc<NbdExport>) -> Result<(), String> {
+        let mut exports = self.exports.lock().unwrap();
+        if exports.contains_key(export.name()) {
+            return Err(format!(
+                "NBD server already has export named '{}'",
+                export.name()
+            ));
+        }
+        exports.insert(export.name().to_string(), export);
+        Ok(())
+    }
+
+    /// Unpublishes an export: new clients cannot select it.
+    pub fn unpublish(&self, export: &NbdExport) {
+        let mut exports = self.exports.lock().unwrap();
+        if exports
+            .get(export.name())
+            .is_some_and(|e| std::ptr::eq(e.as_ref(), export))
+        {
+            exports.remove(export.name());
+        }
+    }
+}
+
 /// A running NBD export.
 pub struct NbdExport {
     options: NbdExportOptions,
     edge: Arc<Child>,
     bitmaps: Vec<Arc<dyn BitmapSource>>,
-    /// Number of quiesce sections in progress (they may nest).
-    paused: AtomicUsize,
+    gate: Arc<PauseGate>,
+    /// The table the export is published in.
+    table: Weak<ExportTable>,
     state: Mutex<ExportState>,
     changed: Condvar,
 }
 
 impl NbdExport {
-    /// An export serving the node behind `edge`.
+    /// An export serving the node behind `edge`, drained through `gate`,
+    /// to be published in `table`.
     pub fn new(
         options: NbdExportOptions,
         edge: Arc<Child>,
         bitmaps: Vec<Arc<dyn BitmapSource>>,
+        gate: Arc<PauseGate>,
+        table: &Arc<ExportTable>,
     ) -> Self {
         NbdExport {
             options,
             edge,
             bitmaps,
-            paused: AtomicUsize::new(0),
+            gate,
+            table: Arc::downgrade(table),
             state: Mutex::new(ExportState::default()),
             changed: Condvar::new(),
         }
-    }
-
-    /// The export id.
-    pub fn id(&self) -> &str {
-        &self.options.id
     }
 
     /// The NBD export name.
@@ -252,31 +296,9 @@ impl NbdExport {
         f
     }
 
-    /// Whether requests must not be started now (a quiesce is in progress).
+    /// Whether requests must not be started now (the export is drained).
     pub fn paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst) > 0
-    }
-
-    /// Stops every client from starting requests and waits until those in
-    /// flight have completed; undone by [`NbdExport::resume`].
-    pub fn quiesce(&self) {
-        self.paused.fetch_add(1, Ordering::SeqCst);
-        for c in self.clients() {
-            c.kick();
-            c.wait_drained();
-        }
-    }
-
-    /// Lets clients start requests again after [`NbdExport::quiesce`].
-    pub fn resume(&self) {
-        self.paused.fetch_sub(1, Ordering::SeqCst);
-        for c in self.clients() {
-            c.kick();
-        }
-    }
-
-    fn clients(&self) -> Vec<Arc<Client>> {
-        self.state.lock().unwrap().clients.clone()
+        self.gate.paused()
     }
 
     /// Number of connected clients (in transmission on this export).
@@ -284,21 +306,24 @@ impl NbdExport {
         self.state.lock().unwrap().clients.len()
     }
 
-    /// Registers a client entering transmission; false if the export is
-    /// being deleted.
+    /// Registers a client entering transmission as a request source; false
+    /// if the export is being deleted.
     pub fn attach(&self, client: Arc<Client>) -> bool {
         let mut s = self.state.lock().unwrap();
         if s.deleted {
             return false;
         }
+        self.gate.add_source(client.clone() as Arc<dyn Source>);
         s.clients.push(client);
         true
     }
 
     /// Removes a client whose connection ended.
-    pub fn detach(&self, client: &Client) {
+    pub fn detach(&self, client: &Arc<Client>) {
         let mut s = self.state.lock().unwrap();
         s.clients.retain(|c| c.id != client.id);
+        self.gate
+            .remove_source(&(client.clone() as Arc<dyn Source>));
         self.changed.notify_all();
     }
 
@@ -306,22 +331,42 @@ impl NbdExport {
     pub fn is_deleted(&self) -> bool {
         self.state.lock().unwrap().deleted
     }
+}
+
+impl Export for NbdExport {
+    fn id(&self) -> &str {
+        &self.options.id
+    }
+
+    fn kind(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn node_name(&self) -> String {
+        self.node().name().to_string()
+    }
+
+    fn gate(&self) -> &Arc<PauseGate> {
+        &self.gate
+    }
 
     /// Refuses new clients and, with `hard`, disconnects the connected
-    /// ones and waits until their requests have completed. Without `hard`,
-    /// connected clients are an error and nothing changes.
-    pub fn shut_down(&self, hard: bool) -> Result<(), String> {
+    /// ones and waits until their connections have ended.
+    fn stop(&self, hard: bool) -> Result<(), ExportError> {
         let clients = {
             let mut s = self.state.lock().unwrap();
             if !s.clients.is_empty() && !hard {
-                return Err(format!(
+                return Err(ExportError::InUse(format!(
                     "export '{}' still in use (use mode 'hard' to force client disconnect)",
                     self.id()
-                ));
+                )));
             }
             s.deleted = true;
             s.clients.clone()
         };
+        if let Some(table) = self.table.upgrade() {
+            table.unpublish(self);
+        }
         for c in &clients {
             c.disconnect();
         }
@@ -333,43 +378,10 @@ impl NbdExport {
         );
         Ok(())
     }
-}
 
-/// Starts an NBD export on `server` from block-export-add options
-/// (without `type`): attaches it to its node in `graph` and publishes its
-/// name.
-pub fn start(
-    graph: &Graph,
-    server: &NbdServer,
-    options: Options,
-) -> Result<Arc<NbdExport>, String> {
-    let opts = NbdExportOptions::parse(options)?;
-    let node = graph.find(&opts.node_name).map_err(|e| e.to_string())?;
-    if opts.writable && node.read_only() {
-        return Err("Cannot export read-only node as writable".into());
+    fn socket_path(&self) -> Option<&Path> {
+        None
     }
-    if server.has_export(&opts.name) {
-        return Err(format!(
-            "NBD server already has export named '{}'",
-            opts.name
-        ));
-    }
-    let mut bitmaps: Vec<Arc<dyn BitmapSource>> = Vec::new();
-    for b in &opts.bitmaps {
-        let source = find_bitmap(graph, &node, b, opts.writable)?;
-        if bitmaps.iter().any(|s| s.name() == source.name()) {
-            return Err(format!("Bitmap '{}' is listed twice", source.name()));
-        }
-        bitmaps.push(source);
-    }
-    let edge = crate::export::attach(graph, &opts.id, &opts.node_name, opts.writable)?;
-    let id = opts.id.clone();
-    let export = Arc::new(NbdExport::new(opts, edge, bitmaps));
-    if let Err(e) = server.add_export(export.clone()) {
-        let _ = graph.detach_export(&id);
-        return Err(e);
-    }
-    Ok(export)
 }
 
 #[cfg(test)]

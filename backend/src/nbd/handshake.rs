@@ -3,58 +3,24 @@
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::bitmap::BitmapSource;
 use super::client::Client;
-use super::export::NbdExport;
+use super::export::{ExportTable, NbdExport};
 use super::proto::{self, put_option_reply};
-use super::server::Shared;
+use super::session::{MetaContext, MetaKind, Session, ALLOCATION_ID, FIRST_BITMAP_ID};
 use super::socket::Stream;
 
 /// Largest option payload read; larger ones are skipped with
 /// NBD_REP_ERR_TOO_BIG.
 const MAX_OPTION_DATA: u32 = 1 << 20;
 
-/// Context id of `base:allocation`.
-pub const ALLOCATION_ID: u32 = 0;
-/// Context id of the export's first bitmap; the others follow.
-pub const FIRST_BITMAP_ID: u32 = 2;
-
-/// What a selected metadata context reports.
-#[derive(Clone)]
-pub enum MetaKind {
-    /// `base:allocation`.
-    Allocation,
-    /// `qemu:dirty-bitmap:NAME`.
-    Bitmap(Arc<dyn BitmapSource>),
-}
-
-/// A metadata context selected with NBD_OPT_SET_META_CONTEXT.
-#[derive(Clone)]
-pub struct MetaContext {
-    /// Its id in block status replies.
-    pub id: u32,
-    /// What it reports.
-    pub kind: MetaKind,
-}
-
-/// The outcome of a successful handshake.
-pub struct Session {
-    /// The export the client selected (the client is attached to it).
-    pub export: Arc<NbdExport>,
-    /// Whether structured replies were negotiated.
-    pub structured: bool,
-    /// Selected metadata contexts, for NBD_CMD_BLOCK_STATUS.
-    pub contexts: Vec<MetaContext>,
-}
-
 fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 struct Negotiation<'a> {
-    shared: &'a Shared,
+    exports: &'a ExportTable,
     client: &'a Arc<Client>,
     stream: &'a mut Stream,
     deadline: Option<Instant>,
@@ -65,18 +31,20 @@ struct Negotiation<'a> {
     meta: Option<(String, Vec<MetaContext>)>,
 }
 
-/// Runs the handshake on a new connection. `Ok(None)`: the client ended
-/// it (NBD_OPT_ABORT, or an unknown export with NBD_OPT_EXPORT_NAME).
+/// Runs the handshake on a new connection, which must end within
+/// `timeout`. `Ok(None)`: the client ended it (NBD_OPT_ABORT, or an
+/// unknown export with NBD_OPT_EXPORT_NAME).
 pub fn negotiate(
-    shared: &Shared,
+    exports: &ExportTable,
+    timeout: Option<Duration>,
     client: &Arc<Client>,
     stream: &mut Stream,
 ) -> io::Result<Option<Session>> {
     let mut n = Negotiation {
-        shared,
+        exports,
         client,
         stream,
-        deadline: shared.handshake_timeout().map(|t| Instant::now() + t),
+        deadline: timeout.map(|t| Instant::now() + t),
         out: Vec::with_capacity(256),
         structured: false,
         no_zeroes: false,
@@ -264,7 +232,7 @@ impl Negotiation<'_> {
 
     fn lookup(&self, name: &[u8]) -> Option<Arc<NbdExport>> {
         let name = std::str::from_utf8(name).ok()?;
-        self.shared.find_export(name).filter(|e| !e.is_deleted())
+        self.exports.find(name).filter(|e| !e.is_deleted())
     }
 
     /// The contexts selected for `export`, if the last
@@ -314,7 +282,7 @@ impl Negotiation<'_> {
         if !data.is_empty() {
             return self.error(option, proto::REP_ERR_INVALID, "option takes no data");
         }
-        for e in self.shared.export_list() {
+        for e in self.exports.list() {
             let mut d = Vec::new();
             d.extend_from_slice(&(e.name().len() as u32).to_be_bytes());
             d.extend_from_slice(e.name().as_bytes());

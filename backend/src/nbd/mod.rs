@@ -15,11 +15,12 @@ pub mod proto;
 mod reply;
 mod request;
 mod server;
+mod session;
 mod socket;
 mod transmission;
 
 pub use bitmap::{find_bitmap, BitmapRef, BitmapSource};
-pub use export::{start as start_export, NbdExport, NbdExportOptions};
+pub use export::{NbdExport, NbdExportOptions};
 pub use server::{NbdServer, NbdServerOptions, DEFAULT_HANDSHAKE_SECONDS};
 pub use socket::ListenAddress;
 

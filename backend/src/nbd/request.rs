@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use blkgraph_graph::{IoBuffer, Node, WriteFlags, ZeroFlags};
 
-use super::handshake::{MetaContext, MetaKind};
 use super::proto::{self, io_error_to_nbd};
 use super::reply::Reply;
+use super::session::{MetaContext, MetaKind};
 
 /// Most extents in one block status chunk.
 pub const MAX_EXTENTS: usize = 65536;

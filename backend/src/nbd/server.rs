@@ -1,7 +1,6 @@
 //! The NBD server: a listening socket, the exports by name, and one
 //! thread per client connection.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,14 +8,16 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use blkgraph_graph::Options;
+use blkgraph_graph::{Graph, Options};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::bitmap::{find_bitmap, BitmapSource};
 use super::client::Client;
-use super::export::NbdExport;
+use super::export::{ExportTable, NbdExport, NbdExportOptions};
 use super::socket::{ListenAddress, Listener, Stream};
 use super::{handshake, transmission};
+use crate::export::{self, ExportError, PauseGate};
 
 /// Default limit of a client's handshake, as QEMU 10.0's
 /// `handshake-max-seconds`.
@@ -88,8 +89,8 @@ impl NbdServerOptions {
 }
 
 /// State shared by the server, its accept thread and its clients.
-pub(crate) struct Shared {
-    exports: Mutex<BTreeMap<String, Arc<NbdExport>>>,
+struct Shared {
+    exports: Arc<ExportTable>,
     clients: Mutex<Vec<Arc<Client>>>,
     clients_changed: Condvar,
     stopping: AtomicBool,
@@ -99,23 +100,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The export named `name`.
-    pub(crate) fn find_export(&self, name: &str) -> Option<Arc<NbdExport>> {
-        self.exports.lock().unwrap().get(name).cloned()
-    }
-
-    /// Every export, by name.
-    pub(crate) fn export_list(&self) -> Vec<Arc<NbdExport>> {
-        self.exports.lock().unwrap().values().cloned().collect()
-    }
-
-    /// The longest a handshake may take.
-    pub(crate) fn handshake_timeout(&self) -> Option<Duration> {
-        self.handshake_timeout
-    }
-
     /// Whether the server is stopping.
-    pub(crate) fn stopping(&self) -> bool {
+    fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
 
@@ -139,7 +125,7 @@ impl NbdServer {
     pub fn start(options: &NbdServerOptions) -> Result<NbdServer, String> {
         let listener = Arc::new(Listener::bind(&options.addr)?);
         let shared = Arc::new(Shared {
-            exports: Mutex::new(BTreeMap::new()),
+            exports: Arc::default(),
             clients: Mutex::new(Vec::new()),
             clients_changed: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -172,33 +158,53 @@ impl NbdServer {
         self.local_addr
     }
 
-    /// Whether an export has this name.
-    pub fn has_export(&self, name: &str) -> bool {
-        self.shared.find_export(name).is_some()
-    }
-
-    /// Publishes an export under its name.
-    pub fn add_export(&self, export: Arc<NbdExport>) -> Result<(), String> {
-        let mut exports = self.shared.exports.lock().unwrap();
-        if exports.contains_key(export.name()) {
-            return Err(format!(
-                "NBD server already has export named '{}'",
-                export.name()
+    /// Starts an export from block-export-add options (without `type`):
+    /// attaches it to its node in `graph` and publishes its name.
+    pub fn start_export(
+        &self,
+        graph: &Graph,
+        options: Options,
+    ) -> Result<Arc<NbdExport>, ExportError> {
+        let opts = NbdExportOptions::parse(options).map_err(ExportError::InvalidOptions)?;
+        let node = graph.find(&opts.node_name)?;
+        if opts.writable && node.read_only() {
+            return Err(ExportError::InvalidOptions(
+                "Cannot export read-only node as writable".into(),
             ));
         }
-        exports.insert(export.name().to_string(), export);
-        Ok(())
-    }
-
-    /// Unpublishes an export: new clients cannot select it.
-    pub fn remove_export(&self, export: &NbdExport) {
-        let mut exports = self.shared.exports.lock().unwrap();
-        if exports
-            .get(export.name())
-            .is_some_and(|e| std::ptr::eq(e.as_ref(), export))
-        {
-            exports.remove(export.name());
+        if self.shared.exports.find(&opts.name).is_some() {
+            return Err(ExportError::InvalidOptions(format!(
+                "NBD server already has export named '{}'",
+                opts.name
+            )));
         }
+        let mut bitmaps: Vec<Arc<dyn BitmapSource>> = Vec::new();
+        for b in &opts.bitmaps {
+            let source =
+                find_bitmap(graph, &node, b, opts.writable).map_err(ExportError::InvalidOptions)?;
+            if bitmaps.iter().any(|s| s.name() == source.name()) {
+                return Err(ExportError::InvalidOptions(format!(
+                    "Bitmap '{}' is listed twice",
+                    source.name()
+                )));
+            }
+            bitmaps.push(source);
+        }
+        let gate = PauseGate::new();
+        let edge = export::attach(graph, &opts.id, &opts.node_name, opts.writable, &gate)?;
+        let id = opts.id.clone();
+        let export = Arc::new(NbdExport::new(
+            opts,
+            edge,
+            bitmaps,
+            gate,
+            &self.shared.exports,
+        ));
+        if let Err(e) = self.shared.exports.publish(export.clone()) {
+            let _ = graph.detach_export(&id);
+            return Err(ExportError::InvalidOptions(e));
+        }
+        Ok(export)
     }
 
     /// Number of connected clients, in handshake or transmission.
@@ -296,7 +302,12 @@ fn spawn_client(shared: &Arc<Shared>, stream: Stream) -> std::io::Result<()> {
 
 fn serve_client(shared: &Shared, client: &Arc<Client>, mut stream: Stream) {
     log::debug!("NBD client {}: connected", client.id);
-    match handshake::negotiate(shared, client, &mut stream) {
+    match handshake::negotiate(
+        &shared.exports,
+        shared.handshake_timeout,
+        client,
+        &mut stream,
+    ) {
         Ok(Some(session)) => {
             let export = session.export.clone();
             log::debug!(

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use blkgraph_graph::{Graph, Options};
 
-use super::export::{start as start_export, NbdExport};
+use super::export::NbdExport;
 use super::proto::{self, Request};
 use super::server::{NbdServer, NbdServerOptions};
 use super::socket::ListenAddress;
+use crate::export::Export;
+use blkgraph_graph::DrainParent;
 
 /// A temporary directory for one test.
 struct Dir(PathBuf);
@@ -77,7 +79,9 @@ fn setup_with(tag: &str, max_connections: u32, handshake_max_seconds: u32) -> Se
 }
 
 fn export(s: &Setup, arg: &str) -> Arc<NbdExport> {
-    start_export(&s.graph, &s.server, Options::from_arg(arg, None).unwrap()).unwrap()
+    s.server
+        .start_export(&s.graph, Options::from_arg(arg, None).unwrap())
+        .unwrap()
 }
 
 /// A hand-written NBD client: exactly the bytes the tests mean.
@@ -395,7 +399,7 @@ fn read_only_exports_refuse_writes_and_allow_multi_conn() {
 }
 
 #[test]
-fn quiesce_waits_for_requests_and_holds_new_ones() {
+fn draining_waits_for_requests_and_holds_new_ones() {
     let s = setup("quiesce", 0);
     let e = export(&s, "id=e0,node-name=slow");
     let mut c = Client::connect(&s.sock, "slow", false).unwrap();
@@ -405,7 +409,7 @@ fn quiesce_waits_for_requests_and_holds_new_ones() {
     }
     std::thread::sleep(Duration::from_millis(20));
     let t = Instant::now();
-    e.quiesce();
+    e.gate().drained_begin();
     assert!(
         t.elapsed() >= Duration::from_millis(250),
         "{:?}",
@@ -414,7 +418,7 @@ fn quiesce_waits_for_requests_and_holds_new_ones() {
     for _ in 0..10 {
         assert_eq!(c.simple(512).0, 0);
     }
-    // Requests sent while quiesced wait until resume.
+    // Requests sent while drained wait until the drained section ends.
     c.send(proto::CMD_READ, 0, 9, 0, 512, &[]);
     c.s.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
@@ -424,7 +428,7 @@ fn quiesce_waits_for_requests_and_holds_new_ones() {
         err.kind(),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
     ));
-    e.resume();
+    e.gate().drained_end();
     c.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(c.simple(512).1, 9);
 }
@@ -566,10 +570,9 @@ fn deletion_and_connection_limit() {
         .unwrap();
     let mut b = [0u8; 8];
     assert!(second.read_exact(&mut b).is_err());
-    let err = e.shut_down(false).unwrap_err();
+    let err = e.stop(false).unwrap_err().to_string();
     assert!(err.starts_with("export 'e0' still in use"), "{err}");
-    e.shut_down(true).unwrap();
-    s.server.remove_export(&e);
+    e.stop(true).unwrap();
     let mut rest = Vec::new();
     c.s.read_to_end(&mut rest).unwrap();
     // The first client is gone: the second one gets its greeting.

@@ -18,10 +18,10 @@ use blkgraph_graph::ZeroFlags;
 
 use super::client::Client;
 use super::export::NbdExport;
-use super::handshake::{MetaContext, Session};
 use super::proto::{self, Request, REQUEST_SIZE};
 use super::reply::{OutQueue, Reply};
 use super::request::{self, Done, ReadMode};
+use super::session::{MetaContext, Session};
 use super::socket::Stream;
 
 /// Size of the receive buffer.
@@ -135,7 +135,7 @@ impl Connection<'_> {
                 return Ok(());
             }
             {
-                let mut gate = self.client.gate();
+                let mut in_flight = self.client.requests.lock();
                 let paused = self.export.paused();
                 if !paused {
                     self.process_buffered();
@@ -153,9 +153,8 @@ impl Connection<'_> {
                     self.exec.consume_event();
                     self.run_executor();
                 }
-                let pending = self.exec.pending();
-                let paused = self.export.paused();
-                self.client.set_in_flight(&mut gate, pending, paused);
+                *in_flight = self.exec.pending();
+                self.client.requests.notify_if_idle(&in_flight);
             }
             if !self.out.is_empty() {
                 self.out.write_to(self.fd)?;
@@ -557,7 +556,8 @@ impl Connection<'_> {
             *held -= done.cost;
             out.push(done.reply);
         });
-        let mut gate = self.client.gate();
-        self.client.set_in_flight(&mut gate, 0, true);
+        let mut in_flight = self.client.requests.lock();
+        *in_flight = 0;
+        self.client.requests.notify_if_idle(&in_flight);
     }
 }

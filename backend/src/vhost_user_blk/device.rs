@@ -2,8 +2,8 @@
 //! vhost-user-backend callbacks.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use blkgraph_graph::{Child, Node};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -20,7 +20,8 @@ use vmm_sys_util::event::{
 
 use super::config::{BlkConfig, WCE_OFFSET};
 use super::request::{DeviceLimits, GuestMemory};
-use super::worker::{QueueContext, QueueWorker, Vring};
+use super::worker::{QueueContext, QueueSource, QueueWorker, Vring};
+use crate::export::{PauseGate, Source};
 
 /// Largest queue a driver may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -47,38 +48,39 @@ pub struct DeviceOptions {
 pub struct VhostUserBlkDevice {
     options: DeviceOptions,
     root: Arc<Child>,
-    /// Quiesced sections in progress (they may overlap: two control
-    /// clients may run transactions at once).
-    pauses: AtomicUsize,
+    /// Closed while the graph drains the export.
+    gate: Arc<PauseGate>,
     config: Mutex<BlkConfig>,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
     memory: GuestMemoryAtomic<GuestMemory>,
-    workers: Vec<Mutex<QueueWorker>>,
-    drained: Condvar,
+    workers: Vec<Arc<QueueSource>>,
 }
 
 impl VhostUserBlkDevice {
-    /// A device serving requests through the export's root edge.
-    pub fn new(root: Arc<Child>, options: DeviceOptions) -> io::Result<Self> {
+    /// A device serving requests through the export's root edge; its
+    /// queues are the request sources of `gate`.
+    pub fn new(root: Arc<Child>, gate: Arc<PauseGate>, options: DeviceOptions) -> io::Result<Self> {
         let config = BlkConfig::new(
             root.node().size(),
             options.logical_block_size,
             options.num_queues as u16,
         );
-        let workers = (0..options.num_queues)
-            .map(|_| QueueWorker::new().map(Mutex::new))
+        let workers: Vec<Arc<QueueSource>> = (0..options.num_queues)
+            .map(|_| QueueSource::new().map(Arc::new))
             .collect::<io::Result<_>>()?;
+        for w in &workers {
+            gate.add_source(w.clone() as Arc<dyn Source>);
+        }
         Ok(VhostUserBlkDevice {
             options,
             root,
-            pauses: AtomicUsize::new(0),
+            gate,
             config: Mutex::new(config),
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             memory: GuestMemoryAtomic::new(GuestMemory::new()),
             workers,
-            drained: Condvar::new(),
         })
     }
 
@@ -94,7 +96,7 @@ impl VhostUserBlkDevice {
 
     /// The completion eventfd of queue `queue`.
     pub fn completion_fd(&self, queue: usize) -> std::os::unix::io::RawFd {
-        self.workers[queue].lock().unwrap().completion_fd()
+        self.workers[queue].requests.lock().completion_fd()
     }
 
     /// The node requests go to.
@@ -102,29 +104,43 @@ impl VhostUserBlkDevice {
         self.root.node()
     }
 
-    /// Stops taking new requests from the queues and waits until every
-    /// request in flight has completed. New requests stay in the rings.
-    pub fn quiesce(&self) {
-        self.pauses.fetch_add(1, Ordering::SeqCst);
-        for worker in &self.workers {
-            let guard = worker.lock().unwrap();
-            drop(
-                self.drained
-                    .wait_while(guard, |w| w.in_flight() > 0)
-                    .unwrap(),
-            );
+    /// The export's gate.
+    pub fn gate(&self) -> &Arc<PauseGate> {
+        &self.gate
+    }
+
+    /// Fails every request still waiting in the rings (see
+    /// `QueueWorker::fail_queued`); for a hard delete, with the gate closed.
+    pub fn fail_queued(&self) {
+        let limits = self.limits();
+        for w in &self.workers {
+            w.requests.lock().fail_queued(&self.memory, &limits);
         }
     }
 
-    /// Takes requests again after [`Self::quiesce`]; each queue looks at
-    /// its ring at once.
-    pub fn resume(&self) {
-        if self.pauses.fetch_sub(1, Ordering::SeqCst) != 1 {
-            return; // another quiesced section is still in progress
+    /// Handles a kick or a completion event of one queue.
+    fn serve(&self, worker: &mut QueueWorker, vring: &Vring, device_event: u16) -> io::Result<()> {
+        if u64::from(device_event) == self.completion_event() {
+            worker.process_completions(vring)?;
         }
-        for worker in &self.workers {
-            worker.lock().unwrap().notify();
+        let ready = {
+            let state = vring.get_ref();
+            state.is_enabled() && state.get_queue().ready()
+        };
+        if ready && !self.gate.paused() {
+            let root = self.root.node();
+            let queue = QueueContext {
+                memory: &self.memory,
+                root: &root,
+                limits: self.limits(),
+                serial: self.options.id.as_bytes(),
+                event_idx: self.event_idx.load(Ordering::Relaxed),
+                poll: self.options.poll,
+                gate: &self.gate,
+            };
+            worker.process_queue(vring, &queue)?;
         }
+        Ok(())
     }
 
     fn limits(&self) -> DeviceLimits {
@@ -141,7 +157,9 @@ impl VhostUserBlkDevice {
     /// what it negotiated.
     pub fn disconnected(&self) {
         for w in &self.workers {
-            w.lock().unwrap().abandon_in_flight();
+            let mut worker = w.requests.lock();
+            worker.abandon_in_flight();
+            w.requests.notify_if_idle(&worker);
         }
         // The next frontend maps its own memory; the regions of this one
         // would overlap them.
@@ -234,11 +252,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
             .workers
             .get(queue_index as usize)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let guard = worker.lock().unwrap();
-        let _guard = self
-            .drained
-            .wait_while(guard, |w| w.in_flight() > 0)
-            .unwrap();
+        worker.requests.wait_idle();
         Ok(())
     }
 
@@ -253,30 +267,11 @@ impl VhostUserBackend for VhostUserBlkDevice {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let vring = &vrings[0];
-        let mut worker = self.workers[thread_id].lock().unwrap();
-        if u64::from(device_event) == self.completion_event() {
-            worker.process_completions(vring)?;
-        }
-        let ready = {
-            let state = vring.get_ref();
-            state.is_enabled() && state.get_queue().ready()
-        };
-        if ready && self.pauses.load(Ordering::SeqCst) == 0 {
-            let root = self.root.node();
-            let queue = QueueContext {
-                memory: &self.memory,
-                root: &root,
-                limits: self.limits(),
-                serial: self.options.id.as_bytes(),
-                event_idx: self.event_idx.load(Ordering::Relaxed),
-                poll: self.options.poll,
-                pauses: &self.pauses,
-            };
-            worker.process_queue(vring, &queue)?;
-        }
-        if worker.in_flight() == 0 {
-            self.drained.notify_all();
-        }
-        Ok(())
+        let source = &self.workers[thread_id];
+        let mut worker = source.requests.lock();
+        worker.set_vring(vring);
+        let result = self.serve(&mut worker, vring, device_event);
+        source.requests.notify_if_idle(&worker);
+        result
     }
 }

@@ -3,9 +3,10 @@
 
 mod config;
 mod device;
+mod export;
 mod request;
 mod server;
 mod worker;
 
 pub use device::{DeviceOptions, VhostUserBlkDevice};
-pub use server::{bind, spawn, Server};
+pub use export::{start as start_export, SocketAddress, VhostUserBlkExport, DEFAULT_POLL_US};

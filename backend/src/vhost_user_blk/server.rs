@@ -41,15 +41,11 @@ impl Server {
         self.shared.session.lock().unwrap().is_some()
     }
 
-    /// Stops serving: the listener is shut down and, if `hard`, a connected
-    /// frontend is disconnected; returns once the server thread has ended.
-    /// Without `hard`, a connected frontend is an error.
-    pub fn stop(&mut self, hard: bool) -> Result<(), String> {
+    /// Stops serving: the listener is shut down and a connected frontend
+    /// is disconnected; returns once the server thread has ended.
+    pub fn stop(&mut self) {
         {
             let session = self.shared.session.lock().unwrap();
-            if session.is_some() && !hard {
-                return Err("a frontend is connected (use mode 'hard' to disconnect it)".into());
-            }
             self.shared.stopping.store(true, Ordering::SeqCst);
             if let Some(handle) = session.as_ref() {
                 handle.shutdown();
@@ -61,7 +57,6 @@ impl Server {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        Ok(())
     }
 }
 

@@ -6,13 +6,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blkgraph_graph::aio::Executor;
+use blkgraph_graph::aio::{Executor, Notifier};
 use blkgraph_graph::Node;
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::request::{Completion, DeviceLimits, GuestMemory, Request};
+use crate::export::{InFlight, PauseGate, Requests, Source};
 
 /// A vring of this device.
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -32,8 +34,8 @@ pub struct QueueContext<'a> {
     pub event_idx: bool,
     /// How long to keep polling after the last request (0: never).
     pub poll: Duration,
-    /// Non-zero while the device is quiesced: take no new request.
-    pub pauses: &'a std::sync::atomic::AtomicUsize,
+    /// Closed while the graph drains the export: take no new request.
+    pub gate: &'a PauseGate,
 }
 
 /// The state of one queue's worker, locked only by that queue's thread
@@ -41,6 +43,43 @@ pub struct QueueContext<'a> {
 pub struct QueueWorker {
     executor: Executor<Completion>,
     done: Vec<Completion>,
+    /// The queue's vring in the current frontend session, for the control
+    /// paths that complete what a departing frontend left.
+    vring: Option<Vring>,
+}
+
+impl InFlight for QueueWorker {
+    fn in_flight(&self) -> usize {
+        self.executor.pending()
+    }
+}
+
+/// One queue as a request source of the export.
+pub struct QueueSource {
+    /// The worker's state.
+    pub requests: Requests<QueueWorker>,
+    notifier: Notifier,
+}
+
+impl QueueSource {
+    /// A queue with a new worker.
+    pub fn new() -> io::Result<Self> {
+        let worker = QueueWorker::new()?;
+        Ok(QueueSource {
+            notifier: worker.executor.notifier(),
+            requests: Requests::new(worker),
+        })
+    }
+}
+
+impl Source for QueueSource {
+    fn kick(&self) {
+        self.notifier.notify();
+    }
+
+    fn wait_idle(&self) {
+        self.requests.wait_idle();
+    }
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -49,22 +88,25 @@ fn queue_error(e: virtio_queue::Error) -> io::Error {
 
 impl QueueWorker {
     /// A worker with its own executor.
-    pub fn new() -> io::Result<Self> {
+    fn new() -> io::Result<Self> {
         Ok(QueueWorker {
             executor: Executor::new()?,
             done: Vec::new(),
+            vring: None,
         })
+    }
+
+    /// Remembers the queue's vring of the current session.
+    pub fn set_vring(&mut self, vring: &Vring) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
     }
 
     /// The eventfd that signals completions; registered with the queue
     /// thread's epoll loop.
     pub fn completion_fd(&self) -> std::os::unix::io::RawFd {
         self.executor.event_fd()
-    }
-
-    /// Requests that have not completed.
-    pub fn in_flight(&self) -> usize {
-        self.executor.pending()
     }
 
     /// Handles a kick: pops every available chain, starts the requests and
@@ -110,7 +152,7 @@ impl QueueWorker {
     /// passes without a new request.
     fn poll(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
         let mut idle_since = Instant::now();
-        while idle_since.elapsed() < queue.poll && queue.pauses.load(Ordering::SeqCst) == 0 {
+        while idle_since.elapsed() < queue.poll && !queue.gate.paused() {
             let available = {
                 let memory = queue.memory.memory();
                 let state = vring.get_ref();
@@ -127,11 +169,6 @@ impl QueueWorker {
             }
         }
         Ok(())
-    }
-
-    /// Makes the queue's thread look at the queue and its completions.
-    pub fn notify(&self) {
-        self.executor.notify();
     }
 
     /// Handles the completion eventfd.
@@ -162,5 +199,39 @@ impl QueueWorker {
     pub fn abandon_in_flight(&mut self) {
         self.executor.run_until_idle(|_| ());
         self.done.clear();
+        self.vring = None;
+    }
+
+    /// Fails every request waiting in the ring with IOERR and puts it on
+    /// the used ring, when the export goes away for good (a hard delete):
+    /// the frontend gets an answer to everything it submitted. Requests in
+    /// flight have completed before (the gate is closed and drained).
+    pub fn fail_queued(&mut self, memory: &GuestMemoryAtomic<GuestMemory>, limits: &DeviceLimits) {
+        let Some(vring) = self.vring.clone() else {
+            return;
+        };
+        let ready = {
+            let state = vring.get_ref();
+            state.is_enabled() && state.get_queue().ready()
+        };
+        if !ready {
+            return;
+        }
+        let memory = memory.memory().into_inner();
+        let chains: Vec<_> = {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone())).collect()
+        };
+        if chains.is_empty() {
+            return;
+        }
+        for chain in chains {
+            let req = Request::parse(chain, &memory, limits, &[]);
+            self.done.push(req.complete(VIRTIO_BLK_S_IOERR as u8));
+        }
+        if let Err(e) = self.run(&vring) {
+            log::warn!("failing the requests left in a queue: {e}");
+        }
     }
 }
