@@ -8,7 +8,7 @@ use std::ffi::OsString;
 
 use blkgraph_ctl::QmpClient;
 use blkgraph_tests::{check_pattern, fill_pattern, Daemon, DaemonKind, ExportOptions, TempDir};
-use frontend::blk::{read, write, S_OK};
+use frontend::blk::{read, write, BlkRequest, S_IOERR, S_OK};
 use frontend::driver::Driver;
 use qmp::exec;
 use serde_json::{json, Value};
@@ -17,6 +17,7 @@ const SIZE: u64 = 64 << 20;
 
 struct Setup {
     qmp: QmpClient,
+    qmp_path: std::path::PathBuf,
     driver: Driver,
     _daemon: Daemon,
     _dir: TempDir,
@@ -36,6 +37,7 @@ fn setup() -> Setup {
     let driver = Driver::connect(&socket, 1, true);
     Setup {
         qmp,
+        qmp_path,
         driver,
         _daemon: daemon,
         _dir: dir,
@@ -248,4 +250,136 @@ fn exports_are_added_and_deleted_at_run_time() {
     drop(d);
     exec(&mut s.qmp, "blockdev-del", json!({"node-name": "n9"})).unwrap();
     serves_io(&mut s.driver, 5);
+}
+
+#[test]
+fn aborted_bitmap_changes_under_guest_writes_lose_no_bit() {
+    let mut s = setup();
+    exec(
+        &mut s.qmp,
+        "block-dirty-bitmap-add",
+        json!({"node": "disk0", "name": "b0", "granularity": 512}),
+    )
+    .unwrap();
+    // Other clients keep clearing (or disabling) the bitmap in
+    // transactions that abort, while the guest writes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let aborters: Vec<_> = (0..3)
+        .map(|t| {
+            let (path, stop) = (s.qmp_path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut qmp = QmpClient::connect(&path).unwrap();
+                let mut n = t;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let change = if n % 2 == 0 {
+                        json!({"type": "block-dirty-bitmap-clear", "data": {"node": "disk0", "name": "b0"}})
+                    } else {
+                        json!({"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "b0"}})
+                    };
+                    let e = exec(
+                        &mut qmp,
+                        "transaction",
+                        json!({"actions": [change, {"type": "abort", "data": {}}]}),
+                    )
+                    .unwrap_err();
+                    assert_eq!(e, "Transaction aborted using Abort action");
+                    n += 1;
+                }
+                n / 3
+            })
+        })
+        .collect();
+    let mem = s.driver.mem.clone();
+    let q = &mut s.driver.queues[0];
+    // 64 MiB in 64 KiB writes, sixteen at a time.
+    let chunks = SIZE / 65536;
+    for batch in 0..chunks / 16 {
+        let data = vec![0x5au8; 65536];
+        let reqs: Vec<BlkRequest> = (0..16)
+            .map(|i| BlkRequest::new(q, &mem, 1, (batch * 16 + i) * 128, &data, 0))
+            .collect();
+        for r in &reqs {
+            q.submit(&mem, &r.descs);
+        }
+        q.kick();
+        let used = q.wait(&mem, 16);
+        assert!(reqs.iter().all(|r| r.outcome(&mem, used[0]).status == S_OK));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let aborted: u64 = aborters.into_iter().map(|t| t.join().unwrap()).sum();
+    let nodes = exec(&mut s.qmp, "query-named-block-nodes", json!({})).unwrap();
+    let disk0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk0")
+        .unwrap();
+    let b0 = &disk0["dirty-bitmaps"][0];
+    assert_eq!(b0["recording"], true);
+    assert_eq!(
+        b0["count"],
+        chunks * 65536,
+        "{aborted} aborted transactions lost bits of the guest's writes"
+    );
+}
+
+#[test]
+fn a_hard_delete_answers_every_request_the_frontend_submitted() {
+    let mut s = setup();
+    exec(
+        &mut s.qmp,
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "slow", "limits": {"iops-total": 20},
+               "file": {"driver": "null-co", "size": SIZE, "read-zeroes": true}}),
+    )
+    .unwrap();
+    let dir = TempDir::new("blkgraph-hard-delete").unwrap();
+    let path = dir.path().join("slow.sock");
+    exec(
+        &mut s.qmp,
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "slow", "node-name": "slow",
+               "addr": {"type": "unix", "path": path}}),
+    )
+    .unwrap();
+    let mut d = Driver::connect(&path, 1, false);
+    let mem = d.mem.clone();
+    let q = &mut d.queues[0];
+    // Twenty reads in flight at 20 IOPS: about a second of work.
+    let first: Vec<BlkRequest> = (0..20)
+        .map(|i| BlkRequest::new(q, &mem, 0, i * 8, &[], 4096))
+        .collect();
+    for r in &first {
+        q.submit(&mem, &r.descs);
+    }
+    q.kick();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let deleter = {
+        let path = s.qmp_path.clone();
+        std::thread::spawn(move || {
+            let mut qmp = QmpClient::connect(&path).unwrap();
+            exec(
+                &mut qmp,
+                "block-export-del",
+                json!({"id": "slow", "mode": "hard"}),
+            )
+        })
+    };
+    // Ten more while the delete drains the export: they are not started.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let second: Vec<BlkRequest> = (0..10)
+        .map(|i| BlkRequest::new(q, &mem, 0, 1000 + i * 8, &[], 4096))
+        .collect();
+    for r in &second {
+        q.submit(&mem, &r.descs);
+    }
+    q.kick();
+    // Every request gets an answer: those in flight complete, the queued
+    // ones fail; none is left hanging.
+    let used = q.wait(&mem, 30);
+    deleter.join().unwrap().unwrap();
+    let status = |r: &BlkRequest| r.outcome(&mem, used[0]).status;
+    assert!(first.iter().all(|r| status(r) == S_OK));
+    assert!(second.iter().all(|r| status(r) == S_IOERR));
+    serves_io(&mut s.driver, 6);
 }

@@ -598,3 +598,56 @@ fn graph_changes_under_a_serving_nbd_export_lose_nothing() {
     assert!(done >= 80, "only {done} rounds in {:?}", t.elapsed());
     let _ = &s.dir;
 }
+
+#[test]
+fn exports_added_during_drained_transactions_keep_serving() {
+    if DaemonKind::from_env() == DaemonKind::Qsd {
+        return; // blockdev-del in a transaction is blkgraph's
+    }
+    let mut s = setup(DaemonKind::Blkgraph);
+    let qmp_path = s.dir.path().join("qmp.sock");
+    // Another client runs transactions that drain the graph, back to back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drainer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut qmp = QmpClient::connect(&qmp_path).unwrap();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                exec(
+                    &mut qmp,
+                    "transaction",
+                    json!({"actions": [
+                        {"type": "blockdev-add", "data": {"driver": "null-co", "node-name": "tmp"}},
+                        {"type": "blockdev-del", "data": {"node-name": "tmp"}}]}),
+                )
+                .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    // Meanwhile exports come and go; each one serves.
+    for i in 0..1000 {
+        let name = format!("e{i}");
+        exec(
+            &mut s.qmp,
+            "block-export-add",
+            json!({"type": "nbd", "id": name, "node-name": "disk0", "name": name}),
+        )
+        .unwrap();
+        let mut c = Nbd::connect(unix(&s.nbd_sock), &name).unwrap();
+        check_pattern(&c.read(4096 * i, 4096), 4096 * i, SEED).unwrap();
+        drop(c);
+        exec(
+            &mut s.qmp,
+            "block-export-del",
+            json!({"id": name, "mode": "hard"}),
+        )
+        .unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(drainer.join().unwrap() > 0);
+    let mut c = Nbd::connect(unix(&s.nbd_sock), "disk0").unwrap();
+    check_pattern(&c.read(0, 4096), 0, SEED).unwrap();
+}
