@@ -51,7 +51,8 @@ pub struct DeviceLimits {
     pub block_size: u64,
     /// Whether writes are refused.
     pub read_only: bool,
-    /// Whether writes must be stable when they complete (`wce` = 0).
+    /// Whether writes and write-zeroes must be stable when they complete
+    /// (`writethrough=on`, or the guest set `wce` = 0).
     pub writethrough: bool,
 }
 
@@ -75,6 +76,7 @@ enum Op {
         offset: u64,
         len: u64,
         unmap: bool,
+        fua: bool,
     },
     /// Nothing to do but report this status.
     Done(u8),
@@ -355,10 +357,13 @@ impl Request {
         }
         let offset = sector * 512;
         if is_zeroes {
+            // As QEMU's block backend: without a write cache, every write,
+            // zeroes included, is FUA (discards are not writes).
             Op::WriteZeroes {
                 offset,
                 len: bytes,
                 unmap,
+                fua: limits.writethrough,
             }
         } else {
             Op::Discard { offset, len: bytes }
@@ -386,10 +391,15 @@ impl Request {
             }
             Op::Flush => ok(root.flush().await),
             Op::Discard { offset, len } => ok(root.discard(*offset, *len).await),
-            Op::WriteZeroes { offset, len, unmap } => {
+            Op::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                fua,
+            } => {
                 let flags = ZeroFlags {
                     may_unmap: *unmap,
-                    fua: false,
+                    fua: *fua,
                 };
                 ok(root.write_zeroes(*offset, *len, flags).await)
             }
