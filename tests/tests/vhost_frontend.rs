@@ -4,6 +4,10 @@
 
 mod frontend;
 
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
 use blkgraph_tests::{check_pattern, check_zeroes, fill_pattern, ImageInit, TestExport};
 use frontend::blk::*;
 use frontend::driver::{Desc, Driver};
@@ -405,4 +409,104 @@ fn memory_added_while_the_queue_polls_is_used() {
     assert_eq!(mem.read_obj::<u8>(status).unwrap(), S_OK);
     let r = read(q, &mem, 0, 4096);
     check_pattern(&r.data, 0, 9).unwrap();
+}
+
+/// Runs `request` with strace attached to every thread of process `pid`
+/// (`request` returns once the device completed it) and returns the
+/// calls it made that write data or make it stable, as strace lines
+/// without the thread id. strace stops a thread at each traced call until
+/// it has seen it, so every such call made before completion is there.
+fn traced_calls(pid: u32, log: &Path, request: impl FnOnce()) -> Vec<String> {
+    let mut strace = Command::new("strace")
+        .args(["-f", "-qq", "-e"])
+        .arg("trace=fdatasync,fsync,fallocate,pwrite64,pwritev,pwritev2")
+        .arg("-o")
+        .arg(log)
+        .arg("-p")
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run strace (apt-get install strace)");
+    let tracer = format!("TracerPid:\t{}", strace.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("daemon tasks");
+        let all_traced = tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("status"))
+                .is_ok_and(|status| status.lines().any(|l| l == tracer))
+        });
+        if all_traced {
+            break;
+        }
+        assert!(Instant::now() < deadline, "strace did not attach");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    request();
+    // SAFETY: kill(2) on our own child, not reaped yet; SIGTERM makes
+    // strace detach and flush its log.
+    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGTERM) };
+    strace.wait().expect("wait for strace");
+    std::fs::read_to_string(log)
+        .expect("strace log")
+        .lines()
+        .map(|l| l.split_once(' ').map_or(l, |(_, call)| call).to_string())
+        .filter(|call| !call.starts_with("<..."))
+        .collect()
+}
+
+fn syncs(call: &str) -> bool {
+    call.starts_with("fdatasync(") || call.starts_with("fsync(") || call.contains("RWF_DSYNC")
+}
+
+/// Whether the zeroes written by `calls` are stable: a sync after the last
+/// fallocate, or every fallback write is a synchronous one.
+fn zeroes_are_stable(calls: &[String]) -> bool {
+    let last_fallocate = calls.iter().rposition(|c| c.starts_with("fallocate("));
+    let after = &calls[last_fallocate.map_or(0, |i| i + 1)..];
+    let writes: Vec<_> = calls.iter().filter(|c| c.starts_with("pwrite")).collect();
+    after.iter().any(|c| syncs(c)) || (!writes.is_empty() && writes.iter().all(|c| syncs(c)))
+}
+
+fn write_zeroes_traced(t: &TestExport, d: &mut Driver, sector: u64, flags: u32) -> Vec<String> {
+    let log = t.dir.path().join(format!("strace-{sector}.log"));
+    let mem = d.mem.clone();
+    let q = &mut d.queues[0];
+    traced_calls(t.daemon.pid(), &log, || {
+        let seg = segment(sector, 64, flags);
+        assert_eq!(simple(q, &mem, T_WRITE_ZEROES, &seg).status, S_OK);
+    })
+}
+
+/// Without a write cache (`writethrough=on`, or the guest turned it off)
+/// QEMU's block backend makes every write FUA, write-zeroes included:
+/// they must be stable when they complete, as plain writes are. With
+/// `aio=threads` the system calls show it.
+#[test]
+fn write_zeroes_are_stable_without_a_write_cache() {
+    let t = export(|o| o.aio = "threads".into());
+    let mut d = Driver::connect(t.socket(), 1, true);
+    let calls = write_zeroes_traced(&t, &mut d, 0, 0);
+    assert!(calls
+        .iter()
+        .any(|c| c.starts_with("fallocate(") || c.starts_with("pwrite")));
+    assert!(!calls.iter().any(|c| syncs(c)), "writeback: {calls:#?}");
+
+    d.set_wce(false);
+    for (sector, flags) in [(64, 0), (128, FLAG_UNMAP)] {
+        let calls = write_zeroes_traced(&t, &mut d, sector, flags);
+        assert!(
+            zeroes_are_stable(&calls),
+            "wce=0, flags {flags}: {calls:#?}"
+        );
+    }
+    drop(d);
+
+    let t = export(|o| {
+        o.aio = "threads".into();
+        o.export_extra = "writethrough=on".into();
+    });
+    let mut d = Driver::connect(t.socket(), 1, true);
+    let calls = write_zeroes_traced(&t, &mut d, 0, 0);
+    assert!(zeroes_are_stable(&calls), "writethrough=on: {calls:#?}");
 }

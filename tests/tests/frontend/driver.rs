@@ -13,6 +13,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::virtio_blk_config;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -328,6 +329,15 @@ impl Driver {
         let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
         self.frontend.add_mem_region(&info).expect("add_mem_region");
         mem
+    }
+
+    /// Turns the device's write cache on or off, as a guest does by writing
+    /// the `wce` byte of the configuration space (CONFIG_WCE).
+    pub fn set_wce(&mut self, on: bool) {
+        let offset = std::mem::offset_of!(virtio_blk_config, wce) as u32;
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::empty(), &[u8::from(on)])
+            .expect("set_config");
     }
 
     /// The capacity in 512-byte sectors, from the configuration space.
