@@ -65,9 +65,11 @@ mod json;
 mod request;
 mod server;
 mod session;
+mod socket;
 
 pub use client::{ClientError, QmpClient};
 pub use dispatcher::Dispatcher;
 pub use error::{ErrorClass, QmpError};
 pub use events::Events;
 pub use server::{QmpServer, MAX_MESSAGE_SIZE};
+pub use socket::bind_unix_socket;

@@ -6,14 +6,11 @@
 //! that stops reading fills its queue and is disconnected by the next event,
 //! or by the write timeout, without blocking anybody else.
 
-use std::fs;
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -25,6 +22,7 @@ use crate::decoder::{Decoder, Item};
 use crate::dispatcher::Dispatcher;
 use crate::events::{Events, Line};
 use crate::session::{error_line, greeting_line, Session};
+use crate::socket::bind_unix_socket;
 
 /// The longest message a client may send, in bytes (10 MiB, the same as the
 /// line limit of Python's `qemu.qmp`).
@@ -47,43 +45,12 @@ pub struct QmpServer {
 }
 
 impl QmpServer {
-    /// Binds a unix socket at `path` (replacing a stale socket file), mode
-    /// 0600.
-    ///
-    /// Fails with `AddrInUse` if a server answers on `path`, and with
-    /// `AlreadyExists` if `path` exists and is not a socket. The socket is
-    /// created under a temporary name, restricted to 0600, then renamed to
-    /// `path`, so it is never reachable with a wider mode.
+    /// Binds a unix socket at `path` with [`bind_unix_socket`]: mode
+    /// 0600, replacing a stale socket file, refusing a live socket
+    /// (`AddrInUse`) or a file that is not a socket (`AlreadyExists`).
     pub fn bind(path: &Path) -> io::Result<QmpServer> {
-        check_existing(path)?;
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let tmp = path.with_file_name(format!(
-            ".qmp-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let listener = match UnixListener::bind(&tmp) {
-            Ok(listener) => {
-                let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
-                    .and_then(|()| fs::rename(&tmp, path));
-                if let Err(e) = placed {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(e);
-                }
-                listener
-            }
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                // The temporary name is too long for sockaddr_un, while
-                // `path` may not be: bind in place.
-                remove_stale(path)?;
-                let listener = UnixListener::bind(path)?;
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
-                listener
-            }
-            Err(e) => return Err(e),
-        };
         Ok(QmpServer {
-            listener,
+            listener: bind_unix_socket(path)?,
             path: Some(path.to_path_buf()),
         })
     }
@@ -158,42 +125,6 @@ impl QmpServer {
                 log::warn!("QMP client {clients}: cannot start a thread: {e}");
             }
         }
-    }
-}
-
-/// Refuses to replace a live socket or a file that is not a socket.
-fn check_existing(path: &Path) -> io::Result<()> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
-        ));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("{} is in use by a running server", path.display()),
-        )),
-        // Nobody listens: stale.
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io::Error::new(
-            e.kind(),
-            format!("{}: cannot check whether it is stale: {e}", path.display()),
-        )),
-    }
-}
-
-/// Removes a stale socket file (see [`check_existing`]).
-fn remove_stale(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
     }
 }
 
@@ -329,6 +260,8 @@ fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir =
@@ -339,37 +272,15 @@ mod tests {
     }
 
     #[test]
-    fn bind_sets_mode_and_replaces_stale_socket() {
+    fn bind_creates_an_owner_only_socket() {
         let dir = temp_dir("bind");
         let path = dir.join("qmp.sock");
-        // A stale socket: bound, then its listener closed.
-        drop(UnixListener::bind(&path).unwrap());
         let server = QmpServer::bind(&path).unwrap();
         assert_eq!(server.path(), Some(path.as_path()));
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        UnixStream::connect(&path).unwrap();
-        // Only the socket is left in the directory.
-        let names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("qmp.sock")]);
-        // A live socket is not taken over.
         let err = QmpServer::bind(&path).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-        drop(server);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn bind_refuses_to_replace_other_files() {
-        let dir = temp_dir("file");
-        let path = dir.join("data");
-        fs::write(&path, b"keep me").unwrap();
-        let err = QmpServer::bind(&path).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
-        assert_eq!(fs::read(&path).unwrap(), b"keep me");
         fs::remove_dir_all(&dir).unwrap();
     }
 
