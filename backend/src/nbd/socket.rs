@@ -122,14 +122,9 @@ impl Listener {
                 if path.as_os_str().is_empty() {
                     return Err("Parameter 'path' must not be empty".into());
                 }
-                // A stale socket from an earlier run is replaced, as QEMU does.
-                if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_socket()
-                }) {
-                    let _ = std::fs::remove_file(path);
-                }
-                UnixListener::bind(path)
+                // A stale socket from an earlier run is replaced, as QEMU
+                // does; a live one or another file is left alone.
+                blkgraph_ctl::bind_unix_socket(path)
                     .map(Listener::Unix)
                     .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))
             }

@@ -175,12 +175,19 @@ pub fn start(graph: &Graph, options: Options) -> Result<Arc<VhostUserBlkExport>,
         logical_block_size: block_size,
         poll: std::time::Duration::from_micros(u64::from(opts.poll_us.unwrap_or(DEFAULT_POLL_US))),
     };
+    // The listener leaves its socket file behind: remove it on failure.
+    let unbind = |e: ExportError| {
+        if let Some(path) = &socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+        detach(e)
+    };
     let device = Arc::new(
         VhostUserBlkDevice::new(edge, gate, device_options)
-            .map_err(|e| detach(ExportError::Setup(format!("cannot create the device: {e}"))))?,
+            .map_err(|e| unbind(ExportError::Setup(format!("cannot create the device: {e}"))))?,
     );
     let server = server::spawn(device.clone(), listener, opts.id.clone()).map_err(|e| {
-        detach(ExportError::Setup(format!(
+        unbind(ExportError::Setup(format!(
             "cannot start the export thread: {e}"
         )))
     })?;

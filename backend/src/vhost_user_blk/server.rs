@@ -14,12 +14,11 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::device::VhostUserBlkDevice;
 
-/// Binds the socket at `path` (replacing a stale one) with mode 0600.
+/// Binds the socket at `path` with mode 0600, replacing a stale one (see
+/// [`blkgraph_ctl::bind_unix_socket`]). The listener does not remove the
+/// socket when dropped: whoever bound it does.
 pub fn bind(path: &Path) -> io::Result<Listener> {
-    let listener = Listener::new(path, true).map_err(|e| io::Error::other(format!("{e}")))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    blkgraph_ctl::bind_unix_socket(path).map(Listener::from)
 }
 
 #[derive(Default)]
