@@ -12,6 +12,7 @@ use blkgraph_ctl::{Dispatcher, Events, QmpServer};
 use crate::cli::Config;
 use crate::control::{self, Control};
 use crate::exports::Exports;
+use crate::pidfile::PidFile;
 use crate::signals;
 
 /// The image of the embedded default.
@@ -94,8 +95,10 @@ fn add_object(graph: &Graph, options: &mut Options) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// What the daemon removes when it exits: its sockets, then its pid file
+/// (the lock goes with it).
 struct Cleanup {
-    pidfile: Option<PathBuf>,
+    pidfile: Option<PidFile>,
     sockets: Vec<PathBuf>,
 }
 
@@ -104,15 +107,21 @@ impl Drop for Cleanup {
         for s in &self.sockets {
             let _ = std::fs::remove_file(s);
         }
-        if let Some(p) = &self.pidfile {
-            let _ = std::fs::remove_file(p);
-        }
+        // The pid file is removed when the field drops, after this.
     }
 }
 
 /// Runs the daemon until SIGTERM, SIGINT or SIGHUP.
 pub fn run(mut config: Config) -> Result<(), String> {
     signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
+    // Before anything else: a daemon refused here has touched nothing of
+    // the one that holds the lock, neither its sockets nor its pid file.
+    let pidfile = config
+        .pidfile
+        .as_deref()
+        .map(PidFile::lock)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     if config.embedded_default {
         embedded_default(&mut config)?;
     }
@@ -124,7 +133,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         graph.add(options).map_err(|e| e.to_string())?;
     }
     let mut cleanup = Cleanup {
-        pidfile: None,
+        pidfile,
         sockets: Vec::new(),
     };
     let exports = Arc::new(Exports::new(graph.clone()));
@@ -163,10 +172,8 @@ pub fn run(mut config: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot start the QMP server: {e}"))?;
     }
     let qmp_sockets = config.qmp_sockets.clone();
-    if let Some(pidfile) = &config.pidfile {
-        std::fs::write(pidfile, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("cannot write pid file {}: {e}", pidfile.display()))?;
-        cleanup.pidfile = Some(pidfile.clone());
+    if let Some(pidfile) = &mut cleanup.pidfile {
+        pidfile.write_pid().map_err(|e| e.to_string())?;
     }
     if config.embedded_default {
         println!("{}", attach_hint(Path::new(DEFAULT_SOCKET)));

@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod export;
 pub mod exports;
 pub mod nbd;
+mod pidfile;
 mod signals;
 pub mod vhost_user_blk;

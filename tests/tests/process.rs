@@ -1,11 +1,15 @@
-//! The daemon as a process: the modes of the sockets it creates.
+//! The daemon as a process: its pid file lock and the modes of the sockets
+//! it creates.
 
 mod frontend;
 mod qmp;
 
 use std::ffi::OsString;
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use blkgraph_ctl::QmpClient;
 use blkgraph_tests::{Daemon, DaemonKind, ExportOptions, TempDir};
@@ -50,9 +54,10 @@ impl Sockets {
 
 /// A blkgraph daemon with every kind of socket.
 struct Running {
-    _daemon: Daemon,
+    daemon: Daemon,
     sockets: Sockets,
-    _dir: TempDir,
+    image: PathBuf,
+    dir: TempDir,
 }
 
 fn start() -> Running {
@@ -68,9 +73,28 @@ fn start() -> Running {
     )
     .unwrap();
     Running {
-        _daemon: daemon,
+        daemon,
         sockets,
-        _dir: dir,
+        image,
+        dir,
+    }
+}
+
+impl Running {
+    /// The pid file `Daemon::start` gave it.
+    fn pidfile(&self) -> PathBuf {
+        self.dir.path().join("daemon.pid")
+    }
+
+    /// Ends the daemon with SIGTERM: it exits 0 and leaves neither its
+    /// sockets nor its pid file behind.
+    fn stop_cleanly(mut self) {
+        let status = self.daemon.stop().expect("exit status");
+        assert!(status.success(), "{status}: {}", self.daemon.log_contents());
+        for path in self.sockets.all() {
+            assert!(!path.exists(), "{} is left", path.display());
+        }
+        assert!(!self.pidfile().exists(), "the pid file is left");
     }
 }
 
@@ -93,4 +117,45 @@ fn every_socket_is_owner_only() {
         assert_eq!(mode, 0o600, "{}", path.display());
     }
     assert_serving(&r);
+    r.stop_cleanly();
+}
+
+/// A second daemon given the same pid file (and sockets of its own) exits
+/// 1 with QSD's message before it creates anything; the first keeps
+/// serving and keeps its pid file until it exits.
+#[test]
+fn a_second_daemon_with_the_same_pidfile_is_refused() {
+    let r = start();
+    let pid = fs::read_to_string(r.pidfile()).unwrap();
+    let second = Sockets::new(r.dir.path(), "second");
+    let mut child = Command::new(DaemonKind::Blkgraph.binary())
+        .args(second.args(&r.image))
+        .arg("--pidfile")
+        .arg(r.pidfile())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the second daemon runs beside the first");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "blkgraph: cannot create PID file: Cannot lock pid file: Resource temporarily unavailable\n"
+    );
+    for path in second.all() {
+        assert!(!path.exists(), "{} was created", path.display());
+    }
+    assert_eq!(fs::read_to_string(r.pidfile()).unwrap(), pid);
+    assert_serving(&r);
+    r.stop_cleanly();
 }
