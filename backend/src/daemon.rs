@@ -114,6 +114,7 @@ impl Drop for Cleanup {
 /// Runs the daemon until SIGTERM, SIGINT or SIGHUP.
 pub fn run(mut config: Config) -> Result<(), String> {
     signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
+    signals::ignore().map_err(|e| format!("cannot ignore signals: {e}"))?;
     // Before anything else: a daemon refused here has touched nothing of
     // the one that holds the lock, neither its sockets nor its pid file.
     let pidfile = config

@@ -1,5 +1,5 @@
-//! The daemon as a process: its pid file lock and the modes of the sockets
-//! it creates.
+//! The daemon as a process: its pid file lock, the modes of the sockets it
+//! creates, and the signals it ignores or exits on.
 
 mod frontend;
 mod qmp;
@@ -156,6 +156,37 @@ fn a_second_daemon_with_the_same_pidfile_is_refused() {
         assert!(!path.exists(), "{} was created", path.display());
     }
     assert_eq!(fs::read_to_string(r.pidfile()).unwrap(), pid);
+    assert_serving(&r);
+    r.stop_cleanly();
+}
+
+/// Signals whose default action would kill the daemon and leave its
+/// sockets and pid file behind are ignored; SIGTERM still ends it cleanly.
+#[test]
+fn signals_it_has_no_use_for_are_ignored() {
+    let mut r = start();
+    let mut signals = vec![
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGPIPE,
+        libc::SIGALRM,
+        libc::SIGPROF,
+        libc::SIGVTALRM,
+        libc::SIGIO,
+        libc::SIGPWR,
+        libc::SIGSTKFLT,
+        libc::SIGXFSZ,
+    ];
+    signals.extend([libc::SIGRTMIN(), libc::SIGRTMIN() + 3, libc::SIGRTMAX()]);
+    for signal in signals {
+        // SAFETY: kill(2) on our own child, which has not been reaped.
+        let ret = unsafe { libc::kill(r.daemon.pid() as libc::pid_t, signal) };
+        assert_eq!(ret, 0);
+        std::thread::sleep(Duration::from_millis(20));
+        if let Some(status) = r.daemon.try_exit_status() {
+            panic!("signal {signal} ended the daemon: {status}");
+        }
+    }
     assert_serving(&r);
     r.stop_cleanly();
 }
