@@ -16,6 +16,10 @@ pub enum Error {
     DuplicateNodeName(String),
     /// The node-name is not a valid identifier.
     InvalidNodeName(String),
+    /// The node-name is longer than [`crate::MAX_NODE_NAME_LEN`].
+    NodeNameTooLong,
+    /// The node would be larger than [`crate::MAX_LENGTH`].
+    TooLarge,
     /// A file could not be opened.
     Open {
         /// The file name as given.
@@ -40,6 +44,9 @@ impl fmt::Display for Error {
             Error::NodeNotFound(n) => write!(f, "Cannot find device='' nor node-name='{n}'"),
             Error::DuplicateNodeName(n) => write!(f, "Duplicate nodes with node-name='{n}'"),
             Error::InvalidNodeName(n) => write!(f, "Invalid node-name: '{n}'"),
+            Error::NodeNameTooLong => f.write_str("Node name too long"),
+            // QEMU's words: the open fails refreshing the size, with EFBIG.
+            Error::TooLarge => f.write_str("Could not refresh total sector count: File too large"),
             Error::Open { filename, source } => write!(f, "Could not open '{filename}': {source}"),
             Error::OpenFailed(text) => f.write_str(text),
             Error::InUse(text) | Error::Permission(text) => f.write_str(text),

@@ -36,6 +36,7 @@ pub use buffer::{IoBuffer, IoSegment};
 pub use child::Child;
 pub use drain::DrainParent;
 pub use driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+pub use drivers::{MAX_LENGTH, MAX_NODE_NAME_LEN};
 pub use error::Error;
 pub use graph::{Graph, GraphView};
 pub use node::{DiscardMode, Node};

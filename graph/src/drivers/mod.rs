@@ -163,6 +163,9 @@ impl Staging<'_> {
                 if self.lookup(name).is_some() {
                     return Err(Error::DuplicateNodeName(name.clone()));
                 }
+                if name.len() > MAX_NODE_NAME_LEN {
+                    return Err(Error::NodeNameTooLong);
+                }
                 name.clone()
             }
             None if parent.is_some() => {
@@ -184,6 +187,9 @@ impl Staging<'_> {
             children: Vec::new(),
         };
         let driver = (entry.open)(&mut ctx, options)?;
+        if driver.size() > MAX_LENGTH {
+            return Err(Error::TooLarge);
+        }
         let OpenContext {
             common, children, ..
         } = ctx;
@@ -296,9 +302,48 @@ fn prefix_key(text: &str, role: &str) -> String {
 }
 
 /// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
+/// A node-name must also be at most [`MAX_NODE_NAME_LEN`] bytes long.
 pub fn valid_node_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
-        && name.len() < 128
+}
+
+/// The longest node-name, in bytes: QEMU keeps node-names in 32 bytes
+/// with the terminating NUL.
+pub const MAX_NODE_NAME_LEN: usize = 31;
+
+/// The largest size of a node, in bytes: QEMU's `BDRV_MAX_LENGTH`, the
+/// largest `i64` rounded down to its largest alignment (1 GiB). Offsets
+/// and lengths within a node fit in an `i64`, so adding two never wraps.
+pub const MAX_LENGTH: u64 = i64::MAX as u64 & !((1 << 30) - 1);
+
+#[cfg(test)]
+mod tests {
+    use crate::{Graph, Options, MAX_NODE_NAME_LEN};
+
+    /// QEMU's node-name rules and texts: well-formed first, then unique,
+    /// then at most 31 bytes.
+    #[test]
+    fn node_names_are_checked_as_qemu_does() {
+        let graph = Graph::new();
+        let add = |name: &str| {
+            let arg = format!("driver=null-co,node-name={name}");
+            graph.add(Options::from_arg(&arg, None).unwrap())
+        };
+        let longest = "a".repeat(MAX_NODE_NAME_LEN);
+        add(&longest).unwrap();
+        let e = add(&longest).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("Duplicate nodes with node-name='{longest}'")
+        );
+        for long in ["b".repeat(32), "c".repeat(200)] {
+            assert_eq!(add(&long).unwrap_err().to_string(), "Node name too long");
+        }
+        let bad = format!("1{}", "d".repeat(40));
+        let e = add(&bad).unwrap_err();
+        assert_eq!(e.to_string(), format!("Invalid node-name: '{bad}'"));
+        assert_eq!(graph.nodes().len(), 1);
+    }
 }

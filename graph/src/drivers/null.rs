@@ -84,7 +84,43 @@ impl BlockDriver for Null {
 #[cfg(test)]
 mod tests {
     use crate::aio::block_on;
-    use crate::{Graph, IoBuffer, Options};
+    use crate::{Graph, IoBuffer, Options, WriteFlags, ZeroFlags, MAX_LENGTH};
+
+    /// Sizes up to QEMU's limit are taken, larger ones refused with its
+    /// text; requests at and past the end of the largest node fail
+    /// without wrapping around.
+    #[test]
+    fn sizes_up_to_qemus_limit() {
+        let graph = Graph::new();
+        for size in [MAX_LENGTH + 1, MAX_LENGTH + 512, i64::MAX as u64, u64::MAX] {
+            let arg = format!("driver=null-co,node-name=n,size={size}");
+            let e = graph
+                .add(Options::from_arg(&arg, None).unwrap())
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "Could not refresh total sector count: File too large"
+            );
+        }
+        assert!(graph.nodes().is_empty());
+        let arg = format!("driver=null-co,node-name=n,size={MAX_LENGTH},read-zeroes=on");
+        let node = graph.add(Options::from_arg(&arg, None).unwrap()).unwrap();
+        assert_eq!(node.size(), MAX_LENGTH);
+        let buf = IoBuffer::from_vec(vec![1u8; 4096]);
+        block_on(async {
+            node.read(MAX_LENGTH - 4096, &buf).await.unwrap();
+            for offset in [MAX_LENGTH - 4095, MAX_LENGTH, u64::MAX - 100, u64::MAX] {
+                assert!(node.read(offset, &buf).await.is_err());
+                let flags = WriteFlags::default();
+                assert!(node.write(offset, &buf, flags).await.is_err());
+                assert!(node.discard(offset, u64::MAX).await.is_err());
+                let zero = ZeroFlags::default();
+                assert!(node.write_zeroes(offset, u64::MAX, zero).await.is_err());
+                assert!(node.block_status(offset, u64::MAX).await.is_err());
+            }
+        })
+        .unwrap();
+    }
 
     #[test]
     fn reads_zeroes_when_asked() {

@@ -39,7 +39,7 @@ fn open(
     let file_size = file.node().size();
     if opts.offset > file_size {
         return Err(Error::OpenFailed(format!(
-            "The sum of offset ({}) and size (0) has to be smaller or equal to the actual size of the containing file ({file_size})",
+            "Offset ({}) cannot be greater than size of the containing file ({file_size})",
             opts.offset
         )));
     }
@@ -49,8 +49,9 @@ fn open(
         .checked_add(size)
         .is_none_or(|end| end > file_size)
     {
+        // (sic: QEMU's text has two spaces before "actual".)
         return Err(Error::OpenFailed(format!(
-            "The sum of offset ({}) and size ({size}) has to be smaller or equal to the actual size of the containing file ({file_size})",
+            "The sum of offset ({}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({file_size})",
             opts.offset
         )));
     }
@@ -143,6 +144,38 @@ mod tests {
         let img = std::fs::read(&path).unwrap();
         assert!(img[4096 + 512..4096 + 1024].iter().all(|&b| b == 0xab));
         assert_eq!(img[4096 + 511], 0);
+    }
+
+    /// Huge offsets and sizes are refused with QEMU's texts; nothing wraps.
+    #[test]
+    fn huge_windows_are_refused() {
+        let graph = Graph::new();
+        graph
+            .add(Options::from_arg("driver=null-co,node-name=f,size=1M", None).unwrap())
+            .unwrap();
+        let max = u64::MAX;
+        for (arg, text) in [
+            (
+                format!("offset={max}"),
+                format!("Offset ({max}) cannot be greater than size of the containing file (1048576)"),
+            ),
+            (
+                format!("size={max}"),
+                format!("The sum of offset (0) and size ({max}) has to be smaller or equal to the  actual size of the containing file (1048576)"),
+            ),
+            (
+                format!("offset=512,size={}", max - 511),
+                format!("The sum of offset (512) and size ({}) has to be smaller or equal to the  actual size of the containing file (1048576)", max - 511),
+            ),
+        ] {
+            let arg = format!("driver=raw,node-name=r,file=f,{arg}");
+            let e = graph.add(Options::from_arg(&arg, None).unwrap()).unwrap_err();
+            assert_eq!(e.to_string(), text);
+        }
+        let r = graph
+            .add(Options::from_arg("driver=raw,node-name=r,file=f,offset=1M", None).unwrap())
+            .unwrap();
+        assert_eq!(r.size(), 0);
     }
 
     #[test]
