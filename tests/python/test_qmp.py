@@ -825,6 +825,16 @@ BAD_ARGUMENTS = {
 }
 
 
+async def refused(qmp: QMPClient, command: str, arguments: dict) -> str:
+    """Runs a command that must fail with GenericError and change nothing; returns the text."""
+    before = await state(qmp)
+    with pytest.raises(ExecuteError) as err:
+        await qmp.execute(command, arguments)
+    assert err.value.error_class == "GenericError"
+    assert await state(qmp) == before
+    return str(err.value)
+
+
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_arguments(daemon, daemon_kind, case):
     """An unexpected, missing or wrongly typed key: GenericError naming the key, no change."""
@@ -835,19 +845,95 @@ def test_bad_arguments(daemon, daemon_kind, case):
     async def run():
         qmp = await connect(daemon.qmp)
         try:
-            before = await state(qmp)
-            with pytest.raises(ExecuteError) as err:
-                await qmp.execute(command, arguments)
-            assert err.value.error_class == "GenericError"
-            desc = str(err.value)
+            desc = await refused(qmp, command, arguments)
             assert key_named(desc, key), f"{desc!r} does not name {key!r}"
-            assert await state(qmp) == before
             if command == "object-add":
                 # The object was not half-created: its id is still free.
                 await qmp.execute("object-add", THROTTLE_GROUP)
                 await qmp.execute("object-del", {"id": THROTTLE_GROUP["id"]})
             if command == "block-export-add":
                 assert not os.path.exists(EXPORT["addr"]["path"])
+        finally:
+            await qmp.disconnect()
+
+    asyncio.run(run())
+
+
+# QEMU's BDRV_MAX_LENGTH: the largest int64 rounded down to 1 GiB.
+MAX_LENGTH = (2**63 - 1) & ~(2**30 - 1)
+TOO_LARGE = "Could not refresh total sector count: File too large"
+MIB_FILE = {"driver": "null-co", "size": 1 << 20}
+
+
+def raw_window(**window) -> dict:
+    return {"driver": "raw", "node-name": "raw9", "file": MIB_FILE, **window}
+
+
+# blockdev-add arguments, QEMU's exact error text, and whether only blkgraph
+# gives that text (QSD refuses integers above INT64_MAX as the wrong type).
+BAD_VALUES = {
+    "node-name-32-bytes": ({**NULL, "node-name": "n" * 32}, "Node name too long", False),
+    "node-name-200-bytes": ({**NULL, "node-name": "n" * 200}, "Node name too long", False),
+    "null-size-above-max": ({**NULL, "size": MAX_LENGTH + 1}, TOO_LARGE, False),
+    "null-size-int64-max": ({**NULL, "size": 2**63 - 1}, TOO_LARGE, False),
+    "null-size-uint64-max": ({**NULL, "size": 2**64 - 1}, TOO_LARGE, True),
+    "raw-offset-past-the-file": (
+        raw_window(offset=2**63 - 1),
+        "Offset (9223372036854775807) cannot be greater than size of the containing file "
+        "(1048576)",
+        False,
+    ),
+    "raw-offset-uint64-max": (
+        raw_window(offset=2**64 - 1),
+        "Offset (18446744073709551615) cannot be greater than size of the containing file "
+        "(1048576)",
+        True,
+    ),
+    # (sic: two spaces before "actual", as QEMU writes it)
+    "raw-window-past-the-file": (
+        raw_window(offset=512, size=2**63 - 1),
+        "The sum of offset (512) and size (9223372036854775807) has to be smaller or equal "
+        "to the  actual size of the containing file (1048576)",
+        False,
+    ),
+    "raw-window-end-wraps": (
+        raw_window(offset=512, size=2**64 - 512),
+        "The sum of offset (512) and size (18446744073709551104) has to be smaller or equal "
+        "to the  actual size of the containing file (1048576)",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_values(daemon, daemon_kind, case):
+    """Node names and sizes beyond QEMU's limits: its texts, no change."""
+    arguments, text, needs_blkgraph = BAD_VALUES[case]
+    if needs_blkgraph:
+        blkgraph_only(daemon_kind)
+
+    async def run():
+        qmp = await connect(daemon.qmp)
+        try:
+            assert await refused(qmp, "blockdev-add", arguments) == text
+        finally:
+            await qmp.disconnect()
+
+    asyncio.run(run())
+
+
+def test_largest_values(daemon, daemon_kind):
+    """A 31-byte node-name and a node of QEMU's largest size are fine."""
+
+    async def run():
+        qmp = await connect(daemon.qmp)
+        try:
+            name = "n" * 31
+            await qmp.execute("blockdev-add", {**NULL, "node-name": name, "size": MAX_LENGTH})
+            nodes = await qmp.execute("query-named-block-nodes")
+            node = next(n for n in nodes if n["node-name"] == name)
+            assert node["image"]["virtual-size"] == MAX_LENGTH
+            await qmp.execute("blockdev-del", {"node-name": name})
         finally:
             await qmp.disconnect()
 
