@@ -510,3 +510,35 @@ fn write_zeroes_are_stable_without_a_write_cache() {
     let calls = write_zeroes_traced(&t, &mut d, 0, 0);
     assert!(zeroes_are_stable(&calls), "writethrough=on: {calls:#?}");
 }
+
+/// The daemon's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn reconnecting_frontends_leak_no_descriptor() {
+    let t = export(|o| o.num_queues = 2);
+    let mut session = |n: u64| {
+        let mut d = Driver::connect(t.socket(), 2, n % 2 == 0);
+        let mem = d.mem.clone();
+        assert_eq!(read(&mut d.queues[1], &mem, n, 512).status, S_OK);
+    };
+    session(0);
+    // Let the first session's teardown finish before counting.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = open_fds(t.daemon.pid());
+    for n in 1..=100 {
+        session(n);
+    }
+    let mut after = open_fds(t.daemon.pid());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while after > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        after = open_fds(t.daemon.pid());
+    }
+    assert!(
+        after <= before,
+        "100 sessions took the daemon from {before} to {after} descriptors"
+    );
+}

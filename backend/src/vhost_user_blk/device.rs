@@ -13,10 +13,11 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
+
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::config::{BlkConfig, WCE_OFFSET};
 use super::request::{DeviceLimits, GuestMemory};
@@ -55,6 +56,8 @@ pub struct VhostUserBlkDevice {
     event_idx: AtomicBool,
     memory: GuestMemoryAtomic<GuestMemory>,
     workers: Vec<Arc<QueueSource>>,
+    /// Per queue thread, the eventfd that ends it, kept across sessions.
+    exit_events: Vec<EventFd>,
 }
 
 impl VhostUserBlkDevice {
@@ -72,6 +75,9 @@ impl VhostUserBlkDevice {
         for w in &workers {
             gate.add_source(w.clone() as Arc<dyn Source>);
         }
+        let exit_events = (0..options.num_queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC))
+            .collect::<io::Result<_>>()?;
         Ok(VhostUserBlkDevice {
             options,
             root,
@@ -81,6 +87,7 @@ impl VhostUserBlkDevice {
             event_idx: AtomicBool::new(false),
             memory: GuestMemoryAtomic::new(GuestMemory::new()),
             workers,
+            exit_events,
         })
     }
 
@@ -243,8 +250,22 @@ impl VhostUserBackend for VhostUserBlkDevice {
         (0..self.options.num_queues).map(|i| 1 << i).collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    /// The thread's persistent eventfd: vhost-user-backend 0.24 turns the
+    /// consumer into a raw descriptor for its epoll and never closes it, so
+    /// a new eventfd per session leaked one descriptor per queue and
+    /// connection. The notifier is a duplicate, which the session closes.
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let event = self.exit_events.get(thread_index)?;
+        // An exit request of the previous session must not end this one.
+        let _ = event.read();
+        let notifier = event.try_clone().ok()?;
+        // SAFETY: the descriptor stays open for the device's lifetime; the
+        // crate (pinned to 0.24.0) converts this consumer into a raw
+        // descriptor without closing it, so it is never closed twice.
+        let consumer = unsafe { EventConsumer::from_raw_fd(event.as_raw_fd()) };
+        // SAFETY: `notifier` is a duplicate owned by nothing else.
+        let notifier = unsafe { EventNotifier::from_raw_fd(notifier.into_raw_fd()) };
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
