@@ -513,14 +513,16 @@ fn write_zeroes_are_stable_without_a_write_cache() {
 
 /// The daemon's open file descriptors.
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 #[test]
 fn reconnecting_frontends_leak_no_descriptor() {
     let t = export(|o| o.num_queues = 2);
-    let mut session = |n: u64| {
-        let mut d = Driver::connect(t.socket(), 2, n % 2 == 0);
+    let session = |n: u64| {
+        let mut d = Driver::connect(t.socket(), 2, n.is_multiple_of(2));
         let mem = d.mem.clone();
         assert_eq!(read(&mut d.queues[1], &mem, n, 512).status, S_OK);
     };
@@ -541,4 +543,31 @@ fn reconnecting_frontends_leak_no_descriptor() {
         after <= before,
         "100 sessions took the daemon from {before} to {after} descriptors"
     );
+}
+
+#[test]
+fn memory_regions_must_fit_their_file_and_the_slot_count() {
+    let t = export(|_| {});
+    // A 1 TiB region over a 1 MiB file: a descriptor past the file's end
+    // would fault the daemon. Refused (the session ends, as on any failed
+    // request), and the daemon goes on.
+    let mut d = Driver::connect(t.socket(), 1, false);
+    let e = d.try_add_region(1 << 40, 1 << 40, MIB);
+    assert!(e.is_err(), "a region larger than its file was accepted");
+    drop(d);
+    assert_serving(&mut Driver::connect(t.socket(), 1, false));
+    // GET_MAX_MEM_SLOTS says 509: the 510th region is refused.
+    let mut d = Driver::connect(t.socket(), 1, false);
+    let mut added = 1; // the memory table's region
+    for i in 0..600u64 {
+        if d.try_add_region((1 << 32) + i * 0x10000, 0x10000, 0x10000)
+            .is_err()
+        {
+            break;
+        }
+        added += 1;
+    }
+    assert_eq!(added, 509);
+    drop(d);
+    assert_serving(&mut Driver::connect(t.socket(), 1, true));
 }

@@ -6,14 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blkgraph_graph::{Child, Node};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryAtomic;
-use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -26,6 +26,10 @@ use crate::export::{PauseGate, Source};
 
 /// Largest queue a driver may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Memory regions a frontend may map: what vhost-user-backend answers to
+/// GET_MAX_MEM_SLOTS (its own limit is not public).
+const MAX_MEM_SLOTS: usize = 509;
 
 /// What an export asks of its device.
 #[derive(Clone, Debug)]
@@ -55,6 +59,8 @@ pub struct VhostUserBlkDevice {
     acked_features: AtomicU64,
     event_idx: AtomicBool,
     memory: GuestMemoryAtomic<GuestMemory>,
+    /// The memory map last accepted, to put back over a refused one.
+    accepted_memory: Mutex<Arc<GuestMemory>>,
     workers: Vec<Arc<QueueSource>>,
     /// Per queue thread, the eventfd that ends it, kept across sessions.
     exit_events: Vec<EventFd>,
@@ -86,6 +92,7 @@ impl VhostUserBlkDevice {
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             memory: GuestMemoryAtomic::new(GuestMemory::new()),
+            accepted_memory: Mutex::new(Arc::new(GuestMemory::new())),
             workers,
             exit_events,
         })
@@ -171,6 +178,7 @@ impl VhostUserBlkDevice {
         // The next frontend maps its own memory; the regions of this one
         // would overlap them.
         self.memory.lock().unwrap().replace(GuestMemory::new());
+        *self.accepted_memory.lock().unwrap() = Arc::new(GuestMemory::new());
         self.acked_features.store(0, Ordering::Relaxed);
         self.event_idx.store(false, Ordering::Relaxed);
         self.config.lock().unwrap().0.wce = 1;
@@ -241,9 +249,26 @@ impl VhostUserBackend for VhostUserBlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        // The daemon updates the GuestMemoryAtomic this device shares.
-        Ok(())
+    /// The daemon has installed a new map in the GuestMemoryAtomic this
+    /// device shares: it is checked, and put back to the last accepted one
+    /// if a region reaches past the end of its file (a descriptor there
+    /// would fault the daemon) or there are more regions than slots. (The
+    /// new map is visible to the queues between its installation and this
+    /// check: vhost-user-backend offers no earlier hook.)
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        let new = mem.memory().into_inner();
+        let mut accepted = self.accepted_memory.lock().unwrap();
+        match check_memory(&new) {
+            Ok(()) => {
+                *accepted = new;
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!("export {}: memory map refused: {e}", self.options.id);
+                self.memory.lock().unwrap().replace((**accepted).clone());
+                Err(e)
+            }
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -295,4 +320,32 @@ impl VhostUserBackend for VhostUserBlkDevice {
         source.requests.notify_if_idle(&worker);
         result
     }
+}
+
+/// Checks a frontend's memory map: at most [`MAX_MEM_SLOTS`] regions, each
+/// inside the file that backs it.
+fn check_memory(memory: &GuestMemory) -> io::Result<()> {
+    let invalid = |text: String| io::Error::new(io::ErrorKind::InvalidInput, text);
+    let regions = memory.num_regions();
+    if regions > MAX_MEM_SLOTS {
+        return Err(invalid(format!(
+            "{regions} memory regions, more than the {MAX_MEM_SLOTS} slots"
+        )));
+    }
+    for region in memory.iter() {
+        let Some(backing) = region.file_offset() else {
+            continue;
+        };
+        let file_len = backing.file().metadata()?.len();
+        let end = backing.start().checked_add(region.len());
+        if end.is_none_or(|end| end > file_len) {
+            return Err(invalid(format!(
+                "the region at {:#x} of {:#x} bytes reaches past the end of its file ({file_len} bytes, from offset {})",
+                region.start_addr().0,
+                region.len(),
+                backing.start()
+            )));
+        }
+    }
+    Ok(())
 }

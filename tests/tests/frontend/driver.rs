@@ -331,6 +331,22 @@ impl Driver {
         mem
     }
 
+    /// Offers a region of `claimed` bytes at `gpa` backed by a memfd of
+    /// only `file_len` bytes, with ADD_MEM_REG; returns the device's
+    /// answer (the mapping is the device's only).
+    pub fn try_add_region(
+        &mut self,
+        gpa: u64,
+        claimed: u64,
+        file_len: u64,
+    ) -> Result<(), vhost::Error> {
+        let mem = memfd_memory(gpa, file_len as usize);
+        let region = mem.find_region(GuestAddress(gpa)).unwrap();
+        let mut info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+        info.memory_size = claimed;
+        self.frontend.add_mem_region(&info).map(|_| ())
+    }
+
     /// Turns the device's write cache on or off, as a guest does by writing
     /// the `wce` byte of the configuration space (CONFIG_WCE).
     pub fn set_wce(&mut self, on: bool) {
