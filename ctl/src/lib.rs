@@ -63,6 +63,7 @@ mod error;
 mod events;
 mod json;
 mod request;
+mod scm;
 mod server;
 mod session;
 mod socket;

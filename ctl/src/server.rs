@@ -1,12 +1,13 @@
 //! The control socket: accepting clients and moving bytes.
 //!
-//! Each client has a reader thread, which decodes its input and runs its
-//! commands (so a long command delays only that client), and a writer
-//! thread fed by a bounded queue, which is shared with [`Events`]: a client
-//! that stops reading fills its queue and is disconnected by the next event,
-//! or by the write timeout, without blocking anybody else.
+//! Each client has a reader thread, which receives its input (with the
+//! file descriptors sent alongside), decodes it and runs its commands (so
+//! a long command delays only that client), and a writer thread fed by a
+//! bounded queue, which is shared with [`Events`]: a client that stops
+//! reading fills its queue and is disconnected by the next event, or by
+//! the write timeout, without blocking anybody else.
 
-use std::io::{self, Read};
+use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,6 +22,7 @@ use serde_json::Value;
 use crate::decoder::{Decoder, Item};
 use crate::dispatcher::Dispatcher;
 use crate::events::{Events, Line};
+use crate::scm::recv_with_fds;
 use crate::session::{error_line, greeting_line, Session};
 use crate::socket::bind_unix_socket;
 
@@ -173,19 +175,32 @@ impl Client {
         let mut decoder = Decoder::new(MAX_MESSAGE_SIZE);
         let mut subscription = None;
         let mut buf = vec![0u8; READ_CHUNK];
+        // Descriptors received and not yet given to a message.
+        let mut pending = Vec::new();
         loop {
-            let n = match (&self.stream).read(&mut buf) {
+            let mut received = Vec::new();
+            let n = match recv_with_fds(&self.stream, &mut buf, &mut received) {
                 Ok(0) => return subscription,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return subscription,
             };
+            if !received.is_empty() {
+                // As in QEMU, newer descriptors replace (and close) those
+                // that no message took.
+                pending = received;
+            }
             decoder.feed(&buf[..n]);
             while let Some(item) = decoder.next_item() {
+                // The descriptors go with the next message to complete:
+                // the one they were sent with, or, as `qemu.qmp` sends them
+                // just before it, the command that uses them. The session
+                // closes those the message does not take.
+                let fds = std::mem::take(&mut pending);
                 let line = match item {
                     Item::Value(message) => {
                         let was_negotiated = session.negotiated();
-                        let line = session.handle(message);
+                        let line = session.handle(message, fds);
                         if !was_negotiated && session.negotiated() {
                             // From this reply on the client gets events;
                             // if that fails, it is gone (`None`).

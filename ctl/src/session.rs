@@ -1,6 +1,7 @@
 //! One client's protocol state: capabilities negotiation, the commands the
 //! server answers itself, and replies.
 
+use std::os::unix::io::OwnedFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -86,10 +87,13 @@ impl Session {
         self.negotiated
     }
 
-    /// Handles one decoded message and returns the reply line.
-    pub(crate) fn handle(&mut self, mut message: Value) -> Vec<u8> {
+    /// Handles one decoded message, which came with the file descriptors
+    /// `received`, and returns the reply line. No command takes
+    /// descriptors: they are closed once the message is answered.
+    pub(crate) fn handle(&mut self, mut message: Value, received: Vec<OwnedFd>) -> Vec<u8> {
         let id = take_id(&mut message);
         let result = parse_request(message).and_then(|r| self.execute(&r.command, r.arguments));
+        drop(received);
         reply_line(&result, id.as_ref())
     }
 
@@ -221,7 +225,7 @@ mod tests {
     }
 
     fn reply(s: &mut Session, msg: Value) -> Value {
-        let line = s.handle(msg);
+        let line = s.handle(msg, Vec::new());
         assert!(line.ends_with(b"\r\n"));
         serde_json::from_slice(&line).unwrap()
     }
