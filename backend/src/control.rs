@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use blkgraph_ctl::{Dispatcher, Events, QmpError};
+use blkgraph_ctl::{Dispatcher, Events, NamedFds, QmpError};
 use blkgraph_graph::{
     BitmapRef, Graph, Node, Options, Parent, ReplaceParent, ThrottleGroup, Transaction,
 };
@@ -469,7 +469,12 @@ impl Dispatcher for Control {
         COMMANDS.iter().map(|c| c.to_string()).collect()
     }
 
-    fn execute(&self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+    fn execute(
+        &self,
+        command: &str,
+        args: Map<String, Value>,
+        _fds: &mut NamedFds,
+    ) -> Result<Value, QmpError> {
         let empty = |args: Map<String, Value>| {
             parse::<Map<String, Value>>(args).and_then(|m| match m.keys().next() {
                 Some(k) => Err(generic(format!("Parameter '{k}' is unexpected"))),

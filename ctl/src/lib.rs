@@ -2,27 +2,40 @@
 //!
 //! [`QmpServer`] serves the QEMU Machine Protocol on a unix socket:
 //! the greeting, capabilities negotiation, `query-commands`, request
-//! checking and replies with QEMU's error texts, and events, for several
-//! clients at once. The commands themselves come from a [`Dispatcher`]
-//! (the daemon); events are sent with an [`Events`] handle.
+//! checking and replies with QEMU's error texts, file descriptor passing
+//! (`getfd`, `closefd`), and events, for several clients at once. The
+//! commands themselves come from a [`Dispatcher`] (the daemon); events are
+//! sent with an [`Events`] handle.
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use blkgraph_ctl::{Dispatcher, Events, QmpError, QmpServer};
+//! use blkgraph_ctl::{Dispatcher, Events, NamedFds, QmpError, QmpServer};
 //! use serde_json::{json, Map, Value};
 //!
 //! struct Commands;
 //!
 //! impl Dispatcher for Commands {
-//!     fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+//!     fn execute(
+//!         &self,
+//!         command: &str,
+//!         arguments: Map<String, Value>,
+//!         fds: &mut NamedFds,
+//!     ) -> Result<Value, QmpError> {
 //!         match command {
 //!             "query-name" => Ok(json!({"name": "blkgraph"})),
+//!             // Takes the descriptor the client named with getfd.
+//!             "use-fd" => {
+//!                 let name = arguments.get("fdname").and_then(Value::as_str).unwrap_or("");
+//!                 let fd = fds.take(name)?;
+//!                 drop(fd);
+//!                 Ok(json!({}))
+//!             }
 //!             _ => Err(QmpError::command_not_found(command)),
 //!         }
 //!     }
 //!
 //!     fn commands(&self) -> Vec<String> {
-//!         vec!["query-name".into()]
+//!         vec!["query-name".into(), "use-fd".into()]
 //!     }
 //! }
 //!
@@ -51,6 +64,14 @@
 //! * A client's commands run in order on that client's own thread; events
 //!   emitted while a command runs (also by that command) are sent before
 //!   its reply.
+//! * File descriptors sent as `SCM_RIGHTS` ancillary data go with the next
+//!   message that completes from the bytes they came with on (Python's
+//!   `qemu.qmp` sends them with a space just before the command; libvirt
+//!   with the command itself). `getfd {"fdname": NAME}` keeps the first as
+//!   NAME in the connection's [`NamedFds`]; every other descriptor is
+//!   closed once its message is answered, and descriptors that arrive
+//!   before an earlier batch went to a message replace it, as in QEMU. The
+//!   named ones are closed with the connection.
 //!
 //! [`QmpClient`] is a small synchronous client for the same protocol.
 
@@ -61,6 +82,7 @@ mod decoder;
 mod dispatcher;
 mod error;
 mod events;
+mod fds;
 mod json;
 mod request;
 mod scm;
@@ -72,5 +94,6 @@ pub use client::{ClientError, QmpClient};
 pub use dispatcher::Dispatcher;
 pub use error::{ErrorClass, QmpError};
 pub use events::Events;
+pub use fds::NamedFds;
 pub use server::{QmpServer, MAX_MESSAGE_SIZE};
 pub use socket::bind_unix_socket;

@@ -306,6 +306,7 @@ mod tests {
             &self,
             command: &str,
             _: serde_json::Map<String, Value>,
+            _: &mut crate::NamedFds,
         ) -> Result<Value, crate::QmpError> {
             Err(crate::QmpError::command_not_found(command))
         }
@@ -340,6 +341,114 @@ mod tests {
             line,
             "{\"QMP\": {\"version\": {\"qemu\": {}}, \"capabilities\": []}}\r\n"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Takes named descriptors with `use-fd`, closing them.
+    struct UsesFds;
+
+    impl Dispatcher for UsesFds {
+        fn execute(
+            &self,
+            command: &str,
+            arguments: serde_json::Map<String, Value>,
+            fds: &mut crate::NamedFds,
+        ) -> Result<Value, crate::QmpError> {
+            match command {
+                "use-fd" => {
+                    let name = arguments["fdname"].as_str().unwrap_or_default();
+                    fds.take(name).map(|_| serde_json::json!({}))
+                }
+                _ => Ok(serde_json::json!({})),
+            }
+        }
+
+        fn commands(&self) -> Vec<String> {
+            vec!["use-fd".into(), "query-status".into()]
+        }
+    }
+
+    #[test]
+    fn descriptors_sent_with_messages() {
+        use crate::scm::tests::{closed, probe, send_with_fds};
+        use serde_json::json;
+        use std::io::BufRead;
+
+        let dir = temp_dir("fds");
+        let path = dir.join("qmp.sock");
+        let server = QmpServer::bind(&path).unwrap();
+        server
+            .spawn(Arc::new(UsesFds), Events::new(), json!({"qemu": {}}))
+            .unwrap();
+        let stream = UnixStream::connect(&path).unwrap();
+        let mut lines = io::BufReader::new(stream.try_clone().unwrap());
+        let mut recv = || {
+            let mut line = String::new();
+            lines.read_line(&mut line).unwrap();
+            serde_json::from_str::<Value>(&line).unwrap()
+        };
+        let call = |msg: Value, fds: &[std::os::fd::RawFd]| {
+            send_with_fds(&stream, format!("{msg}\n").as_bytes(), fds);
+        };
+        recv();
+        call(json!({"execute": "qmp_capabilities"}), &[]);
+        assert_eq!(recv(), json!({"return": {}}));
+        let getfd = |name: &str| json!({"execute": "getfd", "arguments": {"fdname": name}});
+        let use_fd = |name: &str| json!({"execute": "use-fd", "arguments": {"fdname": name}});
+
+        // qemu.qmp sends the descriptor with a space, then the command.
+        let (a, peer_a) = probe();
+        send_with_fds(&stream, b" ", &[a.as_raw_fd()]);
+        drop(a);
+        call(getfd("a"), &[]);
+        assert_eq!(recv(), json!({"return": {}}));
+        assert!(!closed(&peer_a));
+        call(use_fd("a"), &[]);
+        assert_eq!(recv(), json!({"return": {}}));
+        assert!(closed(&peer_a));
+
+        // libvirt sends it with the command; a later getfd has none.
+        let (b, peer_b) = probe();
+        call(getfd("b"), &[b.as_raw_fd()]);
+        drop(b);
+        assert_eq!(recv(), json!({"return": {}}));
+        call(getfd("c"), &[]);
+        assert_eq!(
+            recv()["error"]["desc"],
+            "No file descriptor supplied via SCM_RIGHTS"
+        );
+
+        // Descriptors sent with other commands, or with nothing but a
+        // space before the next batch, are closed.
+        let mut peers = Vec::new();
+        for i in 0..100 {
+            let (fd, peer) = probe();
+            let (fd2, peer2) = probe();
+            if i % 2 == 0 {
+                call(json!({"execute": "query-status"}), &[fd.as_raw_fd()]);
+                assert_eq!(recv(), json!({"return": {}}));
+            } else {
+                send_with_fds(&stream, b" ", &[fd.as_raw_fd()]);
+                call(json!({"execute": "query-status"}), &[fd2.as_raw_fd()]);
+                assert_eq!(recv(), json!({"return": {}}));
+            }
+            peers.extend([peer, peer2]);
+        }
+        let batch: Vec<_> = (0..100).map(|_| probe()).collect();
+        let raw: Vec<_> = batch.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        call(json!({"execute": "no-such-command"}), &raw);
+        assert_eq!(recv()["error"]["class"], "CommandNotFound");
+        peers.extend(batch.into_iter().map(|(_, peer)| peer));
+        assert!(peers.iter().all(closed));
+        assert!(!closed(&peer_b));
+
+        // The named ones are closed with the connection.
+        stream.shutdown(Shutdown::Both).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !closed(&peer_b) {
+            assert!(std::time::Instant::now() < deadline, "'b' stays open");
+            thread::sleep(Duration::from_millis(5));
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -215,12 +215,14 @@ fn query_commands_lists_all_commands() {
     for name in [
         "qmp_capabilities",
         "query-commands",
+        "getfd",
+        "closefd",
         "echo",
         "x-debug-query-block-graph",
     ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
-    assert_eq!(names.len(), 10);
+    assert_eq!(names.len(), 12);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blkgraph_ctl::{Dispatcher, Events, QmpError, QmpServer};
+use blkgraph_ctl::{Dispatcher, Events, NamedFds, QmpError, QmpServer};
 use serde_json::{json, Map, Value};
 
 /// The greeting's version object.
@@ -28,7 +28,12 @@ pub struct TestDispatcher {
 }
 
 impl Dispatcher for TestDispatcher {
-    fn execute(&self, command: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+    fn execute(
+        &self,
+        command: &str,
+        arguments: Map<String, Value>,
+        _: &mut NamedFds,
+    ) -> Result<Value, QmpError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         match command {
             "echo" => Ok(Value::Object(arguments)),
