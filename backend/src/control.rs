@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::exports::Exports;
+use crate::listen_fd::{self, Source};
 use crate::nbd::NbdServerOptions;
 
 /// The commands, in query-commands order.
@@ -473,7 +474,7 @@ impl Dispatcher for Control {
         &self,
         command: &str,
         args: Map<String, Value>,
-        _fds: &mut NamedFds,
+        fds: &mut NamedFds,
     ) -> Result<Value, QmpError> {
         let empty = |args: Map<String, Value>| {
             parse::<Map<String, Value>>(args).and_then(|m| match m.keys().next() {
@@ -526,8 +527,9 @@ impl Dispatcher for Control {
                 Ok(self.block_graph())
             }
             "block-export-add" => {
+                let listener = listen_fd::for_export(&args, Source::Qmp(fds)).map_err(generic)?;
                 let options = Options::from_json(Value::Object(args)).map_err(generic)?;
-                self.exports.add(options).map_err(generic)?;
+                self.exports.add(options, listener).map_err(generic)?;
                 Ok(json!({}))
             }
             "block-export-del" => {
@@ -550,7 +552,11 @@ impl Dispatcher for Control {
             }
             "nbd-server-start" => {
                 let options = NbdServerOptions::from_qmp(args).map_err(generic)?;
-                self.exports.nbd_server_start(&options).map_err(generic)?;
+                let listener =
+                    listen_fd::for_nbd_server(&options.addr, Source::Qmp(fds)).map_err(generic)?;
+                self.exports
+                    .nbd_server_start(&options, listener)
+                    .map_err(generic)?;
                 Ok(json!({}))
             }
             "nbd-server-stop" => {

@@ -12,6 +12,8 @@ use blkgraph_ctl::{Dispatcher, Events, QmpServer};
 use crate::cli::Config;
 use crate::control::{self, Control};
 use crate::exports::Exports;
+use crate::listen_fd::{self, Source};
+use crate::nbd::NbdServerOptions;
 use crate::pidfile::PidFile;
 use crate::signals;
 
@@ -126,6 +128,31 @@ pub fn run(mut config: Config) -> Result<(), String> {
     if config.embedded_default {
         embedded_default(&mut config)?;
     }
+    // SAFETY: this is the only `Inherited`, and it claims every descriptor
+    // number of the command line here, before the daemon opens descriptors
+    // of its own (the embedded default's image file, if it was created just
+    // now, is closed again).
+    let mut inherited = unsafe { listen_fd::Inherited::new() };
+    let nbd_servers = config
+        .nbd_servers
+        .drain(..)
+        .map(|options| {
+            let options = NbdServerOptions::from_cli(options)?;
+            let fd = listen_fd::for_nbd_server(&options.addr, Source::CommandLine(&mut inherited))
+                .map_err(|e| e.to_string())?;
+            Ok((options, fd))
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| format!("--nbd-server: {e}"))?;
+    let export_options = config
+        .exports
+        .drain(..)
+        .map(|options| {
+            let fd = listen_fd::for_export(&options.map, Source::CommandLine(&mut inherited))
+                .map_err(|e| format!("--export: {e}"))?;
+            Ok((options, fd))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let graph = Arc::new(Graph::new());
     for mut options in config.objects.drain(..) {
         add_object(&graph, &mut options)?;
@@ -138,16 +165,16 @@ pub fn run(mut config: Config) -> Result<(), String> {
         sockets: Vec::new(),
     };
     let exports = Arc::new(Exports::new(graph.clone()));
-    for options in config.nbd_servers.drain(..) {
-        let options = crate::nbd::NbdServerOptions::from_cli(options)
-            .map_err(|e| format!("--nbd-server: {e}"))?;
+    for (options, fd) in nbd_servers {
         exports
-            .nbd_server_start(&options)
+            .nbd_server_start(&options, fd)
             .map_err(|e| format!("--nbd-server: {e}"))?;
         cleanup.sockets = exports.socket_paths();
     }
-    for options in config.exports.drain(..) {
-        exports.add(options).map_err(|e| format!("--export: {e}"))?;
+    for (options, fd) in export_options {
+        exports
+            .add(options, fd)
+            .map_err(|e| format!("--export: {e}"))?;
         cleanup.sockets = exports.socket_paths();
     }
     let events = Events::new();

@@ -8,6 +8,7 @@ use blkgraph_graph::{DrainParent, Graph, Options};
 use serde_json::{json, Value};
 
 use crate::export::{Export, ExportError};
+use crate::listen_fd::ListenFd;
 use crate::nbd::{NbdServer, NbdServerOptions};
 use crate::vhost_user_blk;
 
@@ -39,8 +40,10 @@ impl Exports {
         *self.events.lock().unwrap() = Some(sink);
     }
 
-    /// Starts an export (`--export`, block-export-add).
-    pub fn add(&self, mut options: Options) -> Result<(), ExportError> {
+    /// Starts an export (`--export`, block-export-add); `listener` is the
+    /// socket of an `fd` address, already taken and checked by
+    /// [`crate::listen_fd`].
+    pub fn add(&self, mut options: Options, listener: Option<ListenFd>) -> Result<(), ExportError> {
         let kind = match options.take("type") {
             Some(Value::String(t)) => t,
             Some(_) => {
@@ -69,7 +72,7 @@ impl Exports {
                     server.ok_or_else(|| ExportError::Conflict("NBD server not running".into()))?;
                 server.start_export(&self.graph, options)?
             }
-            "vhost-user-blk" => vhost_user_blk::start_export(&self.graph, options)?,
+            "vhost-user-blk" => vhost_user_blk::start_export(&self.graph, options, listener)?,
             other => {
                 return Err(ExportError::InvalidOptions(format!(
                     "Parameter 'type' does not accept value '{other}'"
@@ -108,13 +111,18 @@ impl Exports {
         Ok(())
     }
 
-    /// Starts the NBD server (`--nbd-server`, nbd-server-start).
-    pub fn nbd_server_start(&self, options: &NbdServerOptions) -> Result<(), ExportError> {
+    /// Starts the NBD server (`--nbd-server`, nbd-server-start); `listener`
+    /// is the socket of an `fd` address (see [`NbdServer::start`]).
+    pub fn nbd_server_start(
+        &self,
+        options: &NbdServerOptions,
+        listener: Option<ListenFd>,
+    ) -> Result<(), ExportError> {
         let mut nbd = self.nbd.lock().unwrap();
         if nbd.is_some() {
             return Err(ExportError::Conflict("NBD server already running".into()));
         }
-        let server = NbdServer::start(options).map_err(ExportError::Setup)?;
+        let server = NbdServer::start(options, listener).map_err(ExportError::Setup)?;
         *nbd = Some(Arc::new(server));
         Ok(())
     }

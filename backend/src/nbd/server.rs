@@ -18,6 +18,7 @@ use super::export::{ExportTable, NbdExport, NbdExportOptions};
 use super::socket::{ListenAddress, Listener, Stream};
 use super::{handshake, transmission};
 use crate::export::{self, ExportError, PauseGate};
+use crate::listen_fd::ListenFd;
 
 /// Default limit of a client's handshake, as QEMU 10.0's
 /// `handshake-max-seconds`.
@@ -121,9 +122,14 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    /// Listens at `options.addr` and starts accepting clients.
-    pub fn start(options: &NbdServerOptions) -> Result<NbdServer, String> {
-        let listener = Arc::new(Listener::bind(&options.addr)?);
+    /// Listens at `options.addr` and starts accepting clients; `listener`
+    /// is the socket of an `fd` address, already taken and checked by
+    /// [`crate::listen_fd`].
+    pub fn start(
+        options: &NbdServerOptions,
+        listener: Option<ListenFd>,
+    ) -> Result<NbdServer, String> {
+        let listener = Arc::new(Listener::bind(&options.addr, listener)?);
         let shared = Arc::new(Shared {
             exports: Arc::default(),
             clients: Mutex::new(Vec::new()),

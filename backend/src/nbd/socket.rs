@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +12,8 @@ use blkgraph_graph::options::Syntax;
 use blkgraph_graph::Options;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+
+use crate::listen_fd::{Family, ListenFd};
 
 /// A listening address.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -41,9 +43,11 @@ pub enum ListenAddress {
         #[serde(default, rename = "keep-alive")]
         keep_alive: Option<bool>,
     },
-    /// An inherited listening socket, by descriptor number.
+    /// A listening socket passed by descriptor: by the name given with
+    /// `getfd` over QMP, by its number on the command line (see
+    /// [`crate::listen_fd`]).
     Fd {
-        /// The descriptor number.
+        /// The descriptor's name or number.
         str: String,
     },
 }
@@ -115,8 +119,9 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Starts listening at `addr`.
-    pub fn bind(addr: &ListenAddress) -> Result<Listener, String> {
+    /// Starts listening at `addr`; an `fd` address takes `fd`, its socket,
+    /// already taken and checked by [`crate::listen_fd`].
+    pub fn bind(addr: &ListenAddress, fd: Option<ListenFd>) -> Result<Listener, String> {
         match addr {
             ListenAddress::Unix { path } => {
                 if path.as_os_str().is_empty() {
@@ -159,10 +164,16 @@ impl Listener {
                 Err(last)
             }
             ListenAddress::Fd { str } => {
-                let fd: RawFd = str
-                    .parse()
-                    .map_err(|_| format!("'{str}' is not a file descriptor"))?;
-                listener_from_fd(fd)
+                let fd = fd.ok_or_else(|| {
+                    format!("File descriptor '{str}' was not taken for the NBD server")
+                })?;
+                Ok(match fd.family() {
+                    Family::Unix => Listener::Unix(UnixListener::from(OwnedFd::from(fd))),
+                    Family::Inet => Listener::Tcp {
+                        listener: TcpListener::from(OwnedFd::from(fd)),
+                        keep_alive: false,
+                    },
+                })
             }
         }
     }
@@ -228,39 +239,6 @@ fn set_keep_alive(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn listener_from_fd(fd: RawFd) -> Result<Listener, String> {
-    // SAFETY: an all-zero sockaddr_storage is a valid value to overwrite.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into `storage`.
-    let r = unsafe {
-        libc::getsockname(
-            fd,
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(format!(
-            "file descriptor {fd} is not a socket: {}",
-            io::Error::last_os_error()
-        ));
-    }
-    match i32::from(storage.ss_family) {
-        // SAFETY: the user passed this descriptor as a listening socket owned
-        // by this process; nothing else uses it.
-        libc::AF_UNIX => Ok(Listener::Unix(unsafe { UnixListener::from_raw_fd(fd) })),
-        libc::AF_INET | libc::AF_INET6 => Ok(Listener::Tcp {
-            // SAFETY: as above.
-            listener: unsafe { TcpListener::from_raw_fd(fd) },
-            keep_alive: false,
-        }),
-        family => Err(format!(
-            "file descriptor {fd} is a socket of unsupported family {family}"
-        )),
-    }
 }
 
 /// A connection's socket.
@@ -384,7 +362,7 @@ mod tests {
             ipv6: None,
             keep_alive: None,
         };
-        let l = Listener::bind(&addr).unwrap();
+        let l = Listener::bind(&addr, None).unwrap();
         let local = l.local_addr().unwrap();
         assert_eq!(local.ip().to_string(), "127.0.0.1");
         assert_ne!(local.port(), 0);

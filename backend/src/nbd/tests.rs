@@ -64,11 +64,14 @@ fn setup_with(tag: &str, max_connections: u32, handshake_max_seconds: u32) -> Se
     add("driver=raw,node-name=disk0,file=f0,discard=unmap".into());
     add("driver=null-co,node-name=n0,size=8M,read-zeroes=on".into());
     add("driver=throttle,node-name=slow,file=n0,limits.iops-total=20".into());
-    let server = NbdServer::start(&NbdServerOptions {
-        addr: ListenAddress::Unix { path: sock.clone() },
-        max_connections,
-        handshake_max_seconds,
-    })
+    let server = NbdServer::start(
+        &NbdServerOptions {
+            addr: ListenAddress::Unix { path: sock.clone() },
+            max_connections,
+            handshake_max_seconds,
+        },
+        None,
+    )
     .unwrap();
     Setup {
         graph,

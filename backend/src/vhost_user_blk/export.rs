@@ -1,7 +1,8 @@
 //! The `vhost-user-blk` export type: its `--export` / block-export-add
 //! options, and starting and stopping it.
 
-use std::os::unix::io::FromRawFd;
+use std::os::unix::io::OwnedFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +13,7 @@ use vhost::vhost_user::Listener;
 use super::device::{DeviceOptions, VhostUserBlkDevice};
 use super::server::{self, Server};
 use crate::export::{self, Export, ExportError, PauseGate};
+use crate::listen_fd::ListenFd;
 
 /// Default of `x-poll-us`.
 pub const DEFAULT_POLL_US: u32 = 50;
@@ -25,9 +27,11 @@ pub enum SocketAddress {
         /// The path.
         path: PathBuf,
     },
-    /// An inherited listening socket, by descriptor number.
+    /// A listening socket passed by descriptor: by the name given with
+    /// `getfd` over QMP, by its number on the command line (see
+    /// [`crate::listen_fd`]).
     Fd {
-        /// The descriptor number.
+        /// The descriptor's name or number.
         str: String,
     },
 }
@@ -105,8 +109,13 @@ fn invalid(text: impl Into<String>) -> ExportError {
 }
 
 /// Starts a vhost-user-blk export from block-export-add options (without
-/// `type`) on a node of `graph`.
-pub fn start(graph: &Graph, options: Options) -> Result<Arc<VhostUserBlkExport>, ExportError> {
+/// `type`) on a node of `graph`; `listener` is the socket of an `fd`
+/// address, already taken and checked by [`crate::listen_fd`].
+pub fn start(
+    graph: &Graph,
+    options: Options,
+    listener: Option<ListenFd>,
+) -> Result<Arc<VhostUserBlkExport>, ExportError> {
     let syntax = options.syntax;
     let opts: VhostUserBlkOptions = options.parse("").map_err(|e| invalid(e.to_string()))?;
     let addr: SocketAddress = Options {
@@ -159,12 +168,12 @@ pub fn start(graph: &Graph, options: Options) -> Result<Arc<VhostUserBlkExport>,
             Some(path),
         ),
         SocketAddress::Fd { str } => {
-            let fd: i32 = str
-                .parse()
-                .map_err(|_| detach(invalid(format!("'{str}' is not a file descriptor"))))?;
-            // SAFETY: the user passed this descriptor as a listening socket
-            // owned by this process; it is used by nothing else.
-            (unsafe { Listener::from_raw_fd(fd) }, None)
+            let fd = listener.ok_or_else(|| {
+                detach(invalid(format!(
+                    "File descriptor '{str}' was not taken for the export"
+                )))
+            })?;
+            (Listener::from(UnixListener::from(OwnedFd::from(fd))), None)
         }
     };
     let device_options = DeviceOptions {
