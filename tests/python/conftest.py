@@ -50,8 +50,10 @@ class StorageDaemon:
         name: str = "vub0",
         qmp: bool = False,
         extra_args=(),
+        pass_fds=(),
     ):
         self.binary = binary
+        self.pass_fds = tuple(pass_fds)
         self.socket = workdir / f"{name}.sock"
         self.pidfile = workdir / f"{name}.pid"
         self.log = workdir / f"{name}.daemon.log"
@@ -82,7 +84,11 @@ class StorageDaemon:
             log.write(" ".join(self.args) + "\n")
             log.flush()
             self.proc = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=self.pass_fds,
             )
         deadline = time.monotonic() + timeout
         while not self._ready():
@@ -151,9 +157,9 @@ def workdir(tmp_path) -> Path:
 def start_daemon(daemon_bin, workdir):
     """Return a function that starts the daemon under test on an image.
 
-    start_daemon(image, num_queues=1, name="vub0", qmp=False, extra_args=())
-    returns a started StorageDaemon; daemons still running at teardown are
-    stopped with SIGTERM.
+    start_daemon(image, num_queues=1, name="vub0", qmp=False, extra_args=(), pass_fds=())
+    returns a started StorageDaemon, which inherits the descriptors pass_fds;
+    daemons still running at teardown are stopped with SIGTERM.
     """
     daemons = []
 
