@@ -2,9 +2,10 @@
 //! time, and the NBD server their NBD exports are published on.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use blkgraph_graph::{DrainParent, Graph, Options};
+use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use crate::export::{Export, ExportError};
@@ -37,7 +38,7 @@ impl Exports {
 
     /// Where events go from now on.
     pub fn set_event_sink(&self, sink: EventSink) {
-        *self.events.lock().unwrap() = Some(sink);
+        *self.events.lock() = Some(sink);
     }
 
     /// Starts an export (`--export`, block-export-add); `listener` is the
@@ -57,7 +58,7 @@ impl Exports {
                 ))
             }
         };
-        let mut exports = self.exports.lock().unwrap();
+        let mut exports = self.exports.lock();
         if let Some(Value::String(id)) = options.map.get("id") {
             if exports.contains_key(id) {
                 return Err(ExportError::Conflict(format!(
@@ -67,7 +68,7 @@ impl Exports {
         }
         let export: Arc<dyn Export> = match kind.as_str() {
             "nbd" => {
-                let server = self.nbd.lock().unwrap().clone();
+                let server = self.nbd.lock().clone();
                 let server =
                     server.ok_or_else(|| ExportError::Conflict("NBD server not running".into()))?;
                 server.start_export(&self.graph, options)?
@@ -88,7 +89,7 @@ impl Exports {
     /// error and nothing changes), detaches it from the graph and sends
     /// BLOCK_EXPORT_DELETED.
     pub fn delete(&self, id: &str, hard: bool) -> Result<(), ExportError> {
-        let mut exports = self.exports.lock().unwrap();
+        let mut exports = self.exports.lock();
         let export = exports
             .get(id)
             .cloned()
@@ -105,7 +106,7 @@ impl Exports {
         if let Some(path) = export.socket_path() {
             let _ = std::fs::remove_file(path);
         }
-        if let Some(sink) = self.events.lock().unwrap().as_ref() {
+        if let Some(sink) = self.events.lock().as_ref() {
             sink("BLOCK_EXPORT_DELETED", json!({ "id": export.id() }));
         }
         Ok(())
@@ -118,7 +119,7 @@ impl Exports {
         options: &NbdServerOptions,
         listener: Option<ListenFd>,
     ) -> Result<(), ExportError> {
-        let mut nbd = self.nbd.lock().unwrap();
+        let mut nbd = self.nbd.lock();
         if nbd.is_some() {
             return Err(ExportError::Conflict("NBD server already running".into()));
         }
@@ -131,8 +132,8 @@ impl Exports {
     /// (its clients disconnected, BLOCK_EXPORT_DELETED sent), then the
     /// server stops listening and drops the clients still negotiating.
     pub fn nbd_server_stop(&self) -> Result<(), ExportError> {
-        let mut exports = self.exports.lock().unwrap();
-        let Some(server) = self.nbd.lock().unwrap().take() else {
+        let mut exports = self.exports.lock();
+        let Some(server) = self.nbd.lock().take() else {
             return Err(ExportError::Conflict("NBD server not running".into()));
         };
         let ids: Vec<String> = exports
@@ -160,7 +161,7 @@ impl Exports {
 
     /// query-block-exports.
     pub fn query(&self) -> Value {
-        let exports = self.exports.lock().unwrap();
+        let exports = self.exports.lock();
         Value::Array(
             exports
                 .values()
@@ -178,12 +179,12 @@ impl Exports {
 
     /// The socket paths to remove at exit.
     pub fn socket_paths(&self) -> Vec<std::path::PathBuf> {
-        let exports = self.exports.lock().unwrap();
+        let exports = self.exports.lock();
         let mut paths: Vec<_> = exports
             .values()
             .filter_map(|e| e.socket_path().map(|p| p.to_path_buf()))
             .collect();
-        if let Some(server) = self.nbd.lock().unwrap().as_ref() {
+        if let Some(server) = self.nbd.lock().as_ref() {
             paths.extend(server.socket_path().cloned());
         }
         paths

@@ -1,8 +1,9 @@
 //! Child edges: a parent's link to the node it uses in some role.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
 use crate::node::Node;
 use crate::permission::{Parent, Permission};
@@ -54,10 +55,10 @@ impl Child {
 
     /// The permissions the parent holds (`perm`) and shares (`shared`).
     pub fn permissions(&self) -> (Permission, Permission) {
-        *self.perms.lock().unwrap()
+        *self.perms.lock()
     }
 
     pub(crate) fn set_permissions(&self, perm: Permission, shared: Permission) {
-        *self.perms.lock().unwrap() = (perm, shared);
+        *self.perms.lock() = (perm, shared);
     }
 }

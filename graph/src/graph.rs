@@ -2,7 +2,9 @@
 //! permission check over all edges.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::child::Child;
 use crate::drain::{close_nodes, DrainParent, DrainedSection};
@@ -53,7 +55,7 @@ impl Graph {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap()
+        self.state.lock()
     }
 
     /// Starts a transaction; the graph is locked until it is committed or
@@ -258,13 +260,18 @@ pub(crate) fn check_permissions(
         for edge in node.children() {
             let (cperm, cshared) = node.child_perm(edge.role(), perm, shared);
             let child = edge.node();
-            let (key, _) = state.nodes.get_key_value(child.name()).unwrap();
+            // Every child is in the graph: the first loop checked it.
+            let Some((key, _)) = state.nodes.get_key_value(child.name()) else {
+                return Err(Error::NodeNotFound(child.name().to_string()));
+            };
             incoming.entry(key.as_str()).or_default().push(Incoming {
                 edge: edge.clone(),
                 perm: cperm,
                 shared: cshared,
             });
-            let count = pending.get_mut(key.as_str()).unwrap();
+            let Some(count) = pending.get_mut(key.as_str()) else {
+                return Err(Error::NodeNotFound(child.name().to_string()));
+            };
             *count -= 1;
             if *count == 0 {
                 ready.push(key.as_str());

@@ -4,10 +4,9 @@
 //! time): a request is given the earliest start time at which every limit
 //! it counts against allows it, and reserves its cost. A limit allows a
 //! burst of a tenth of a second of its rate, as QEMU's does by default.
-
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::error::Error;
@@ -117,13 +116,13 @@ impl ThrottleGroup {
 
     /// The limits.
     pub fn limits(&self) -> ThrottleLimits {
-        self.buckets.lock().unwrap().limits
+        self.buckets.lock().limits
     }
 
     /// Reserves a request of `bytes` bytes; returns how long it must wait.
     pub fn reserve(&self, direction: Direction, bytes: u64) -> Duration {
         let now = Instant::now();
-        let mut b = self.buckets.lock().unwrap();
+        let mut b = self.buckets.lock();
         let dir = match direction {
             Direction::Read => 1,
             Direction::Write => 2,

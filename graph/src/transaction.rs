@@ -10,7 +10,9 @@
 //! a bit set by I/O, drained or not. Nodes that leave the graph (deleted,
 //! or opened by a transaction that is rolled back) are closed.
 
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::MutexGuard;
 
 use crate::bitmap::{DirtyBitmap, Saved};
 use crate::child::Child;

@@ -9,9 +9,10 @@
 //! state a source reads per batch is the gate's counter.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use blkgraph_graph::DrainParent;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 /// A thread that starts requests of an export.
 pub trait Source: Send + Sync {
@@ -56,7 +57,7 @@ impl<T: InFlight> Requests<T> {
 
     /// Locks the state.
     pub fn lock(&self) -> MutexGuard<'_, T> {
-        self.state.lock().unwrap()
+        self.state.lock()
     }
 
     /// Wakes the waiters of [`Requests::wait_idle`] if `state` (the locked
@@ -69,11 +70,10 @@ impl<T: InFlight> Requests<T> {
 
     /// Returns once nothing is in flight.
     pub fn wait_idle(&self) {
-        let state = self.lock();
+        let mut state = self.lock();
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        let state = self.idle.wait_while(state, |s| s.in_flight() > 0).unwrap();
+        self.idle.wait_while(&mut state, |s| s.in_flight() > 0);
         self.waiters.fetch_sub(1, Ordering::SeqCst);
-        drop(state);
     }
 }
 
@@ -97,19 +97,16 @@ impl PauseGate {
 
     /// Adds a source; it must check the gate before its first request.
     pub fn add_source(&self, source: Arc<dyn Source>) {
-        self.sources.lock().unwrap().push(source);
+        self.sources.lock().push(source);
     }
 
     /// Removes a source (by identity) that starts no more requests.
     pub fn remove_source(&self, source: &Arc<dyn Source>) {
-        self.sources
-            .lock()
-            .unwrap()
-            .retain(|s| !Arc::ptr_eq(s, source));
+        self.sources.lock().retain(|s| !Arc::ptr_eq(s, source));
     }
 
     fn sources(&self) -> Vec<Arc<dyn Source>> {
-        self.sources.lock().unwrap().clone()
+        self.sources.lock().clone()
     }
 }
 

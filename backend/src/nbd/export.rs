@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use blkgraph_graph::options::Syntax;
 use blkgraph_graph::{Child, Node, Options};
+use parking_lot::{Condvar, Mutex};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -163,17 +164,17 @@ pub struct ExportTable {
 impl ExportTable {
     /// The export named `name`.
     pub fn find(&self, name: &str) -> Option<Arc<NbdExport>> {
-        self.exports.lock().unwrap().get(name).cloned()
+        self.exports.lock().get(name).cloned()
     }
 
     /// Every export, by name.
     pub fn list(&self) -> Vec<Arc<NbdExport>> {
-        self.exports.lock().unwrap().values().cloned().collect()
+        self.exports.lock().values().cloned().collect()
     }
 
     /// Publishes an export under its name, which must be free.
     pub fn publish(&self, export: Arc<NbdExport>) -> Result<(), String> {
-        let mut exports = self.exports.lock().unwrap();
+        let mut exports = self.exports.lock();
         if exports.contains_key(export.name()) {
             return Err(format!(
                 "NBD server already has export named '{}'",
@@ -186,7 +187,7 @@ impl ExportTable {
 
     /// Unpublishes an export: new clients cannot select it.
     pub fn unpublish(&self, export: &NbdExport) {
-        let mut exports = self.exports.lock().unwrap();
+        let mut exports = self.exports.lock();
         if exports
             .get(export.name())
             .is_some_and(|e| std::ptr::eq(e.as_ref(), export))
@@ -303,13 +304,13 @@ impl NbdExport {
 
     /// Number of connected clients (in transmission on this export).
     pub fn client_count(&self) -> usize {
-        self.state.lock().unwrap().clients.len()
+        self.state.lock().clients.len()
     }
 
     /// Registers a client entering transmission as a request source; false
     /// if the export is being deleted.
     pub fn attach(&self, client: Arc<Client>) -> bool {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         if s.deleted {
             return false;
         }
@@ -320,7 +321,7 @@ impl NbdExport {
 
     /// Removes a client whose connection ended.
     pub fn detach(&self, client: &Arc<Client>) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         s.clients.retain(|c| c.id != client.id);
         self.gate
             .remove_source(&(client.clone() as Arc<dyn Source>));
@@ -329,7 +330,7 @@ impl NbdExport {
 
     /// Whether the export was shut down.
     pub fn is_deleted(&self) -> bool {
-        self.state.lock().unwrap().deleted
+        self.state.lock().deleted
     }
 }
 
@@ -354,7 +355,7 @@ impl Export for NbdExport {
     /// ones and waits until their connections have ended.
     fn stop(&self, hard: bool) -> Result<(), ExportError> {
         let clients = {
-            let mut s = self.state.lock().unwrap();
+            let mut s = self.state.lock();
             if !s.clients.is_empty() && !hard {
                 return Err(ExportError::InUse(format!(
                     "export '{}' still in use (use mode 'hard' to force client disconnect)",
@@ -370,12 +371,8 @@ impl Export for NbdExport {
         for c in &clients {
             c.disconnect();
         }
-        let s = self.state.lock().unwrap();
-        drop(
-            self.changed
-                .wait_while(s, |s| !s.clients.is_empty())
-                .unwrap(),
-        );
+        let mut s = self.state.lock();
+        self.changed.wait_while(&mut s, |s| !s.clients.is_empty());
         Ok(())
     }
 

@@ -4,11 +4,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use blkgraph_graph::{Graph, Options};
+use parking_lot::{Condvar, Mutex};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -107,7 +108,7 @@ impl Shared {
     }
 
     fn remove_client(&self, id: u64) {
-        self.clients.lock().unwrap().retain(|c| c.id != id);
+        self.clients.lock().retain(|c| c.id != id);
         self.clients_changed.notify_all();
     }
 }
@@ -215,7 +216,7 @@ impl NbdServer {
 
     /// Number of connected clients, in handshake or transmission.
     pub fn client_count(&self) -> usize {
-        self.shared.clients.lock().unwrap().len()
+        self.shared.clients.lock().len()
     }
 
     /// Stops listening and disconnects every client (the exports must have
@@ -231,19 +232,16 @@ impl NbdServer {
             )
         };
         self.shared.clients_changed.notify_all();
-        if let Some(t) = self.thread.lock().unwrap().take() {
+        if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
-        for c in self.shared.clients.lock().unwrap().iter() {
+        for c in self.shared.clients.lock().iter() {
             c.disconnect();
         }
-        let clients = self.shared.clients.lock().unwrap();
-        drop(
-            self.shared
-                .clients_changed
-                .wait_while(clients, |c| !c.is_empty())
-                .unwrap(),
-        );
+        let mut clients = self.shared.clients.lock();
+        self.shared
+            .clients_changed
+            .wait_while(&mut clients, |c| !c.is_empty());
         if let Some(p) = &self.socket_path {
             let _ = std::fs::remove_file(p);
         }
@@ -253,16 +251,13 @@ impl NbdServer {
 fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
     loop {
         {
-            let clients = shared.clients.lock().unwrap();
+            let mut clients = shared.clients.lock();
             let max = shared.max_connections as usize;
             // Like QEMU, stop accepting while the limit is reached; new
             // clients wait in the listen backlog.
-            drop(
-                shared
-                    .clients_changed
-                    .wait_while(clients, |c| max > 0 && c.len() >= max && !shared.stopping())
-                    .unwrap(),
-            );
+            shared.clients_changed.wait_while(&mut clients, |c| {
+                max > 0 && c.len() >= max && !shared.stopping()
+            });
         }
         if shared.stopping() {
             return;
@@ -288,7 +283,7 @@ fn spawn_client(shared: &Arc<Shared>, stream: Stream) -> std::io::Result<()> {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let client = Arc::new(Client::new(id, stream.try_clone()?)?);
     {
-        let mut clients = shared.clients.lock().unwrap();
+        let mut clients = shared.clients.lock();
         if shared.stopping() {
             return Ok(());
         }

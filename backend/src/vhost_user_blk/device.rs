@@ -3,9 +3,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, PoisonError};
 
 use blkgraph_graph::{Child, Node};
+use parking_lot::Mutex;
 use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -132,6 +133,16 @@ impl VhostUserBlkDevice {
         }
     }
 
+    /// Installs a memory map in place of the frontend's.
+    fn replace_memory(&self, memory: GuestMemory) {
+        // vm-memory's lock poisons only if a thread panicked holding it;
+        // the map itself is swapped whole, so it is consistent anyway.
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(memory);
+    }
+
     /// Handles a kick or a completion event of one queue.
     fn serve(&self, worker: &mut QueueWorker, vring: &Vring, device_event: u16) -> io::Result<()> {
         if u64::from(device_event) == self.completion_event() {
@@ -158,7 +169,7 @@ impl VhostUserBlkDevice {
     }
 
     fn limits(&self) -> DeviceLimits {
-        let wce = self.config.lock().unwrap().0.wce;
+        let wce = self.config.lock().0.wce;
         DeviceLimits {
             capacity: self.root.node().size(),
             block_size: u64::from(self.options.logical_block_size),
@@ -177,11 +188,11 @@ impl VhostUserBlkDevice {
         }
         // The next frontend maps its own memory; the regions of this one
         // would overlap them.
-        self.memory.lock().unwrap().replace(GuestMemory::new());
-        *self.accepted_memory.lock().unwrap() = Arc::new(GuestMemory::new());
+        self.replace_memory(GuestMemory::new());
+        *self.accepted_memory.lock() = Arc::new(GuestMemory::new());
         self.acked_features.store(0, Ordering::Relaxed);
         self.event_idx.store(false, Ordering::Relaxed);
-        self.config.lock().unwrap().0.wce = 1;
+        self.config.lock().0.wce = 1;
     }
 }
 
@@ -233,7 +244,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let mut config = *self.config.lock().unwrap();
+        let mut config = *self.config.lock();
         config.0.capacity = (self.root.node().size() >> 9).to_le();
         config.read(offset, size)
     }
@@ -245,7 +256,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
         if offset as usize != WCE_OFFSET || buf.len() != 1 || !wce_acked {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        self.config.lock().unwrap().0.wce = buf[0];
+        self.config.lock().0.wce = buf[0];
         Ok(())
     }
 
@@ -257,7 +268,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
     /// check: vhost-user-backend offers no earlier hook.)
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         let new = mem.memory().into_inner();
-        let mut accepted = self.accepted_memory.lock().unwrap();
+        let mut accepted = self.accepted_memory.lock();
         match check_memory(&new) {
             Ok(()) => {
                 *accepted = new;
@@ -265,7 +276,7 @@ impl VhostUserBackend for VhostUserBlkDevice {
             }
             Err(e) => {
                 log::warn!("export {}: memory map refused: {e}", self.options.id);
-                self.memory.lock().unwrap().replace((**accepted).clone());
+                self.replace_memory((**accepted).clone());
                 Err(e)
             }
         }

@@ -4,9 +4,10 @@
 use std::os::unix::io::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use blkgraph_graph::{Graph, Options};
+use parking_lot::Mutex;
 use serde::Deserialize;
 use vhost::vhost_user::Listener;
 
@@ -82,7 +83,7 @@ impl Export for VhostUserBlkExport {
     }
 
     fn stop(&self, hard: bool) -> Result<(), ExportError> {
-        let mut server = self.server.lock().unwrap();
+        let mut server = self.server.lock();
         if server.is_connected() {
             if !hard {
                 return Err(ExportError::InUse(format!(

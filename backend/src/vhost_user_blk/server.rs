@@ -5,9 +5,10 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use parking_lot::Mutex;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vmm_sys_util::epoll::EventSet;
@@ -37,14 +38,14 @@ pub struct Server {
 impl Server {
     /// Whether a frontend is connected.
     pub fn is_connected(&self) -> bool {
-        self.shared.session.lock().unwrap().is_some()
+        self.shared.session.lock().is_some()
     }
 
     /// Stops serving: the listener is shut down and a connected frontend
     /// is disconnected; returns once the server thread has ended.
     pub fn stop(&mut self) {
         {
-            let session = self.shared.session.lock().unwrap();
+            let session = self.shared.session.lock();
             self.shared.stopping.store(true, Ordering::SeqCst);
             if let Some(handle) = session.as_ref() {
                 handle.shutdown();
@@ -112,7 +113,7 @@ fn serve_one(
         .start(listener)
         .map_err(|e| io::Error::other(format!("accept failed: {e}")))?;
     {
-        let mut session = shared.session.lock().unwrap();
+        let mut session = shared.session.lock();
         if shared.stopping.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         }
@@ -120,7 +121,7 @@ fn serve_one(
     }
     log::info!("export {id}: frontend connected");
     let result = daemon.wait();
-    *shared.session.lock().unwrap() = None;
+    *shared.session.lock() = None;
     match result {
         Ok(()) => {}
         Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {}

@@ -3,9 +3,12 @@
 //! own executor.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
+
+use parking_lot::Mutex;
 
 use super::executor::{Executor, Notifier};
 
@@ -16,36 +19,61 @@ struct Background {
     notifier: Notifier,
 }
 
-fn background() -> &'static Background {
-    static BACKGROUND: OnceLock<Background> = OnceLock::new();
-    BACKGROUND.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("detached-io".into())
-            .spawn(move || {
-                let mut executor = Executor::<()>::new().expect("background executor");
-                tx.send(executor.notifier()).expect("send notifier");
-                loop {
-                    let tasks = std::mem::take(&mut *background().incoming.lock().unwrap());
-                    for t in tasks {
-                        executor.spawn(t);
-                    }
-                    executor.run(|()| ());
-                    let mut pfd = libc::pollfd {
-                        fd: executor.event_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: pfd is valid for the call.
-                    unsafe { libc::poll(&mut pfd, 1, -1) };
-                    executor.consume_event();
+/// The background thread, started on first use; an error if it could not
+/// be started.
+fn background() -> io::Result<&'static Background> {
+    static BACKGROUND: OnceLock<Option<Background>> = OnceLock::new();
+    BACKGROUND
+        .get_or_init(|| match start_background() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                log::error!("cannot start the thread for detached I/O: {e}");
+                None
+            }
+        })
+        .as_ref()
+        .ok_or_else(|| io::Error::other("no thread for detached I/O"))
+}
+
+fn start_background() -> io::Result<Background> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("detached-io".into())
+        .spawn(move || {
+            let mut executor = match Executor::<()>::new() {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
                 }
-            })
-            .expect("spawn background thread");
-        Background {
-            incoming: Mutex::new(Vec::new()),
-            notifier: rx.recv().expect("background notifier"),
-        }
+            };
+            let _ = tx.send(Ok(executor.notifier()));
+            // Returns once the first caller has published the Background.
+            let Ok(background) = background() else {
+                return;
+            };
+            loop {
+                let tasks = std::mem::take(&mut *background.incoming.lock());
+                for t in tasks {
+                    executor.spawn(t);
+                }
+                executor.run(|()| ());
+                let mut pfd = libc::pollfd {
+                    fd: executor.event_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: pfd is valid for the call.
+                unsafe { libc::poll(&mut pfd, 1, -1) };
+                executor.consume_event();
+            }
+        })?;
+    let notifier = rx
+        .recv()
+        .map_err(|_| io::Error::other("the detached I/O thread ended"))??;
+    Ok(Background {
+        incoming: Mutex::new(Vec::new()),
+        notifier,
     })
 }
 
@@ -53,14 +81,14 @@ fn background() -> &'static Background {
 /// handle gives its output and may be dropped without stopping it.
 pub fn spawn_detached<T: Send + 'static>(
     future: impl Future<Output = T> + Send + 'static,
-) -> Detached<T> {
+) -> io::Result<Detached<T>> {
     let slot = Arc::new(Mutex::new((None, None::<Waker>)));
     let theirs = slot.clone();
-    let b = background();
-    b.incoming.lock().unwrap().push(Box::pin(async move {
+    let b = background()?;
+    b.incoming.lock().push(Box::pin(async move {
         let out = future.await;
         let waker = {
-            let mut s = theirs.lock().unwrap();
+            let mut s = theirs.lock();
             s.0 = Some(out);
             s.1.take()
         };
@@ -69,7 +97,7 @@ pub fn spawn_detached<T: Send + 'static>(
         }
     }));
     b.notifier.notify();
-    Detached(slot)
+    Ok(Detached(slot))
 }
 
 /// The output of a detached task.
@@ -78,7 +106,7 @@ pub struct Detached<T>(Arc<Mutex<(Option<T>, Option<Waker>)>>);
 impl<T> Future for Detached<T> {
     type Output = T;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let mut s = self.0.lock().unwrap();
+        let mut s = self.0.lock();
         match s.0.take() {
             Some(v) => Poll::Ready(v),
             None => {
@@ -129,7 +157,8 @@ mod tests {
                 sleep(Duration::from_millis(50)).await.unwrap();
                 d.store(true, std::sync::atomic::Ordering::SeqCst);
                 7
-            });
+            })
+            .unwrap();
             match race(slow, sleep(Duration::from_millis(5))).await {
                 Either::Left(_) => "copy",
                 Either::Right(_) => "timeout",
@@ -139,6 +168,6 @@ mod tests {
         assert_eq!(out, "timeout");
         std::thread::sleep(Duration::from_millis(200));
         assert!(done.load(std::sync::atomic::Ordering::SeqCst));
-        assert_eq!(block_on(spawn_detached(async { 3 })).unwrap(), 3);
+        assert_eq!(block_on(spawn_detached(async { 3 }).unwrap()).unwrap(), 3);
     }
 }

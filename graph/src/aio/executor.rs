@@ -6,9 +6,10 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use parking_lot::Mutex;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::uring::{Reactor, ReactorGuard};
@@ -29,7 +30,7 @@ struct WakeQueue {
 
 impl WakeQueue {
     fn push(self: &Arc<Self>, id: usize) {
-        self.ready.lock().unwrap().push(id);
+        self.ready.lock().push(id);
         // The running executor looks at its queue again before it sleeps, so
         // only a wake from elsewhere needs the eventfd.
         if RUNNING.with(|r| r.get()) != Arc::as_ptr(self) {
@@ -38,7 +39,7 @@ impl WakeQueue {
     }
 
     fn take(&self, into: &mut Vec<usize>) {
-        std::mem::swap(&mut *self.ready.lock().unwrap(), into);
+        std::mem::swap(&mut *self.ready.lock(), into);
     }
 }
 
@@ -179,7 +180,7 @@ impl<T> Executor<T> {
         self.live += 1;
         // A stale wake of the slot's previous task may have queued it.
         if !task.state.queued.swap(true, Ordering::AcqRel) {
-            self.queue.ready.lock().unwrap().push(id);
+            self.queue.ready.lock().push(id);
         }
     }
 

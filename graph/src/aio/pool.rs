@@ -4,8 +4,11 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
+
+use parking_lot::{Condvar, Mutex};
 
 /// Number of worker threads.
 const WORKERS: usize = 16;
@@ -15,6 +18,8 @@ type Job = Box<dyn FnOnce() + Send>;
 struct Pool {
     jobs: Mutex<VecDeque<Job>>,
     more: Condvar,
+    /// Threads that could be started; jobs run inline without any.
+    workers: AtomicUsize,
 }
 
 fn pool() -> &'static Pool {
@@ -23,23 +28,30 @@ fn pool() -> &'static Pool {
         let pool: &'static Pool = Box::leak(Box::new(Pool {
             jobs: Mutex::new(VecDeque::new()),
             more: Condvar::new(),
+            workers: AtomicUsize::new(0),
         }));
         for i in 0..WORKERS {
-            std::thread::Builder::new()
-                .name(format!("aio-{i}"))
-                .spawn(move || loop {
-                    let job = {
-                        let mut jobs = pool.jobs.lock().unwrap();
-                        loop {
-                            match jobs.pop_front() {
-                                Some(job) => break job,
-                                None => jobs = pool.more.wait(jobs).unwrap(),
+            let spawned =
+                std::thread::Builder::new()
+                    .name(format!("aio-{i}"))
+                    .spawn(move || loop {
+                        let job = {
+                            let mut jobs = pool.jobs.lock();
+                            loop {
+                                match jobs.pop_front() {
+                                    Some(job) => break job,
+                                    None => pool.more.wait(&mut jobs),
+                                }
                             }
-                        }
-                    };
-                    job();
-                })
-                .expect("spawn aio thread");
+                        };
+                        job();
+                    });
+            match spawned {
+                Ok(_) => {
+                    pool.workers.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => log::error!("cannot start aio thread {i}: {e}"),
+            }
         }
         pool
     })
@@ -61,10 +73,16 @@ pub(crate) fn run_blocking(f: impl FnOnce() -> io::Result<u64> + Send + 'static)
     }));
     let theirs = shared.clone();
     let pool = pool();
-    pool.jobs.lock().unwrap().push_back(Box::new(move || {
+    if pool.workers.load(Ordering::Relaxed) == 0 {
+        // No thread could be started: block this one rather than never
+        // run the job.
+        theirs.lock().result = Some(f());
+        return BlockingOp(shared);
+    }
+    pool.jobs.lock().push_back(Box::new(move || {
         let result = f();
         let waker = {
-            let mut s = theirs.lock().unwrap();
+            let mut s = theirs.lock();
             s.result = Some(result);
             s.waker.take()
         };
@@ -80,7 +98,7 @@ impl Future for BlockingOp {
     type Output = io::Result<u64>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut s = self.0.lock().unwrap();
+        let mut s = self.0.lock();
         match s.result.take() {
             Some(r) => Poll::Ready(r),
             None => {

@@ -16,10 +16,11 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -188,7 +189,7 @@ struct WaitUntil<'a, F: Fn(&State) -> bool> {
 impl<F: Fn(&State) -> bool> Future for WaitUntil<'_, F> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut s = self.inner.state.lock().unwrap();
+        let mut s = self.inner.state.lock();
         if (self.ready)(&s) {
             Poll::Ready(())
         } else {
@@ -208,7 +209,7 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut s = self.inner.state.lock().unwrap();
+        let mut s = self.inner.state.lock();
         for i in self.run.clone() {
             s.copying[i] = false;
             if self.copied == Some(true) {
@@ -231,7 +232,7 @@ struct Frozen<'a> {
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.id {
-            let mut s = self.inner.state.lock().unwrap();
+            let mut s = self.inner.state.lock();
             s.frozen.retain(|f| f.0 != id);
             s.wake_all();
         }
@@ -243,14 +244,14 @@ struct Detached(Arc<Inner>);
 
 impl Detached {
     fn start(inner: &Arc<Inner>) -> Self {
-        inner.state.lock().unwrap().detached += 1;
+        inner.state.lock().detached += 1;
         Detached(inner.clone())
     }
 }
 
 impl Drop for Detached {
     fn drop(&mut self) {
-        let mut s = self.0.state.lock().unwrap();
+        let mut s = self.0.state.lock();
         s.detached -= 1;
         s.wake_all();
     }
@@ -284,7 +285,7 @@ impl Inner {
         let mut c = clusters.start;
         while c < clusters.end {
             let run = {
-                let mut s = self.state.lock().unwrap();
+                let mut s = self.state.lock();
                 if s.copying[c] {
                     None
                 } else if !s.copy[c] {
@@ -323,11 +324,11 @@ impl Inner {
     }
 
     fn broken(&self) -> bool {
-        self.state.lock().unwrap().error.is_some()
+        self.state.lock().error.is_some()
     }
 
     fn break_snapshot(&self, error: &io::Error) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         if s.error.is_none() {
             s.error = Some(io::Error::new(error.kind(), error.to_string()));
             drop(s);
@@ -355,7 +356,7 @@ impl Inner {
     }
 
     fn status_info(&self) -> serde_json::Value {
-        let s = self.state.lock().unwrap();
+        let s = self.state.lock();
         json!({
             "snapshot-valid": s.error.is_none(),
             "snapshot-error": s.error.as_ref().map(|e| e.to_string()),
@@ -369,7 +370,7 @@ impl Inner {
     /// Checks access and takes the run of `[offset, end)` with one done
     /// state; registers a frozen read when it is read from `file`.
     fn begin_snapshot_op(&self, offset: u64, end: u64) -> io::Result<(u64, bool, Frozen<'_>)> {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         let eacces = || io::Error::from_raw_os_error(libc::EACCES);
         if s.error.is_some() {
             return Err(eacces());
@@ -413,16 +414,17 @@ impl CopyBeforeWrite {
             } else {
                 // The copy cannot be stopped halfway: on timeout it goes on
                 // in the background and the guest request moves on.
-                let copy = {
-                    let running = Detached::start(inner);
-                    spawn_detached(async move {
-                        let inner = &running.0;
-                        inner.copy_range(clusters).await
-                    })
-                };
-                match race(copy, sleep(inner.timeout)).await {
-                    Either::Left(r) => r,
-                    Either::Right(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                let running = Detached::start(inner);
+                let copy = spawn_detached(async move {
+                    let inner = &running.0;
+                    inner.copy_range(clusters).await
+                });
+                match copy {
+                    Ok(copy) => match race(copy, sleep(inner.timeout)).await {
+                        Either::Left(r) => r,
+                        Either::Right(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                    },
+                    Err(e) => Err(e),
                 }
             };
             if let Err(e) = result {
@@ -548,7 +550,7 @@ impl BlockDriver for CopyBeforeWrite {
                 return Ok(());
             }
             {
-                let mut s = inner.state.lock().unwrap();
+                let mut s = inner.state.lock();
                 for c in (start / inner.cluster) as usize..(end / inner.cluster) as usize {
                     s.access[c] = false;
                     s.copy[c] = false;
