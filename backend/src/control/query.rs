@@ -1,0 +1,85 @@
+//! The query commands' answers: nodes and the graph's shape.
+
+use blkgraph_graph::{Graph, Node, Parent};
+use serde_json::{json, Value};
+
+/// The node-info member with a copy-before-write node's snapshot state (a
+/// blkgraph extension).
+pub const SNAPSHOT_INFO_MEMBER: &str = "__org.blkgraph_snapshot";
+
+/// A node as query-named-block-nodes describes it (QAPI's BlockDeviceInfo).
+pub(super) fn node_info(node: &Node) -> Value {
+    let bitmaps: Vec<Value> = node
+        .bitmaps()
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name(),
+                "count": b.count(),
+                "granularity": b.granularity(),
+                "recording": b.recording(),
+                "busy": false,
+                "persistent": false,
+            })
+        })
+        .collect();
+    let mut info = json!({
+        "node-name": node.name(),
+        "drv": node.driver_name(),
+        "ro": node.read_only(),
+        "file": node.filename().unwrap_or_default(),
+        "encrypted": false,
+        "detect_zeroes": "off",
+        "backing_file_depth": 0,
+        "write_threshold": 0,
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "cache": {"writeback": true, "direct": node.direct(), "no-flush": node.no_flush()},
+        "image": {
+            "filename": node.filename().unwrap_or_default(),
+            "format": node.driver_name(),
+            "virtual-size": node.size(),
+        },
+        "dirty-bitmaps": bitmaps,
+    });
+    if let Some(extra) = node.driver_info() {
+        info[SNAPSHOT_INFO_MEMBER] = extra;
+    }
+    info
+}
+
+/// x-debug-query-block-graph: exports and nodes with stable ids (exports by
+/// id, then nodes by name), and every edge with its permissions.
+pub(super) fn block_graph(graph: &Graph) -> Value {
+    let view = graph.view();
+    let mut ids = std::collections::HashMap::new();
+    let mut nodes = Vec::new();
+    for (id, _) in &view.exports {
+        ids.insert(format!("export:{id}"), nodes.len());
+        nodes.push(json!({"id": nodes.len(), "type": "block-export", "name": id}));
+    }
+    for node in &view.nodes {
+        ids.insert(format!("node:{}", node.name()), nodes.len());
+        nodes.push(json!({"id": nodes.len(), "type": "block-driver", "name": node.name(), "driver": node.driver_name()}));
+    }
+    let key = |p: &Parent| match p {
+        Parent::Node(n) => format!("node:{n}"),
+        Parent::Export(e) => format!("export:{e}"),
+    };
+    let mut edges = Vec::new();
+    let all = view
+        .exports
+        .iter()
+        .map(|(_, c)| c.clone())
+        .chain(view.nodes.iter().flat_map(|n| n.children().to_vec()));
+    for edge in all {
+        let (perm, shared) = edge.permissions();
+        edges.push(json!({
+            "parent": ids.get(&key(edge.parent())),
+            "child": ids.get(&format!("node:{}", edge.node().name())),
+            "name": edge.role(),
+            "perm": perm.names(),
+            "shared-perm": shared.names(),
+        }));
+    }
+    json!({"nodes": nodes, "edges": edges})
+}

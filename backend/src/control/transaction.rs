@@ -1,0 +1,267 @@
+//! Graph transactions over QMP: the `transaction` command's actions (and
+//! the single-action commands that are transactions of their own), how they
+//! are parsed, and how they run on the graph.
+
+use blkgraph_ctl::QmpError;
+use blkgraph_graph::{BitmapRef, Graph, Options, ReplaceParent, Transaction};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::args::{generic, parse, NodeName};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct Replace {
+    parent_type: String,
+    #[serde(default)]
+    export_id: Option<String>,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    child: Option<String>,
+    new_child: String,
+}
+
+impl Replace {
+    pub(super) fn parent(&self) -> Result<ReplaceParent<'_>, QmpError> {
+        match (
+            self.parent_type.as_str(),
+            &self.export_id,
+            &self.node_name,
+            &self.child,
+        ) {
+            ("export", Some(id), None, None) => Ok(ReplaceParent::Export(id)),
+            ("driver", None, Some(node_name), Some(child)) => {
+                Ok(ReplaceParent::Node { node_name, child })
+            }
+            ("export", ..) => Err(generic(
+                "parent-type 'export' takes 'export-id' (and no 'node-name' or 'child')",
+            )),
+            ("driver", ..) => Err(generic(
+                "parent-type 'driver' takes 'node-name' and 'child' (and no 'export-id')",
+            )),
+            (other, ..) => Err(generic(format!(
+                "Parameter 'parent-type' does not accept value '{other}'"
+            ))),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TransactionArgs {
+    actions: Vec<Value>,
+    #[serde(default)]
+    properties: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionArgs {
+    #[serde(rename = "type")]
+    kind: String,
+    data: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BitmapName {
+    node: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BitmapAdd {
+    node: String,
+    name: String,
+    #[serde(default)]
+    granularity: Option<u64>,
+    #[serde(default)]
+    persistent: Option<bool>,
+    #[serde(default)]
+    disabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum MergeSource {
+    Name(String),
+    Ref(BitmapName),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BitmapMerge {
+    node: String,
+    target: String,
+    bitmaps: Vec<MergeSource>,
+}
+
+/// A dirty bitmap action (command or transaction action).
+pub(super) enum BitmapAction {
+    Add(BitmapAdd),
+    Remove(BitmapName),
+    Clear(BitmapName),
+    Enable(BitmapName),
+    Disable(BitmapName),
+    Merge(BitmapMerge),
+}
+
+impl BitmapAction {
+    /// Parses the arguments of `kind` (block-dirty-bitmap-...), or `None`
+    /// if `kind` is not a bitmap action.
+    pub(super) fn parse(kind: &str, args: Map<String, Value>) -> Option<Result<BitmapAction, QmpError>> {
+        let kind = kind.strip_prefix("block-dirty-bitmap-")?;
+        Some(match kind {
+            "add" => parse::<BitmapAdd>(args).and_then(|a| {
+                if a.persistent == Some(true) {
+                    Err(generic("Persistent bitmaps are not supported"))
+                } else {
+                    Ok(BitmapAction::Add(a))
+                }
+            }),
+            "remove" => parse(args).map(BitmapAction::Remove),
+            "clear" => parse(args).map(BitmapAction::Clear),
+            "enable" => parse(args).map(BitmapAction::Enable),
+            "disable" => parse(args).map(BitmapAction::Disable),
+            "merge" => parse(args).map(BitmapAction::Merge),
+            _ => return None,
+        })
+    }
+
+    fn apply(&self, tx: &mut Transaction<'_>) -> Result<(), blkgraph_graph::Error> {
+        match self {
+            BitmapAction::Add(a) => {
+                tx.bitmap_add(&a.node, &a.name, a.granularity, a.disabled.unwrap_or(false))
+            }
+            BitmapAction::Remove(b) => tx.bitmap_remove(&b.node, &b.name),
+            BitmapAction::Clear(b) => tx.bitmap_clear(&b.node, &b.name),
+            BitmapAction::Enable(b) => tx.bitmap_set_recording(&b.node, &b.name, true),
+            BitmapAction::Disable(b) => tx.bitmap_set_recording(&b.node, &b.name, false),
+            BitmapAction::Merge(m) => {
+                let sources: Vec<BitmapRef> = m
+                    .bitmaps
+                    .iter()
+                    .map(|s| match s {
+                        MergeSource::Name(name) => BitmapRef {
+                            node: m.node.clone(),
+                            name: name.clone(),
+                        },
+                        MergeSource::Ref(r) => BitmapRef {
+                            node: r.node.clone(),
+                            name: r.name.clone(),
+                        },
+                    })
+                    .collect();
+                tx.bitmap_merge(&m.node, &m.target, &sources)
+            }
+        }
+    }
+}
+
+/// Puts `path` before the key a QMP error text names ('x' becomes
+/// 'PATHx'), or before the whole text if it names none.
+fn with_key_prefix(desc: &str, path: &str) -> String {
+    match desc.split_once('\'') {
+        Some((head, rest)) => format!("{head}'{path}{rest}"),
+        None => format!("{}: {desc}", path.trim_end_matches('.')),
+    }
+}
+
+/// A transaction action, checked before anything happens.
+pub(super) enum Action {
+    Add(Options),
+    Del(String),
+    Replace(Replace),
+    Bitmap(BitmapAction),
+    Abort,
+}
+
+impl Action {
+    pub(super) fn parse(value: Value, index: usize) -> Result<Action, QmpError> {
+        let at = |path: String| move |e: QmpError| generic(with_key_prefix(&e.desc, &path));
+        let data_path = format!("actions[{index}].data.");
+        let prefix = |e: QmpError| generic(with_key_prefix(&e.desc, &data_path));
+        let ActionArgs { kind, data } = match value {
+            Value::Object(m) => parse(m).map_err(at(format!("actions[{index}].")))?,
+            _ => {
+                return Err(generic(format!(
+                    "Invalid parameter type for 'actions[{index}]', expected: object"
+                )))
+            }
+        };
+        match kind.as_str() {
+            "blockdev-add" => Ok(Action::Add(
+                Options::from_json(Value::Object(data)).map_err(generic)?,
+            )),
+            "blockdev-del" => Ok(Action::Del(
+                parse::<NodeName>(data).map_err(prefix)?.node_name,
+            )),
+            "x-blockdev-replace" => {
+                let r: Replace = parse(data).map_err(prefix)?;
+                r.parent().map_err(prefix)?;
+                Ok(Action::Replace(r))
+            }
+            "abort" => {
+                parse::<Map<String, Value>>(data).map_err(prefix)?;
+                Ok(Action::Abort)
+            }
+            other => match BitmapAction::parse(other, data) {
+                Some(action) => action.map(Action::Bitmap).map_err(prefix),
+                None => Err(generic(format!(
+                    "actions[{index}]: Parameter 'type' does not accept value '{other}'"
+                ))),
+            },
+        }
+    }
+
+    /// Whether the action changes what requests see (edges, nodes that
+    /// go, bitmaps I/O records in): only adding needs no drained graph.
+    fn needs_drain(&self) -> bool {
+        !matches!(self, Action::Add(_) | Action::Bitmap(BitmapAction::Add(_)))
+    }
+}
+
+/// Parses the `transaction` command's arguments.
+pub(super) fn parse_transaction(args: Map<String, Value>) -> Result<Vec<Action>, QmpError> {
+    let args: TransactionArgs = parse(args)?;
+    if let Some(props) = args.properties {
+        let ok = props.as_object().is_some_and(|p| {
+            p.iter().all(|(k, v)| {
+                k == "completion-mode" && matches!(v.as_str(), Some("individual") | Some("grouped"))
+            })
+        });
+        if !ok {
+            return Err(generic("Invalid parameter 'properties'"));
+        }
+    }
+    args.actions
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| Action::parse(a, i))
+        .collect()
+}
+
+/// Runs actions as one transaction: all are prepared in order, the
+/// permissions are checked once at the end, and a failure anywhere rolls
+/// every action back. Actions that change what requests see run in a
+/// drained graph.
+pub(super) fn run(graph: &Graph, actions: Vec<Action>) -> Result<(), QmpError> {
+    let mut tx = if actions.iter().any(Action::needs_drain) {
+        graph.drained_transaction()
+    } else {
+        graph.transaction()
+    };
+    for action in actions {
+        match action {
+            Action::Add(options) => tx.add(options).map(|_| ()),
+            Action::Del(name) => tx.remove(&name),
+            Action::Replace(r) => tx.replace(r.parent()?, &r.new_child),
+            Action::Bitmap(b) => b.apply(&mut tx),
+            Action::Abort => return Err(generic("Transaction aborted using Abort action")),
+        }
+        .map_err(generic)?;
+    }
+    tx.commit().map_err(generic)
+}
