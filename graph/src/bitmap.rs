@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 
+use crate::bitset::{zeroed_vec, OutOfMemory};
+
 /// Bits recorded while a transaction holds the bitmap.
 struct Journal {
     words: Vec<AtomicU64>,
@@ -41,18 +43,23 @@ pub struct DirtyBitmap {
 
 impl DirtyBitmap {
     /// A clean bitmap over `size` bytes; `granularity` is a power of two
-    /// of at least 512.
-    pub fn new(name: &str, size: u64, granularity: u64, recording: bool) -> Self {
+    /// of at least 512. Fails if its memory cannot be had (a huge node).
+    pub fn new(
+        name: &str,
+        size: u64,
+        granularity: u64,
+        recording: bool,
+    ) -> Result<Self, OutOfMemory> {
         let bits = size.div_ceil(granularity);
-        DirtyBitmap {
+        Ok(DirtyBitmap {
             name: name.to_string(),
             granularity,
             size,
-            words: zeroed_words(bits.div_ceil(64)),
+            words: zeroed_words(bits.div_ceil(64))?,
             recording: AtomicBool::new(recording),
             journal: ArcSwapOption::empty(),
             hidden: AtomicBool::new(false),
-        }
+        })
     }
 
     /// The bitmap's name.
@@ -129,23 +136,24 @@ impl DirtyBitmap {
 
     /// Opens a journal and saves the bitmap's state, before a transaction
     /// changes it; `None` if a journal is open already (the first save of
-    /// the transaction is the one to roll back to).
-    pub(crate) fn begin_journal(&self) -> Option<Saved> {
+    /// the transaction is the one to roll back to). Fails, changing
+    /// nothing, if the memory for both cannot be had.
+    pub(crate) fn begin_journal(&self) -> Result<Option<Saved>, OutOfMemory> {
         if self.journal.load().is_some() {
-            return None;
+            return Ok(None);
         }
+        let journal = zeroed_words(self.words.len() as u64)?;
+        let mut words = zeroed_vec::<u64>(self.words.len())?;
         let recording = self.recording();
         self.journal.store(Some(Arc::new(Journal {
-            words: zeroed_words(self.words.len() as u64),
+            words: journal,
             recording,
         })));
         // Saved after the journal is open: a write in between is in both.
-        let words = self
-            .words
-            .iter()
-            .map(|w| w.load(Ordering::SeqCst))
-            .collect();
-        Some(Saved { words, recording })
+        for (s, w) in words.iter_mut().zip(&self.words) {
+            *s = w.load(Ordering::SeqCst);
+        }
+        Ok(Some(Saved { words, recording }))
     }
 
     /// Ends the transaction's journal: its changes stay.
@@ -224,8 +232,8 @@ impl DirtyBitmap {
     }
 }
 
-fn zeroed_words(n: u64) -> Vec<AtomicU64> {
-    (0..n).map(|_| AtomicU64::new(0)).collect()
+fn zeroed_words(n: u64) -> Result<Vec<AtomicU64>, OutOfMemory> {
+    zeroed_vec(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 fn set_bits(words: &[AtomicU64], bits: std::ops::Range<u64>) {
@@ -240,7 +248,7 @@ mod tests {
 
     #[test]
     fn record_count_extents() {
-        let b = DirtyBitmap::new("b", 1 << 20, 65536, true);
+        let b = DirtyBitmap::new("b", 1 << 20, 65536, true).unwrap();
         b.record(1000, 10);
         b.record(65536 * 3, 65537);
         assert_eq!(b.count(), 65536 * 3);
@@ -258,8 +266,8 @@ mod tests {
         b.set_recording(false);
         b.record(65536 * 10, 1);
         assert_eq!(b.count(), 65536 * 3);
-        let saved = b.begin_journal().unwrap();
-        assert!(b.begin_journal().is_none());
+        let saved = b.begin_journal().unwrap().unwrap();
+        assert!(b.begin_journal().unwrap().is_none());
         b.clear();
         assert_eq!(b.count(), 0);
         b.roll_back(&saved);
@@ -268,17 +276,17 @@ mod tests {
 
     #[test]
     fn a_rollback_keeps_what_io_recorded_during_the_transaction() {
-        let b = DirtyBitmap::new("b", 1 << 20, 65536, true);
+        let b = DirtyBitmap::new("b", 1 << 20, 65536, true).unwrap();
         b.record(0, 1);
         // Clear, a write, roll back: both bits.
-        let saved = b.begin_journal().unwrap();
+        let saved = b.begin_journal().unwrap().unwrap();
         b.clear();
         b.record(65536 * 5, 1);
         b.roll_back(&saved);
         assert_eq!(b.extents(0, 65536 * 6)[0], (65536, true));
         assert_eq!(b.count(), 2 * 65536);
         // Disable, a write, roll back: recording again, and the write in.
-        let saved = b.begin_journal().unwrap();
+        let saved = b.begin_journal().unwrap().unwrap();
         b.set_recording(false);
         b.record(65536 * 7, 1);
         b.roll_back(&saved);
@@ -287,7 +295,7 @@ mod tests {
         // Enable a disabled bitmap, a write, roll back: not recorded, as
         // if the transaction had not been.
         b.set_recording(false);
-        let saved = b.begin_journal().unwrap();
+        let saved = b.begin_journal().unwrap().unwrap();
         b.set_recording(true);
         b.record(65536 * 9, 1);
         b.roll_back(&saved);
@@ -295,7 +303,7 @@ mod tests {
         assert!(!b.any_dirty(65536 * 9, 1));
         // A committed clear stays clear; later writes record.
         b.set_recording(true);
-        let _ = b.begin_journal().unwrap();
+        let _ = b.begin_journal().unwrap().unwrap();
         b.clear();
         b.commit_journal();
         b.record(0, 1);
@@ -304,15 +312,15 @@ mod tests {
 
     #[test]
     fn partial_last_granule_and_merge() {
-        let a = DirtyBitmap::new("a", 100_000, 65536, true);
+        let a = DirtyBitmap::new("a", 100_000, 65536, true).unwrap();
         a.record(99_000, 1000);
         assert_eq!(a.count(), 100_000 - 65536);
-        let b = DirtyBitmap::new("b", 100_000, 65536, true);
+        let b = DirtyBitmap::new("b", 100_000, 65536, true).unwrap();
         b.record(0, 1);
         assert!(a.compatible(&b));
         a.merge(&b);
         assert_eq!(a.count(), 100_000);
-        let fine = DirtyBitmap::new("f", 100_000, 4096, true);
+        let fine = DirtyBitmap::new("f", 100_000, 4096, true).unwrap();
         fine.merge(&b);
         assert_eq!(fine.count(), 65536);
     }

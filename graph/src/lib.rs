@@ -11,6 +11,7 @@
 
 pub mod aio;
 mod bitmap;
+mod bitset;
 mod buffer;
 mod child;
 mod drain;
@@ -32,6 +33,7 @@ pub const SNAPSHOT_BROKEN_EVENT: &str = "__org.blkgraph_SNAPSHOT_BROKEN";
 pub type EventSink = std::sync::Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
 
 pub use bitmap::DirtyBitmap;
+pub use bitset::OutOfMemory;
 pub use buffer::{IoBuffer, IoSegment};
 pub use child::Child;
 pub use drain::DrainParent;

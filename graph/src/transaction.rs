@@ -250,7 +250,9 @@ impl<'g> Transaction<'g> {
                 "Bitmap name must be 1 to 1023 characters long".into(),
             ));
         }
-        let bitmap = Arc::new(DirtyBitmap::new(name, n.size(), granularity, !disabled));
+        let bitmap = DirtyBitmap::new(name, n.size(), granularity, !disabled)
+            .map_err(|e| Error::OpenFailed(format!("Cannot create dirty bitmap '{name}': {e}")))?;
+        let bitmap = Arc::new(bitmap);
         if !n.add_bitmap(bitmap.clone()) {
             return Err(Error::OpenFailed(format!("Bitmap already exists: {name}")));
         }
@@ -259,17 +261,24 @@ impl<'g> Transaction<'g> {
     }
 
     /// Opens the transaction's journal on a bitmap it is about to change.
-    fn journal(&mut self, bitmap: &Arc<DirtyBitmap>) {
-        if let Some(saved) = bitmap.begin_journal() {
+    fn journal(&mut self, bitmap: &Arc<DirtyBitmap>) -> Result<(), Error> {
+        let saved = bitmap.begin_journal().map_err(|e| {
+            Error::OpenFailed(format!(
+                "Cannot change dirty bitmap '{}': {e}",
+                bitmap.name()
+            ))
+        })?;
+        if let Some(saved) = saved {
             self.undo.push(Undo::BitmapChanged(bitmap.clone(), saved));
         }
+        Ok(())
     }
 
     /// block-dirty-bitmap-remove: the bitmap is hidden at once and goes at
     /// commit.
     pub fn bitmap_remove(&mut self, node: &str, name: &str) -> Result<(), Error> {
         let (n, b) = self.bitmap(node, name)?;
-        self.journal(&b);
+        self.journal(&b)?;
         b.hide();
         self.removed_bitmaps.push((n, b));
         Ok(())
@@ -278,7 +287,7 @@ impl<'g> Transaction<'g> {
     /// block-dirty-bitmap-clear.
     pub fn bitmap_clear(&mut self, node: &str, name: &str) -> Result<(), Error> {
         let (_, b) = self.bitmap(node, name)?;
-        self.journal(&b);
+        self.journal(&b)?;
         b.clear();
         Ok(())
     }
@@ -286,7 +295,7 @@ impl<'g> Transaction<'g> {
     /// block-dirty-bitmap-enable / -disable.
     pub fn bitmap_set_recording(&mut self, node: &str, name: &str, on: bool) -> Result<(), Error> {
         let (_, b) = self.bitmap(node, name)?;
-        self.journal(&b);
+        self.journal(&b)?;
         b.set_recording(on);
         Ok(())
     }
@@ -310,7 +319,7 @@ impl<'g> Transaction<'g> {
                 bad.name()
             )));
         }
-        self.journal(&t);
+        self.journal(&t)?;
         for s in &sources {
             t.merge(s);
         }

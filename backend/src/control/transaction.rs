@@ -111,7 +111,10 @@ pub(super) enum BitmapAction {
 impl BitmapAction {
     /// Parses the arguments of `kind` (block-dirty-bitmap-...), or `None`
     /// if `kind` is not a bitmap action.
-    pub(super) fn parse(kind: &str, args: Map<String, Value>) -> Option<Result<BitmapAction, QmpError>> {
+    pub(super) fn parse(
+        kind: &str,
+        args: Map<String, Value>,
+    ) -> Option<Result<BitmapAction, QmpError>> {
         let kind = kind.strip_prefix("block-dirty-bitmap-")?;
         Some(match kind {
             "add" => parse::<BitmapAdd>(args).and_then(|a| {

@@ -165,7 +165,9 @@ mod tests {
         let e = find_bitmap(&graph, &top, &local("b0"), true).err().unwrap();
         assert_eq!(e, "Bitmap 'b0' is not found");
         // Found below the exported node, through its file child.
-        assert!(n0.add_bitmap(Arc::new(DirtyBitmap::new("b0", 1 << 20, 65536, true))));
+        assert!(n0.add_bitmap(Arc::new(
+            DirtyBitmap::new("b0", 1 << 20, 65536, true).unwrap()
+        )));
         let b = find_bitmap(&graph, &top, &local("b0"), true).ok().unwrap();
         assert_eq!(b.name(), "b0");
         // A recording bitmap of a writable node is refused for read-only exports.

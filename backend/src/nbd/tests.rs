@@ -617,12 +617,7 @@ fn silent_clients_are_dropped_after_the_handshake_limit() {
 fn dirty_bitmap_contexts() {
     let s = setup("bitmap", 0);
     let disk = s.graph.find("disk0").unwrap();
-    let b = Arc::new(blkgraph_graph::DirtyBitmap::new(
-        "b0",
-        8 << 20,
-        65536,
-        false,
-    ));
+    let b = Arc::new(blkgraph_graph::DirtyBitmap::new("b0", 8 << 20, 65536, false).unwrap());
     b.set_range(65536, 1);
     assert!(disk.add_bitmap(b));
     export(&s, "id=e0,node-name=disk0,bitmaps.0=b0");

@@ -26,6 +26,7 @@ use serde_json::json;
 
 use super::{DriverEntry, OpenContext};
 use crate::aio::{race, sleep, spawn_detached, Either};
+use crate::bitset::Bitset;
 use crate::buffer::IoBuffer;
 use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
@@ -76,10 +77,10 @@ struct CbwOptions {
 }
 
 struct State {
-    copy: Vec<bool>,
-    access: Vec<bool>,
-    done: Vec<bool>,
-    copying: Vec<bool>,
+    copy: Bitset,
+    access: Bitset,
+    done: Bitset,
+    copying: Bitset,
     /// Snapshot reads from `file` in progress: (id, start, end).
     frozen: Vec<(u64, u64, u64)>,
     next_frozen: u64,
@@ -132,9 +133,18 @@ fn open(
         )));
     }
     let cluster = MIN_CLUSTER.max(opts.min_cluster_size);
-    let clusters = size.div_ceil(cluster) as usize;
-    let copy: Vec<bool> = match &opts.bitmap {
-        None => vec![true; clusters],
+    let clusters = usize::try_from(size.div_ceil(cluster)).unwrap_or(usize::MAX);
+    // One bit per cluster in each of four sets: a huge source is an error,
+    // not an abort.
+    let bits = |value: bool| {
+        Bitset::try_new(clusters, value).map_err(|e| {
+            Error::OpenFailed(format!(
+                "Cannot create block-copy-state for {clusters} clusters of {cluster} bytes: {e}"
+            ))
+        })
+    };
+    let copy = match &opts.bitmap {
+        None => bits(true)?,
         Some(r) => {
             let node = ctx.node(&r.node)?;
             let bitmap = node.bitmap(&r.name).ok_or_else(|| {
@@ -149,15 +159,17 @@ fn open(
                     r.name
                 )));
             }
-            (0..clusters as u64)
-                .map(|c| bitmap.any_dirty(c * cluster, cluster))
-                .collect()
+            let mut copy = bits(false)?;
+            for c in 0..clusters {
+                copy.set(c, bitmap.any_dirty(c as u64 * cluster, cluster));
+            }
+            copy
         }
     };
     let state = State {
         access: copy.clone(),
-        done: vec![false; clusters],
-        copying: vec![false; clusters],
+        done: bits(false)?,
+        copying: bits(false)?,
         copy,
         frozen: Vec::new(),
         next_frozen: 0,
@@ -211,12 +223,12 @@ impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut s = self.inner.state.lock();
         for i in self.run.clone() {
-            s.copying[i] = false;
+            s.copying.set(i, false);
             if self.copied == Some(true) {
-                s.done[i] = true;
+                s.done.set(i, true);
                 s.clusters_copied += 1;
             } else {
-                s.copy[i] = true;
+                s.copy.set(i, true);
             }
         }
         s.wake_all();
@@ -286,16 +298,17 @@ impl Inner {
         while c < clusters.end {
             let run = {
                 let mut s = self.state.lock();
-                if s.copying[c] {
+                if s.copying.get(c) {
                     None
-                } else if !s.copy[c] {
+                } else if !s.copy.get(c) {
                     c += 1;
                     continue;
                 } else {
                     let mut e = c;
-                    while e < clusters.end && e - c < max_run && s.copy[e] && !s.copying[e] {
-                        s.copy[e] = false;
-                        s.copying[e] = true;
+                    while e < clusters.end && e - c < max_run && s.copy.get(e) && !s.copying.get(e)
+                    {
+                        s.copy.set(e, false);
+                        s.copying.set(e, true);
                         e += 1;
                     }
                     Some(c..e)
@@ -304,7 +317,7 @@ impl Inner {
             let Some(run) = run else {
                 WaitUntil {
                     inner: self,
-                    ready: |s: &State| !s.copying[c],
+                    ready: |s: &State| !s.copying.get(c),
                 }
                 .await;
                 continue;
@@ -362,8 +375,8 @@ impl Inner {
             "snapshot-error": s.error.as_ref().map(|e| e.to_string()),
             "cluster-size": self.cluster,
             "clusters-copied": s.clusters_copied,
-            "clusters-to-copy": s.copy.iter().filter(|b| **b).count(),
-            "target-bytes": s.done.iter().zip(&s.access).filter(|(d, a)| **d && **a).count() as u64 * self.cluster,
+            "clusters-to-copy": s.copy.count_ones(),
+            "target-bytes": s.done.count_both(&s.access) as u64 * self.cluster,
         })
     }
 
@@ -375,14 +388,17 @@ impl Inner {
         if s.error.is_some() {
             return Err(eacces());
         }
-        if self.clusters(offset, end - offset).any(|c| !s.access[c]) {
+        if self
+            .clusters(offset, end - offset)
+            .any(|c| !s.access.get(c))
+        {
             return Err(eacces());
         }
         let first = (offset / self.cluster) as usize;
-        let done = s.done[first];
+        let done = s.done.get(first);
         let mut run_end = offset;
         for c in self.clusters(offset, end - offset) {
-            if s.done[c] != done {
+            if s.done.get(c) != done {
                 break;
             }
             run_end = ((c as u64 + 1) * self.cluster).min(end);
@@ -552,8 +568,8 @@ impl BlockDriver for CopyBeforeWrite {
             {
                 let mut s = inner.state.lock();
                 for c in (start / inner.cluster) as usize..(end / inner.cluster) as usize {
-                    s.access[c] = false;
-                    s.copy[c] = false;
+                    s.access.set(c, false);
+                    s.copy.set(c, false);
                 }
             }
             inner
@@ -613,12 +629,9 @@ mod tests {
         .unwrap();
         let source = g.find("source").unwrap();
         if bitmap {
-            source.add_bitmap(std::sync::Arc::new(DirtyBitmap::new(
-                "b0",
-                64 * MIB,
-                65536,
-                true,
-            )));
+            source.add_bitmap(std::sync::Arc::new(
+                DirtyBitmap::new("b0", 64 * MIB, 65536, true).unwrap(),
+            ));
         }
         for (byte, off) in [
             (0x5d, 0),
@@ -708,6 +721,35 @@ mod tests {
         assert!(is(&read(g, "source", 0, 65536).unwrap(), 0xab));
         assert!(is(&read(g, "source", MIB + 32768, 32768).unwrap(), 0xd5));
         assert!(is(&read(g, "source", 32 * MIB, 32768).unwrap(), 0xdc));
+    }
+
+    #[test]
+    fn state_too_large_for_memory_is_an_error() {
+        let g = Graph::new();
+        for n in ["big", "big2"] {
+            g.add(opts(
+                serde_json::json!({"driver": "null-co", "node-name": n, "size": 1u64 << 60}),
+            ))
+            .unwrap();
+        }
+        let e = g
+            .add(opts(serde_json::json!({"driver": "copy-before-write",
+                "node-name": "cbw", "file": "big", "target": "big2"})))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().starts_with(
+                "Cannot create block-copy-state for 17592186044416 clusters of 65536 bytes: Cannot allocate"
+            ),
+            "{e}"
+        );
+        let mut tx = g.transaction();
+        let e = tx.bitmap_add("big", "b0", Some(512), false).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("Cannot create dirty bitmap 'b0': Cannot allocate"),
+            "{e}"
+        );
     }
 
     #[test]

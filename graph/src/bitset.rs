@@ -1,0 +1,153 @@
+//! A fixed-size set of bits, and zeroed vectors, allocated fallibly and
+//! lazily: their size follows a node's size, which a client chooses, so a
+//! huge node is an error, not an abort, and memory never written is not
+//! used.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+
+/// Memory for a vector could not be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutOfMemory {
+    /// The bytes asked for.
+    pub bytes: usize,
+}
+
+impl fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Cannot allocate {} bytes of memory", self.bytes)
+    }
+}
+
+impl std::error::Error for OutOfMemory {}
+
+/// Types for which all-zero bytes are a valid value.
+///
+/// # Safety
+///
+/// Implementors must be valid when every byte is zero.
+pub(crate) unsafe trait Zeroed: Sized {}
+
+// SAFETY: every bit pattern is a valid u64.
+unsafe impl Zeroed for u64 {}
+// SAFETY: AtomicU64 has the layout of u64.
+unsafe impl Zeroed for AtomicU64 {}
+
+/// `n` zeroed values, allocated with `alloc_zeroed` (the kernel's zero
+/// pages until written), or an error if the memory cannot be had.
+pub(crate) fn zeroed_vec<T: Zeroed>(n: usize) -> Result<Vec<T>, OutOfMemory> {
+    let bytes = n.saturating_mul(std::mem::size_of::<T>());
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = Layout::array::<T>(n).map_err(|_| OutOfMemory { bytes })?;
+    // SAFETY: the layout has a non-zero size (n > 0, T is not zero-sized
+    // for the types that implement Zeroed).
+    let ptr = unsafe { alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(OutOfMemory { bytes });
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout
+    // of `n` values of T, all of which are initialised (zero is valid for
+    // T by the Zeroed contract); length and capacity are `n`.
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+}
+
+/// A fixed number of bits, each false or true.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Bitset {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Bitset {
+    /// `len` bits, all `value`; fails if the memory cannot be had.
+    pub(crate) fn try_new(len: usize, value: bool) -> Result<Self, OutOfMemory> {
+        let mut words = zeroed_vec::<u64>(len.div_ceil(64))?;
+        if value {
+            words.fill(u64::MAX);
+        }
+        let mut set = Bitset { words, len };
+        set.clear_tail();
+        Ok(set)
+    }
+
+    /// Keeps the bits past `len` of the last word false, so counts are
+    /// right.
+    fn clear_tail(&mut self) {
+        if let Some(last) = self.words.last_mut() {
+            let used = self.len % 64;
+            if used != 0 {
+                *last &= (1u64 << used) - 1;
+            }
+        }
+    }
+
+    /// Bit `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i` is not below the length.
+    pub(crate) fn get(&self, i: usize) -> bool {
+        assert!(i < self.len, "bit {i} of {}", self.len);
+        self.words[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets bit `i` to `value`.
+    ///
+    /// # Panics
+    ///
+    /// If `i` is not below the length.
+    pub(crate) fn set(&mut self, i: usize, value: bool) {
+        assert!(i < self.len, "bit {i} of {}", self.len);
+        if value {
+            self.words[i / 64] |= 1 << (i % 64);
+        } else {
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    /// The number of true bits.
+    pub(crate) fn count_ones(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// The number of bits true in both sets (of the same length).
+    pub(crate) fn count_both(&self, other: &Bitset) -> usize {
+        self.words
+            .iter()
+            .zip(&other.words)
+            .map(|(a, b)| (a & b).count_ones() as usize)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_counts_and_tails() {
+        let mut a = Bitset::try_new(130, true).unwrap();
+        assert_eq!(a.count_ones(), 130);
+        a.set(0, false);
+        a.set(129, false);
+        assert!(!a.get(129) && a.get(128));
+        assert_eq!(a.count_ones(), 128);
+        let mut b = Bitset::try_new(130, false).unwrap();
+        b.set(1, true);
+        b.set(129, true);
+        assert_eq!(a.count_both(&b), 1);
+        assert!(Bitset::try_new(0, true).unwrap().count_ones() == 0);
+        assert!(Bitset::try_new(usize::MAX, false).is_err());
+        // 1 TiB of bits cannot be had; 256 MiB can, and costs nothing
+        // until written.
+        assert_eq!(
+            zeroed_vec::<u64>(1 << 37).unwrap_err().to_string(),
+            "Cannot allocate 1099511627776 bytes of memory"
+        );
+        let big = Bitset::try_new(1 << 31, false).unwrap();
+        assert_eq!(big.count_ones(), 0);
+    }
+}
