@@ -2,6 +2,7 @@
 //! thread per client connection.
 
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -214,6 +215,17 @@ impl NbdServer {
         Ok(export)
     }
 
+    /// Serves one connection on the calling thread, from the greeting to its
+    /// end, as the accept thread's connection threads do (the fuzzers drive
+    /// the protocol through this).
+    pub fn serve_connection(&self, stream: UnixStream) -> std::io::Result<()> {
+        let stream = Stream::Unix(stream);
+        if let Some(client) = add_client(&self.shared, &stream)? {
+            serve_client(&self.shared, &client, stream);
+        }
+        Ok(())
+    }
+
     /// Number of connected clients, in handshake or transmission.
     pub fn client_count(&self) -> usize {
         self.shared.clients.lock().len()
@@ -279,16 +291,23 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
     }
 }
 
-fn spawn_client(shared: &Arc<Shared>, stream: Stream) -> std::io::Result<()> {
+/// Registers a client on `stream`; `None` if the server is stopping.
+fn add_client(shared: &Shared, stream: &Stream) -> std::io::Result<Option<Arc<Client>>> {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let client = Arc::new(Client::new(id, stream.try_clone()?)?);
-    {
-        let mut clients = shared.clients.lock();
-        if shared.stopping() {
-            return Ok(());
-        }
-        clients.push(client.clone());
+    let mut clients = shared.clients.lock();
+    if shared.stopping() {
+        return Ok(None);
     }
+    clients.push(client.clone());
+    Ok(Some(client))
+}
+
+fn spawn_client(shared: &Arc<Shared>, stream: Stream) -> std::io::Result<()> {
+    let Some(client) = add_client(shared, &stream)? else {
+        return Ok(());
+    };
+    let id = client.id;
     let theirs = shared.clone();
     let c = client.clone();
     let spawned = std::thread::Builder::new()

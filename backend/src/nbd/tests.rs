@@ -694,3 +694,21 @@ fn dirty_bitmap_contexts() {
     }
     assert!(ids.contains(&be32(&chunks[1].3)));
 }
+
+#[test]
+fn a_connection_is_served_on_the_calling_thread() {
+    let s = setup("serve-here", 0);
+    export(&s, "id=e0,node-name=disk0");
+    let (server_end, mut client_end) = UnixStream::pair().unwrap();
+    let client = std::thread::spawn(move || {
+        let mut greeting = [0u8; 18];
+        client_end.read_exact(&mut greeting).unwrap();
+        assert_eq!(be64(&greeting), proto::INIT_MAGIC);
+        client_end.write_all(&[0xa5; 100]).unwrap();
+        let mut rest = Vec::new();
+        let _ = client_end.read_to_end(&mut rest);
+    });
+    s.server.serve_connection(server_end).unwrap();
+    client.join().unwrap();
+    assert_eq!(s.server.client_count(), 0);
+}

@@ -10,3 +10,4 @@ mod worker;
 
 pub use device::{DeviceOptions, VhostUserBlkDevice};
 pub use export::{start as start_export, SocketAddress, VhostUserBlkExport, DEFAULT_POLL_US};
+pub use request::{Completion, DeviceLimits, GuestMemory, Request};
