@@ -1,18 +1,94 @@
-//! A node of the graph: a driver instance with a name, options and children.
+//! A node of the graph: a driver instance with a name, options and child
+//! edges, and the edges themselves (a node and the edges that lead from it
+//! and to it refer to each other).
 
 use std::io;
 use std::sync::Arc;
 
-use serde::Deserialize;
-
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde::Deserialize;
 
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
-use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
-use crate::drivers::CommonOptions;
-use crate::permission::Permission;
+use crate::permission::{Parent, Permission};
+
+/// Options every node takes, whatever its driver (QEMU's BlockdevOptionsBase).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CommonOptions {
+    /// The driver name.
+    pub driver: String,
+    /// The node-name; generated for inline children when absent.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Open read-only.
+    #[serde(default)]
+    pub read_only: Option<bool>,
+    /// Accepted for compatibility; blkgraph never reopens read-write.
+    #[serde(default)]
+    pub auto_read_only: Option<bool>,
+    /// Whether discards reach the driver.
+    #[serde(default)]
+    pub discard: Option<DiscardMode>,
+    /// Cache modes.
+    #[serde(default)]
+    pub cache: Option<CacheOptions>,
+    /// Accepted for compatibility (image locking is not implemented).
+    #[serde(default)]
+    pub force_share: Option<bool>,
+    /// Only `off` is supported.
+    #[serde(default)]
+    pub detect_zeroes: Option<String>,
+}
+
+/// The `cache` options.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CacheOptions {
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: Option<bool>,
+    /// Ignore flush requests.
+    #[serde(default)]
+    pub no_flush: Option<bool>,
+}
+
+/// The keys of [`CommonOptions`].
+pub(crate) const COMMON_KEYS: &[&str] = &[
+    "driver",
+    "node-name",
+    "read-only",
+    "auto-read-only",
+    "discard",
+    "cache",
+    "force-share",
+    "detect-zeroes",
+];
+
+impl CommonOptions {
+    /// Whether O_DIRECT was asked for.
+    pub fn direct(&self) -> bool {
+        self.cache.and_then(|c| c.direct).unwrap_or(false)
+    }
+
+    /// Whether the node is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.unwrap_or(false)
+    }
+
+    /// Takes unset inheritable options from an inline child's parent.
+    pub(crate) fn inherit(&mut self, parent: &CommonOptions) {
+        self.read_only = self.read_only.or(parent.read_only);
+        self.discard = self.discard.or(parent.discard);
+        let mut cache = self.cache.unwrap_or_default();
+        let pc = parent.cache.unwrap_or_default();
+        cache.direct = cache.direct.or(pc.direct);
+        cache.no_flush = cache.no_flush.or(pc.no_flush);
+        self.cache = Some(cache);
+    }
+}
 
 /// Whether discard requests reach the driver (QEMU's `discard` option).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -316,5 +392,60 @@ impl Node {
             Ok(()) => self.driver.block_status(offset, len),
             Err(e) => ready(Err(e)),
         }
+    }
+}
+
+/// An edge from a parent (a node or an export) to a child node, under a
+/// role such as `file`, with the permissions the parent holds on the child.
+///
+/// The child can be replaced while requests run: each request loads the
+/// current child once and keeps it until it completes.
+pub struct Child {
+    role: String,
+    parent: Parent,
+    node: ArcSwap<Node>,
+    perms: Mutex<(Permission, Permission)>,
+}
+
+impl Child {
+    /// An edge from `parent` in `role` to `node`, with no permissions yet
+    /// (they are set when the graph's permissions are refreshed).
+    pub fn new(parent: Parent, role: &str, node: Arc<Node>) -> Arc<Self> {
+        Arc::new(Child {
+            role: role.to_string(),
+            parent,
+            node: ArcSwap::new(node),
+            perms: Mutex::new((Permission::NONE, Permission::ALL)),
+        })
+    }
+
+    /// The role of the child, e.g. `file`.
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
+    /// Who holds the edge.
+    pub fn parent(&self) -> &Parent {
+        &self.parent
+    }
+
+    /// The node the edge points to now.
+    pub fn node(&self) -> Arc<Node> {
+        self.node.load_full()
+    }
+
+    /// Points the edge at `node`; returns the node it pointed to. Callers
+    /// quiesce I/O through the edge first.
+    pub(crate) fn replace(&self, node: Arc<Node>) -> Arc<Node> {
+        self.node.swap(node)
+    }
+
+    /// The permissions the parent holds (`perm`) and shares (`shared`).
+    pub fn permissions(&self) -> (Permission, Permission) {
+        *self.perms.lock()
+    }
+
+    pub(crate) fn set_permissions(&self, perm: Permission, shared: Permission) {
+        *self.perms.lock() = (perm, shared);
     }
 }

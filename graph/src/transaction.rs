@@ -15,14 +15,15 @@ use std::sync::Arc;
 use parking_lot::MutexGuard;
 
 use crate::bitmap::{DirtyBitmap, Saved};
-use crate::child::Child;
+use crate::check::check_permissions;
 use crate::drain::{close_nodes, DrainParent, DrainedSection};
-use crate::drivers::Staging;
+use crate::drivers::DRIVERS;
 use crate::error::Error;
-use crate::graph::{check_permissions, ExportEdge, State};
-use crate::node::Node;
+use crate::node::{Child, Node};
+use crate::open::Staging;
 use crate::options::Options;
 use crate::permission::{Parent, Permission};
+use crate::state::{ExportEdge, State};
 
 /// The parent of an edge to replace (x-blockdev-replace's `parent-type`).
 #[derive(Clone, Copy, Debug)]
@@ -102,6 +103,7 @@ impl<'g> Transaction<'g> {
             ..
         } = &mut self.working;
         let mut staging = Staging {
+            drivers: DRIVERS,
             existing: nodes,
             events: events.clone(),
             groups,

@@ -24,13 +24,13 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{DriverEntry, OpenContext};
 use crate::aio::{race, sleep, spawn_detached, Either};
 use crate::bitset::Bitset;
 use crate::buffer::IoBuffer;
-use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
+use crate::node::Child;
+use crate::open::{DriverEntry, OpenContext};
 use crate::options::Options;
 use crate::permission::Permission;
 

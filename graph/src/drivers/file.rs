@@ -15,11 +15,11 @@ use std::sync::Arc;
 use io_uring::{opcode, types};
 use serde::Deserialize;
 
-use super::{DriverEntry, OpenContext};
 use crate::aio::{run_blocking, submit, BlockingOp, Keepalive, UringOp};
 use crate::buffer::{AlignedBuffer, IoBuffer};
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
+use crate::open::{DriverEntry, OpenContext};
 use crate::options::Options;
 
 /// The table entry.

@@ -2,10 +2,10 @@
 
 use serde::Deserialize;
 
-use super::{DriverEntry, OpenContext};
 use crate::buffer::IoBuffer;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
+use crate::open::{DriverEntry, OpenContext};
 use crate::options::Options;
 
 /// The table entry.

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{DriverEntry, OpenContext};
 use crate::aio::sleep;
 use crate::buffer::IoBuffer;
-use crate::child::Child;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
+use crate::node::Child;
+use crate::open::{DriverEntry, OpenContext};
 use crate::options::Options;
 use crate::throttle_group::{Direction, ThrottleGroup, ThrottleLimits};
 
