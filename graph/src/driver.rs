@@ -1,10 +1,13 @@
 //! The table of operations every block driver implements.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::buffer::IoBuffer;
+use crate::node::Child;
 use crate::permission::Permission;
 
 /// The future of a block operation.
@@ -31,10 +34,76 @@ pub struct ZeroFlags {
 pub struct BlockStatus {
     /// Length of the run of bytes with this state.
     pub len: u64,
-    /// The range holds data (is allocated) in this node.
+    /// The range reads stored data (it is not known to read as zeroes
+    /// without being read).
     pub data: bool,
     /// The range reads as zeroes.
     pub zero: bool,
+    /// Where the range's content comes from, as QEMU's allocation depth: 0
+    /// when no layer of the node's backing chain has it (it reads as
+    /// zeroes), 1 when the node itself has it, n + 1 when its nth backing
+    /// layer does. Filters report their child's depth; protocol nodes 1.
+    pub depth: u32,
+}
+
+/// What a parent uses a child for (QEMU's child roles, by option name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildRole {
+    /// `file`: where a format driver keeps its image, or what a filter
+    /// filters.
+    File,
+    /// `backing`: where unallocated ranges of an image are read from.
+    Backing,
+    /// `data-file`: an image's guest data, apart from its metadata.
+    DataFile,
+    /// `target`: where copy-before-write copies old data to.
+    Target,
+    /// `root`: the node an export serves.
+    Root,
+}
+
+impl ChildRole {
+    /// The option name, e.g. `file`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+            ChildRole::DataFile => "data-file",
+            ChildRole::Target => "target",
+            ChildRole::Root => "root",
+        }
+    }
+}
+
+impl fmt::Display for ChildRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What requests to a node should look like (QEMU's BlockLimits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockLimits {
+    /// Alignment in bytes of offsets, lengths and memory that avoids
+    /// bouncing (1 when anything goes).
+    pub request_alignment: u64,
+    /// The largest request the node takes at once, in bytes, if limited.
+    pub max_transfer: Option<u64>,
+    /// Alignment of discards that have an effect (a qcow2 cluster, say).
+    pub discard_alignment: u64,
+    /// Alignment of requests that performs best (a qcow2 cluster, say).
+    pub optimal_alignment: u64,
+}
+
+impl Default for BlockLimits {
+    fn default() -> Self {
+        BlockLimits {
+            request_alignment: 1,
+            max_transfer: None,
+            discard_alignment: 1,
+            optimal_alignment: 1,
+        }
+    }
 }
 
 /// Operations of a block driver instance: the node's behaviour.
@@ -42,14 +111,21 @@ pub struct BlockStatus {
 /// Offsets and lengths arrive checked against [`BlockDriver::size`] by the
 /// node. Futures may complete in any order; a driver that waits on other
 /// requests does so by awaiting, never by blocking its thread.
+///
+/// A filter (a driver that passes requests to one child unchanged, or
+/// delays them) names that child in [`BlockDriver::filtered_child`] and
+/// gets the I/O operations, block status and limits forwarded to it by
+/// default, implementing only what it changes.
 pub trait BlockDriver: Send + Sync {
     /// Size of the node in bytes.
     fn size(&self) -> u64;
 
-    /// Alignment in bytes that offsets, lengths and memory of requests to
-    /// this node should have to avoid bouncing (1 when anything goes).
-    fn request_alignment(&self) -> u64 {
-        1
+    /// What requests to this node should look like; a filter's are its
+    /// child's.
+    fn limits(&self) -> BlockLimits {
+        self.filtered_child()
+            .map(|c| c.node().limits())
+            .unwrap_or_default()
     }
 
     /// The permissions this node takes (`perm`) and shares (`shared`) on
@@ -58,7 +134,7 @@ pub trait BlockDriver: Send + Sync {
     /// default passes the parents' needs down, as a filter does.
     fn child_perm(
         &self,
-        _role: &str,
+        _role: ChildRole,
         perm: Permission,
         shared: Permission,
     ) -> (Permission, Permission) {
@@ -70,23 +146,83 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
+    /// The child this driver passes requests to unchanged, if it is a
+    /// filter.
+    fn filtered_child(&self) -> Option<&Arc<Child>> {
+        None
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf`.
-    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a>;
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
+        match self.filtered_child() {
+            Some(c) => {
+                let node = c.node();
+                Box::pin(async move { node.read(offset, buf).await })
+            }
+            None => unsupported(),
+        }
+    }
 
     /// Writes `buf` at `offset`.
-    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a>;
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
+        match self.filtered_child() {
+            Some(c) => {
+                let node = c.node();
+                Box::pin(async move { node.write(offset, buf, flags).await })
+            }
+            None => unsupported(),
+        }
+    }
 
     /// Makes completed writes stable.
-    fn flush(&self) -> IoFuture<'_>;
+    fn flush(&self) -> IoFuture<'_> {
+        match self.filtered_child() {
+            Some(c) => {
+                let node = c.node();
+                Box::pin(async move { node.flush().await })
+            }
+            None => unsupported(),
+        }
+    }
 
     /// Deallocates a range; its content becomes unspecified.
-    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_>;
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        match self.filtered_child() {
+            Some(c) => {
+                let node = c.node();
+                Box::pin(async move { node.discard(offset, len).await })
+            }
+            None => unsupported(),
+        }
+    }
 
     /// Makes a range read as zeroes.
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_> {
+        match self.filtered_child() {
+            Some(c) => {
+                let node = c.node();
+                Box::pin(async move { node.write_zeroes(offset, len, flags).await })
+            }
+            None => unsupported(),
+        }
+    }
 
     /// The state of the range starting at `offset`, at most `len` bytes long.
-    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus>;
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        match self.filtered_child() {
+            Some(c) => {
+                let node = c.node();
+                Box::pin(async move { node.block_status(offset, len).await })
+            }
+            None => unsupported(),
+        }
+    }
+
+    /// Changes the size of the node (block_resize); the graph has checked
+    /// that the parents allow it.
+    fn resize(&self, _size: u64) -> IoFuture<'_> {
+        unsupported()
+    }
 
     /// Snapshot API (copy-before-write): reads the point-in-time view.
     fn snapshot_read<'a>(&'a self, _offset: u64, _buf: &'a IoBuffer) -> IoFuture<'a> {
@@ -103,8 +239,9 @@ pub trait BlockDriver: Send + Sync {
         unsupported()
     }
 
-    /// Driver-specific state for query-named-block-nodes, if any.
-    fn info(&self) -> Option<serde_json::Value> {
+    /// The state of the point-in-time view a copy-before-write node keeps,
+    /// for queries.
+    fn snapshot_info(&self) -> Option<serde_json::Value> {
         None
     }
 

@@ -38,7 +38,9 @@ pub use bitmap::DirtyBitmap;
 pub use bitset::OutOfMemory;
 pub use buffer::{IoBuffer, IoSegment};
 pub use drain::DrainParent;
-pub use driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+pub use driver::{
+    BlockDriver, BlockLimits, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags,
+};
 pub use error::Error;
 pub use graph::{Graph, GraphView};
 pub use node::{CacheOptions, Child, CommonOptions, DiscardMode, Node};

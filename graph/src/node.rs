@@ -11,7 +11,9 @@ use serde::Deserialize;
 
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
-use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::driver::{
+    BlockDriver, BlockLimits, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags,
+};
 use crate::permission::{Parent, Permission};
 
 /// Options every node takes, whatever its driver (QEMU's BlockdevOptionsBase).
@@ -243,7 +245,7 @@ impl Node {
     /// its parents need and share.
     pub fn child_perm(
         &self,
-        role: &str,
+        role: ChildRole,
         perm: Permission,
         shared: Permission,
     ) -> (Permission, Permission) {
@@ -267,9 +269,9 @@ impl Node {
         self.no_flush
     }
 
-    /// Alignment that avoids bouncing in the driver.
-    pub fn request_alignment(&self) -> u64 {
-        self.driver.request_alignment()
+    /// What requests to the node should look like.
+    pub fn limits(&self) -> BlockLimits {
+        self.driver.limits()
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -381,9 +383,10 @@ impl Node {
         })
     }
 
-    /// Driver-specific state, for queries.
-    pub fn driver_info(&self) -> Option<serde_json::Value> {
-        self.driver.info()
+    /// The state of a copy-before-write node's point-in-time view, for
+    /// queries.
+    pub fn snapshot_info(&self) -> Option<serde_json::Value> {
+        self.driver.snapshot_info()
     }
 
     /// The state of the range starting at `offset`.
@@ -401,7 +404,7 @@ impl Node {
 /// The child can be replaced while requests run: each request loads the
 /// current child once and keeps it until it completes.
 pub struct Child {
-    role: String,
+    role: ChildRole,
     parent: Parent,
     node: ArcSwap<Node>,
     perms: Mutex<(Permission, Permission)>,
@@ -410,18 +413,18 @@ pub struct Child {
 impl Child {
     /// An edge from `parent` in `role` to `node`, with no permissions yet
     /// (they are set when the graph's permissions are refreshed).
-    pub fn new(parent: Parent, role: &str, node: Arc<Node>) -> Arc<Self> {
+    pub fn new(parent: Parent, role: ChildRole, node: Arc<Node>) -> Arc<Self> {
         Arc::new(Child {
-            role: role.to_string(),
+            role,
             parent,
             node: ArcSwap::new(node),
             perms: Mutex::new((Permission::NONE, Permission::ALL)),
         })
     }
 
-    /// The role of the child, e.g. `file`.
-    pub fn role(&self) -> &str {
-        &self.role
+    /// What the parent uses the child for.
+    pub fn role(&self) -> ChildRole {
+        self.role
     }
 
     /// Who holds the edge.

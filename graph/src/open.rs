@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::driver::BlockDriver;
+use crate::driver::{BlockDriver, ChildRole};
 use crate::error::Error;
 use crate::node::{Child, CommonOptions, Node, COMMON_KEYS};
 use crate::options::Options;
@@ -130,9 +130,10 @@ impl OpenContext<'_, '_> {
     pub fn child(
         &mut self,
         options: &mut Options,
-        role: &str,
+        role: ChildRole,
     ) -> Result<Option<Arc<Child>>, Error> {
-        let node = match options.take(role) {
+        let key = role.as_str();
+        let node = match options.take(key) {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::String(name)) => self
                 .staging
@@ -148,14 +149,14 @@ impl OpenContext<'_, '_> {
                     .open(child_opts, Some(&parent))
                     .map_err(|e| match e {
                         Error::InvalidOptions(text) => {
-                            Error::InvalidOptions(prefix_key(&text, role))
+                            Error::InvalidOptions(prefix_key(&text, key))
                         }
                         other => other,
                     })?
             }
             Some(_) => {
                 return Err(Error::InvalidOptions(format!(
-                    "Invalid parameter type for '{role}', expected: BlockdevRef"
+                    "Invalid parameter type for '{key}', expected: BlockdevRef"
                 )))
             }
         };
@@ -194,7 +195,7 @@ impl OpenContext<'_, '_> {
     pub fn required_child(
         &mut self,
         options: &mut Options,
-        role: &str,
+        role: ChildRole,
     ) -> Result<Arc<Child>, Error> {
         self.child(options, role)?
             .ok_or_else(|| Error::InvalidOptions(format!("Parameter '{role}' is missing")))

@@ -17,6 +17,7 @@ use parking_lot::MutexGuard;
 use crate::bitmap::{DirtyBitmap, Saved};
 use crate::check::check_permissions;
 use crate::drain::{close_nodes, DrainParent, DrainedSection};
+use crate::driver::ChildRole;
 use crate::drivers::DRIVERS;
 use crate::error::Error;
 use crate::node::{Child, Node};
@@ -192,7 +193,7 @@ impl<'g> Transaction<'g> {
                 .ok_or_else(|| Error::NodeNotFound(node_name.to_string()))?
                 .children()
                 .iter()
-                .find(|c| c.role() == child)
+                .find(|c| c.role().as_str() == child)
                 .cloned()
                 .ok_or_else(|| {
                     Error::OpenFailed(format!("Node '{node_name}' has no child '{child}'"))
@@ -349,7 +350,7 @@ impl<'g> Transaction<'g> {
             .get(node_name)
             .cloned()
             .ok_or_else(|| Error::NodeNotFound(node_name.to_string()))?;
-        let edge = Child::new(Parent::Export(id.to_string()), "root", node);
+        let edge = Child::new(Parent::Export(id.to_string()), ChildRole::Root, node);
         edge.set_permissions(perm, shared);
         let export = ExportEdge {
             edge: edge.clone(),

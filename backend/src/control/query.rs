@@ -41,7 +41,7 @@ pub(super) fn node_info(node: &Node) -> Value {
         },
         "dirty-bitmaps": bitmaps,
     });
-    if let Some(extra) = node.driver_info() {
+    if let Some(extra) = node.snapshot_info() {
         info[SNAPSHOT_INFO_MEMBER] = extra;
     }
     info
@@ -76,7 +76,7 @@ pub(super) fn block_graph(graph: &Graph) -> Value {
         edges.push(json!({
             "parent": ids.get(&key(edge.parent())),
             "child": ids.get(&format!("node:{}", edge.node().name())),
-            "name": edge.role(),
+            "name": edge.role().as_str(),
             "perm": perm.names(),
             "shared-perm": shared.names(),
         }));

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use blkgraph_graph::{DirtyBitmap, Graph, Node};
+use blkgraph_graph::{ChildRole, DirtyBitmap, Graph, Node};
 
 /// A dirty bitmap an NBD export publishes as `qemu:dirty-bitmap:NAME`.
 ///
@@ -90,7 +90,7 @@ pub fn find_bitmap(
                 cur = n
                     .children()
                     .iter()
-                    .find(|c| matches!(c.role(), "file" | "backing"))
+                    .find(|c| matches!(c.role(), ChildRole::File | ChildRole::Backing))
                     .map(|c| c.node());
             }
             found.ok_or_else(|| format!("Bitmap '{name}' is not found"))?

@@ -268,7 +268,7 @@ impl NbdExport {
     /// The minimum block size for clients that promise to honour it:
     /// the node's request alignment (QEMU's choice).
     pub fn min_block_size(&self) -> u32 {
-        let align = self.node().request_alignment().clamp(1, 65536) as u32;
+        let align = self.node().limits().request_alignment.clamp(1, 65536) as u32;
         if align.is_power_of_two() {
             align
         } else {

@@ -143,10 +143,10 @@ pub fn start(
             "Logical block size {block_size} is not a power of 2 between 512 and 32768"
         )));
     }
-    if u64::from(block_size) < node.request_alignment() {
+    let alignment = node.limits().request_alignment;
+    if u64::from(block_size) < alignment {
         return Err(invalid(format!(
-            "logical-block-size {block_size} is below the node's alignment {}; use at least that",
-            node.request_alignment()
+            "logical-block-size {block_size} is below the node's alignment {alignment}; use at least that"
         )));
     }
     if opts.writable && node.read_only() {

@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::aio::{race, sleep, spawn_detached, Either};
 use crate::bitset::Bitset;
 use crate::buffer::IoBuffer;
-use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
 use crate::node::Child;
 use crate::open::{DriverEntry, OpenContext};
@@ -117,8 +117,8 @@ fn open(
     ctx: &mut OpenContext<'_, '_>,
     mut options: Options,
 ) -> Result<Box<dyn BlockDriver>, Error> {
-    let file = ctx.required_child(&mut options, "file")?;
-    let target = ctx.required_child(&mut options, "target")?;
+    let file = ctx.required_child(&mut options, ChildRole::File)?;
+    let target = ctx.required_child(&mut options, ChildRole::Target)?;
     let opts: CbwOptions = options.parse("")?;
     if opts.min_cluster_size != 0 && !opts.min_cluster_size.is_power_of_two() {
         return Err(Error::InvalidOptions(
@@ -460,19 +460,19 @@ impl BlockDriver for CopyBeforeWrite {
         self.0.size
     }
 
-    fn request_alignment(&self) -> u64 {
-        self.0.file.node().request_alignment()
+    fn filtered_child(&self) -> Option<&Arc<Child>> {
+        Some(&self.0.file)
     }
 
     /// Nobody may write the source past the filter; the target is written
     /// and read by the filter and may not be resized.
     fn child_perm(
         &self,
-        role: &str,
+        role: ChildRole,
         perm: Permission,
         shared: Permission,
     ) -> (Permission, Permission) {
-        if role == "target" {
+        if role == ChildRole::Target {
             (
                 Permission::CONSISTENT_READ | Permission::WRITE,
                 Permission::ALL & !Permission::RESIZE,
@@ -485,21 +485,11 @@ impl BlockDriver for CopyBeforeWrite {
         }
     }
 
-    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
-        let file = self.0.file.node();
-        Box::pin(async move { file.read(offset, buf).await })
-    }
-
     fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             self.before_write(offset, buf.len() as u64).await?;
             self.0.file.node().write(offset, buf, flags).await
         })
-    }
-
-    fn flush(&self) -> IoFuture<'_> {
-        let file = self.0.file.node();
-        Box::pin(async move { file.flush().await })
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
@@ -514,11 +504,6 @@ impl BlockDriver for CopyBeforeWrite {
             self.before_write(offset, len).await?;
             self.0.file.node().write_zeroes(offset, len, flags).await
         })
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
-        let file = self.0.file.node();
-        Box::pin(async move { file.block_status(offset, len).await })
     }
 
     fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
@@ -580,7 +565,7 @@ impl BlockDriver for CopyBeforeWrite {
         })
     }
 
-    fn info(&self) -> Option<serde_json::Value> {
+    fn snapshot_info(&self) -> Option<serde_json::Value> {
         Some(self.0.status_info())
     }
 
@@ -757,7 +742,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let g = fleecing(dir.path(), serde_json::json!({}), false);
         overwrite_and_check_snapshot(&g, false);
-        let info = g.find("cbw").unwrap().driver_info().unwrap();
+        let info = g.find("cbw").unwrap().snapshot_info().unwrap();
         assert_eq!(info["snapshot-valid"], true);
         // Clusters: 0; 15,16; 512,513; 1022 (1023 holds P4, untouched).
         assert_eq!(info["clusters-copied"], 6);
@@ -770,7 +755,7 @@ mod tests {
         overwrite_and_check_snapshot(&g, true);
         // Only the clusters of P1..P4 were in the bitmap; the overwrites hit
         // three of them (0, 16, 512).
-        let info = g.find("cbw").unwrap().driver_info().unwrap();
+        let info = g.find("cbw").unwrap().snapshot_info().unwrap();
         assert_eq!(info["clusters-copied"], 3);
     }
 
@@ -803,7 +788,7 @@ mod tests {
         // A discarded, never copied cluster is not copied by a later write.
         block_on(access.discard(8 * MIB, MIB)).unwrap().unwrap();
         let copied =
-            |g: &Graph| g.find("cbw").unwrap().driver_info().unwrap()["clusters-copied"].as_u64();
+            |g: &Graph| g.find("cbw").unwrap().snapshot_info().unwrap()["clusters-copied"].as_u64();
         let n = copied(&g);
         write(&g, "cbw", 8 * MIB, MIB as usize, 0x22).unwrap();
         assert_eq!(copied(&g), n);
@@ -878,7 +863,7 @@ mod tests {
             let snap = read(&g, "access", 0, MIB as usize);
             if guest_ok {
                 assert_eq!(snap.unwrap_err().raw_os_error(), Some(libc::EACCES));
-                let info = g.find("cbw").unwrap().driver_info().unwrap();
+                let info = g.find("cbw").unwrap().snapshot_info().unwrap();
                 assert_eq!(info["snapshot-valid"], false);
             } else {
                 assert!(

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::aio::{run_blocking, submit, BlockingOp, Keepalive, UringOp};
 use crate::buffer::{AlignedBuffer, IoBuffer};
-use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, BlockLimits, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
 use crate::open::{DriverEntry, OpenContext};
 use crate::options::Options;
@@ -350,8 +350,11 @@ impl BlockDriver for File {
         self.size
     }
 
-    fn request_alignment(&self) -> u64 {
-        self.align
+    fn limits(&self) -> BlockLimits {
+        BlockLimits {
+            request_alignment: self.align,
+            ..BlockLimits::default()
+        }
     }
 
     fn filename(&self) -> Option<String> {
@@ -444,11 +447,13 @@ impl BlockDriver for File {
                         len: end - offset,
                         data: false,
                         zero: true,
+                        depth: 1,
                     }),
                     Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(BlockStatus {
                         len: end - offset,
                         data: true,
                         zero: false,
+                        depth: 1,
                     }),
                     _ => Err(e),
                 };
@@ -459,6 +464,7 @@ impl BlockDriver for File {
                     len: data.min(end) - offset,
                     data: false,
                     zero: true,
+                    depth: 1,
                 });
             }
             // SAFETY: as above.
@@ -472,6 +478,7 @@ impl BlockDriver for File {
                 len: hole.max(offset + 1) - offset,
                 data: true,
                 zero: false,
+                depth: 1,
             })
         })();
         Box::pin(std::future::ready(status))
@@ -565,7 +572,8 @@ mod tests {
                 BlockStatus {
                     len: 2 << 20,
                     data: false,
-                    zero: true
+                    zero: true,
+                    depth: 1,
                 }
             );
             let st = node.block_status(0, 4 << 20).await.unwrap();
@@ -574,7 +582,8 @@ mod tests {
                 BlockStatus {
                     len: 1 << 20,
                     data: true,
-                    zero: false
+                    zero: false,
+                    depth: 1,
                 }
             );
         })

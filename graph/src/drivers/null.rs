@@ -77,6 +77,7 @@ impl BlockDriver for Null {
             len,
             data: !self.read_zeroes,
             zero: self.read_zeroes,
+            depth: 1,
         })
     }
 }

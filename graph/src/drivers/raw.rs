@@ -5,7 +5,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::buffer::IoBuffer;
-use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::driver::{
+    BlockDriver, BlockLimits, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags,
+};
 use crate::error::Error;
 use crate::node::Child;
 use crate::open::{DriverEntry, OpenContext};
@@ -34,7 +36,7 @@ fn open(
     ctx: &mut OpenContext<'_, '_>,
     mut options: Options,
 ) -> Result<Box<dyn BlockDriver>, Error> {
-    let file = ctx.required_child(&mut options, "file")?;
+    let file = ctx.required_child(&mut options, ChildRole::File)?;
     let opts: RawOptions = options.parse("")?;
     let file_size = file.node().size();
     if opts.offset > file_size {
@@ -67,8 +69,8 @@ impl BlockDriver for Raw {
         self.size
     }
 
-    fn request_alignment(&self) -> u64 {
-        self.file.node().request_alignment()
+    fn limits(&self) -> BlockLimits {
+        self.file.node().limits()
     }
 
     /// Like QEMU's raw: reads its child consistently, passes its parents'
@@ -76,7 +78,7 @@ impl BlockDriver for Raw {
     /// data area); other writers are fine (e.g. two raw windows on one file).
     fn child_perm(
         &self,
-        _role: &str,
+        _role: ChildRole,
         perm: Permission,
         shared: Permission,
     ) -> (Permission, Permission) {

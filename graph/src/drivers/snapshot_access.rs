@@ -8,7 +8,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::buffer::IoBuffer;
-use crate::driver::{unsupported, BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::driver::{
+    unsupported, BlockDriver, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags,
+};
 use crate::error::Error;
 use crate::node::Child;
 use crate::open::{DriverEntry, OpenContext};
@@ -33,7 +35,7 @@ fn open(
     ctx: &mut OpenContext<'_, '_>,
     mut options: Options,
 ) -> Result<Box<dyn BlockDriver>, Error> {
-    let file = ctx.required_child(&mut options, "file")?;
+    let file = ctx.required_child(&mut options, ChildRole::File)?;
     let _: NoOptions = options.parse("")?;
     Ok(Box::new(SnapshotAccess { file }))
 }
@@ -47,7 +49,7 @@ impl BlockDriver for SnapshotAccess {
     /// takes nothing and shares everything.
     fn child_perm(
         &self,
-        _role: &str,
+        _role: ChildRole,
         _perm: Permission,
         _shared: Permission,
     ) -> (Permission, Permission) {

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::aio::sleep;
 use crate::buffer::IoBuffer;
-use crate::driver::{BlockDriver, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, ChildRole, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
 use crate::node::Child;
 use crate::open::{DriverEntry, OpenContext};
@@ -38,7 +38,7 @@ fn open(
     ctx: &mut OpenContext<'_, '_>,
     mut options: Options,
 ) -> Result<Box<dyn BlockDriver>, Error> {
-    let file = ctx.required_child(&mut options, "file")?;
+    let file = ctx.required_child(&mut options, ChildRole::File)?;
     let opts: ThrottleOptions = options.parse("")?;
     let group = match (opts.throttle_group, opts.limits) {
         (Some(id), None) => ctx.throttle_group(&id)?,
@@ -72,8 +72,8 @@ impl BlockDriver for Throttle {
         self.file.node().size()
     }
 
-    fn request_alignment(&self) -> u64 {
-        self.file.node().request_alignment()
+    fn filtered_child(&self) -> Option<&Arc<Child>> {
+        Some(&self.file)
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
@@ -90,11 +90,6 @@ impl BlockDriver for Throttle {
         })
     }
 
-    fn flush(&self) -> IoFuture<'_> {
-        let file = self.file.node();
-        Box::pin(async move { file.flush().await })
-    }
-
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
         Box::pin(async move {
             self.admit(Direction::Write, 0).await?;
@@ -107,11 +102,6 @@ impl BlockDriver for Throttle {
             self.admit(Direction::Write, 0).await?;
             self.file.node().write_zeroes(offset, len, flags).await
         })
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
-        let file = self.file.node();
-        Box::pin(async move { file.block_status(offset, len).await })
     }
 }
 
