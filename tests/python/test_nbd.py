@@ -495,3 +495,21 @@ def test_dirty_bitmap_context(daemon_kind, nbd_daemon):
     lines2 = run("nbdinfo", "--map=qemu:dirty-bitmap:b0", uri).stdout.strip().splitlines()
     assert lines2 == lines
     q.close()
+
+
+def test_allocation_depth_context(daemon_kind, nbd_daemon):
+    """allocation-depth: true publishes qemu:allocation-depth; a raw image over a file has all of
+    its content in its own layer (depth 1), holes included, as QEMU reports it."""
+    q = nbd_daemon.qmp()
+    r = qmp_cmd(q, "block-export-add", type="nbd", id="depth", **{"node-name": "disk0"}, name="depth",
+                **{"allocation-depth": True})
+    assert r == {"return": {}}, r
+    uri = nbd_daemon.uri("depth")
+    info = json.loads(run("nbdinfo", "--json", uri).stdout)["exports"][0]
+    assert "qemu:allocation-depth" in info["contexts"], info
+    plain = json.loads(run("nbdinfo", "--json", nbd_daemon.uri()).stdout)["exports"][0]
+    assert "qemu:allocation-depth" not in plain["contexts"], plain
+    lines = run("nbdinfo", "--map=qemu:allocation-depth", uri).stdout.strip().splitlines()
+    extents = [tuple(int(x) for x in line.split()[:3]) for line in lines]
+    assert extents == [(0, SIZE, 1)], lines
+    q.close()

@@ -35,6 +35,8 @@ pub struct NbdExportOptions {
     pub writethrough: bool,
     /// Dirty bitmaps published as `qemu:dirty-bitmap:NAME`.
     pub bitmaps: Vec<BitmapRef>,
+    /// Whether `qemu:allocation-depth` is published.
+    pub allocation_depth: bool,
 }
 
 #[derive(Deserialize)]
@@ -122,12 +124,6 @@ impl NbdExportOptions {
                 .collect::<Result<_, _>>()?,
         };
         let raw: RawOptions = options.parse("").map_err(|e| e.to_string())?;
-        if raw.allocation_depth {
-            return Err(
-                "allocation-depth is not supported: blkgraph has no backing chains to report"
-                    .into(),
-            );
-        }
         let name = raw.name.unwrap_or_else(|| raw.node_name.clone());
         if name.len() > proto::MAX_STRING {
             return Err(format!("export name '{name}' too long"));
@@ -145,6 +141,7 @@ impl NbdExportOptions {
             writable: raw.writable,
             writethrough: raw.writethrough,
             bitmaps,
+            allocation_depth: raw.allocation_depth,
         })
     }
 }
@@ -263,6 +260,11 @@ impl NbdExport {
     /// The published dirty bitmaps.
     pub fn bitmaps(&self) -> &[Arc<dyn BitmapSource>] {
         &self.bitmaps
+    }
+
+    /// Whether `qemu:allocation-depth` is published.
+    pub fn allocation_depth(&self) -> bool {
+        self.options.allocation_depth
     }
 
     /// The minimum block size for clients that promise to honour it:
@@ -413,8 +415,8 @@ mod tests {
                 }
             ]
         );
-        let e = parse(json!({"id": "e", "node-name": "n", "allocation-depth": true})).unwrap_err();
-        assert!(e.contains("not supported"), "{e}");
+        let o = parse(json!({"id": "e", "node-name": "n", "allocation-depth": true})).unwrap();
+        assert!(o.allocation_depth);
         let e = parse(json!({"id": "e", "node-name": "n", "bogus": 1})).unwrap_err();
         assert_eq!(e, "Parameter 'bogus' is unexpected");
         let e = parse(json!({"id": "e", "node-name": "n", "bitmaps": [1]})).unwrap_err();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::client::Client;
 use super::export::{ExportTable, NbdExport};
 use super::proto::{self, put_option_reply};
-use super::session::{MetaContext, MetaKind, Session, ALLOCATION_ID, FIRST_BITMAP_ID};
+use super::session::{MetaContext, MetaKind, Session, ALLOCATION_ID, DEPTH_ID, FIRST_BITMAP_ID};
 use super::socket::Stream;
 
 /// Largest option payload read; larger ones are skipped with
@@ -408,11 +408,15 @@ impl Negotiation<'_> {
             }
         };
         let bitmap_ids = (0..export.bitmaps().len() as u32).map(|i| FIRST_BITMAP_ID + i);
+        let depth = export.allocation_depth();
         if let Some(leaf) = query.strip_prefix(b"base:") {
             if leaf == b"allocation" || (list && leaf.is_empty()) {
                 add(ALLOCATION_ID);
             }
         } else if let Some(leaf) = query.strip_prefix(b"qemu:") {
+            if depth && (leaf == b"allocation-depth" || (list && leaf.is_empty())) {
+                add(DEPTH_ID);
+            }
             if list && (leaf.is_empty() || leaf == b"dirty-bitmap:") {
                 bitmap_ids.for_each(add);
             } else if let Some(name) = leaf.strip_prefix(b"dirty-bitmap:") {
@@ -428,6 +432,7 @@ impl Negotiation<'_> {
     fn context_name(export: &NbdExport, id: u32) -> String {
         match id {
             ALLOCATION_ID => "base:allocation".into(),
+            DEPTH_ID => "qemu:allocation-depth".into(),
             _ => format!(
                 "qemu:dirty-bitmap:{}",
                 export.bitmaps()[(id - FIRST_BITMAP_ID) as usize].name()
@@ -459,6 +464,9 @@ impl Negotiation<'_> {
         if queries.is_empty() {
             if !set {
                 ids.push(ALLOCATION_ID);
+                if export.allocation_depth() {
+                    ids.push(DEPTH_ID);
+                }
                 ids.extend((0..export.bitmaps().len() as u32).map(|i| FIRST_BITMAP_ID + i));
             }
         } else {
@@ -475,6 +483,7 @@ impl Negotiation<'_> {
             self.reply(option, proto::REP_META_CONTEXT, &d);
             let kind = match id {
                 ALLOCATION_ID => MetaKind::Allocation,
+                DEPTH_ID => MetaKind::AllocationDepth,
                 _ => MetaKind::Bitmap(export.bitmaps()[(id - FIRST_BITMAP_ID) as usize].clone()),
             };
             contexts.push(MetaContext { id, kind });

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use blkgraph_graph::{IoBuffer, Node, WriteFlags, ZeroFlags};
+use blkgraph_graph::{BlockStatus, IoBuffer, Node, WriteFlags, ZeroFlags};
 
 use super::proto::{self, io_error_to_nbd};
 use super::reply::Reply;
@@ -220,11 +220,23 @@ fn push_extent(extents: &mut Vec<(u32, u32)>, len: u32, flags: u32, max: usize) 
     }
 }
 
-async fn allocation_extents(
+/// The `base:allocation` flags of a range.
+fn allocation_flags(st: &BlockStatus) -> u32 {
+    (if st.data { 0 } else { proto::STATE_HOLE }) | if st.zero { proto::STATE_ZERO } else { 0 }
+}
+
+/// The `qemu:allocation-depth` value of a range: its depth.
+fn depth_flags(st: &BlockStatus) -> u32 {
+    st.depth
+}
+
+/// Extents of the node's block status, described by `flags_of`.
+async fn status_extents(
     node: &Node,
     offset: u64,
     len: u32,
     max: usize,
+    flags_of: fn(&BlockStatus) -> u32,
 ) -> std::io::Result<Vec<(u32, u32)>> {
     let end = offset + u64::from(len);
     let mut pos = offset;
@@ -235,9 +247,7 @@ async fn allocation_extents(
         if l == 0 {
             break;
         }
-        let flags = if st.data { 0 } else { proto::STATE_HOLE }
-            | if st.zero { proto::STATE_ZERO } else { 0 };
-        if !push_extent(&mut extents, l as u32, flags, max) {
+        if !push_extent(&mut extents, l as u32, flags_of(&st), max) {
             break;
         }
         pos += l;
@@ -288,19 +298,21 @@ pub async fn block_status(
     let mut reply = Reply::structured(Vec::new());
     let last = contexts.len() - 1;
     for (i, ctx) in contexts.iter().enumerate() {
-        let extents = match &ctx.kind {
-            MetaKind::Allocation => match allocation_extents(&node, offset, len, max).await {
-                Ok(e) => e,
-                Err(e) => {
-                    let err = io_error_to_nbd(&e);
-                    let msg = format!("unable to get block status: {e}");
-                    return Done {
-                        reply: Reply::structured_error(handle, err, &msg),
-                        cost: 0,
-                    };
-                }
-            },
-            MetaKind::Bitmap(source) => bitmap_extents(source.as_ref(), offset, len, max),
+        let result = match &ctx.kind {
+            MetaKind::Allocation => status_extents(&node, offset, len, max, allocation_flags).await,
+            MetaKind::AllocationDepth => status_extents(&node, offset, len, max, depth_flags).await,
+            MetaKind::Bitmap(source) => Ok(bitmap_extents(source.as_ref(), offset, len, max)),
+        };
+        let extents = match result {
+            Ok(e) => e,
+            Err(e) => {
+                let err = io_error_to_nbd(&e);
+                let msg = format!("unable to get block status: {e}");
+                return Done {
+                    reply: Reply::structured_error(handle, err, &msg),
+                    cost: 0,
+                };
+            }
         };
         reply.block_status_chunk(handle, ctx.id, &extents, i == last);
     }

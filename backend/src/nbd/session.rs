@@ -9,6 +9,8 @@ use super::export::NbdExport;
 
 /// Context id of `base:allocation`.
 pub const ALLOCATION_ID: u32 = 0;
+/// Context id of `qemu:allocation-depth`.
+pub const DEPTH_ID: u32 = 1;
 /// Context id of the export's first bitmap; the others follow.
 pub const FIRST_BITMAP_ID: u32 = 2;
 
@@ -17,6 +19,8 @@ pub const FIRST_BITMAP_ID: u32 = 2;
 pub enum MetaKind {
     /// `base:allocation`.
     Allocation,
+    /// `qemu:allocation-depth`.
+    AllocationDepth,
     /// `qemu:dirty-bitmap:NAME`.
     Bitmap(Arc<dyn BitmapSource>),
 }
