@@ -101,8 +101,12 @@ pub struct TempDir {
 impl TempDir {
     /// Creates a fresh directory under `$TMPDIR` (or /tmp) whose name starts with `prefix`.
     pub fn new(prefix: &str) -> io::Result<TempDir> {
+        TempDir::new_in(&std::env::temp_dir(), prefix)
+    }
+
+    /// Creates a fresh directory under `base` whose name starts with `prefix`.
+    pub fn new_in(base: &Path, prefix: &str) -> io::Result<TempDir> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let base = std::env::temp_dir();
         loop {
             let nanos = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -373,6 +377,9 @@ pub struct ExportOptions {
     pub logical_block_size: u32,
     /// More `key=value` options appended to `--export` (e.g. `x-poll-us=0`).
     pub export_extra: String,
+    /// More `key=value` options appended to the file node's `--blockdev`
+    /// (e.g. `cache.no-flush=on`).
+    pub file_extra: String,
 }
 
 impl ExportOptions {
@@ -388,6 +395,7 @@ impl ExportOptions {
             discard_unmap: false,
             logical_block_size: 512,
             export_extra: String::new(),
+            file_extra: String::new(),
         }
     }
 
@@ -406,6 +414,9 @@ impl ExportOptions {
             onoff(self.cache_direct),
             self.aio
         ));
+        if !self.file_extra.is_empty() {
+            file.push(format!(",{}", self.file_extra));
+        }
         let raw = format!("driver=raw,node-name=disk0,file=f0{discard}");
         let mut export =
             OsString::from("type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path=");
@@ -563,6 +574,18 @@ impl Daemon {
         let _ = child.kill();
         child.wait().ok()
     }
+
+    /// Kills the daemon with SIGKILL, giving it no chance to flush or clean up, and reaps it;
+    /// returns its exit status. Its socket file and pidfile stay behind, as after a crash.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        // Child::kill sends SIGKILL.
+        let _ = child.kill();
+        child.wait().ok()
+    }
 }
 
 impl Drop for Daemon {
@@ -708,6 +731,9 @@ mod tests {
                 "type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path=/t/s.sock,writable=on,num-queues=2,logical-block-size=512",
             ]
         );
+        o.file_extra = "cache.no-flush=on".into();
+        let file = o.args()[1].clone().into_string().unwrap();
+        assert!(file.ends_with(",discard=unmap,cache.no-flush=on"), "{file}");
     }
 
     #[test]
