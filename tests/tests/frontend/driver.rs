@@ -144,32 +144,8 @@ impl Queue {
     pub fn wait(&mut self, mem: &GuestMemoryMmap, count: usize) -> Vec<Used> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut out = Vec::new();
-        while out.len() < count {
-            if self.event_idx {
-                // Ask to be notified at the next used entry.
-                let used_event = self.avail.0 + 4 + 2 * u64::from(QUEUE_SIZE);
-                mem.write_obj(self.last_used.to_le(), GuestAddress(used_event))
-                    .unwrap();
-                fence(Ordering::SeqCst);
-            }
-            let idx = u16::from_le(mem.read_obj(GuestAddress(self.used.0 + 2)).unwrap());
-            fence(Ordering::SeqCst);
-            while self.last_used != idx {
-                let elem = self.used.0 + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
-                let id: u32 = u32::from_le(mem.read_obj(GuestAddress(elem)).unwrap());
-                let len: u32 = u32::from_le(mem.read_obj(GuestAddress(elem + 4)).unwrap());
-                let head = id as u16;
-                let ids = std::mem::take(&mut self.chains[head as usize]);
-                assert!(!ids.is_empty(), "device used unknown head {head}");
-                self.free.extend(ids);
-                self.last_used = self.last_used.wrapping_add(1);
-                self.in_flight -= 1;
-                out.push(Used { head, len });
-            }
-            if self.in_flight == 0 {
-                // Every buffer was returned: reuse the data area.
-                self.data_next = self.data_end - DATA_PER_QUEUE;
-            }
+        loop {
+            out.extend(self.reap(mem));
             if out.len() >= count {
                 break;
             }
@@ -179,16 +155,59 @@ impl Queue {
                 "queue {}: timed out waiting for completions",
                 self.index
             );
-            let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: pfd is valid for the call.
-            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
-            let _ = self.call.read();
+            self.wait_call(left.min(Duration::from_millis(100)));
         }
         out
+    }
+
+    /// Returns the entries the device put on the used ring since the last
+    /// call, in order, without waiting (with EVENT_IDX, first asks to be
+    /// notified at the next used entry).
+    pub fn reap(&mut self, mem: &GuestMemoryMmap) -> Vec<Used> {
+        if self.event_idx {
+            let used_event = self.avail.0 + 4 + 2 * u64::from(QUEUE_SIZE);
+            mem.write_obj(self.last_used.to_le(), GuestAddress(used_event))
+                .unwrap();
+            fence(Ordering::SeqCst);
+        }
+        let idx = u16::from_le(mem.read_obj(GuestAddress(self.used.0 + 2)).unwrap());
+        fence(Ordering::SeqCst);
+        let mut out = Vec::new();
+        while self.last_used != idx {
+            let elem = self.used.0 + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
+            let id: u32 = u32::from_le(mem.read_obj(GuestAddress(elem)).unwrap());
+            let len: u32 = u32::from_le(mem.read_obj(GuestAddress(elem + 4)).unwrap());
+            let head = id as u16;
+            let ids = std::mem::take(&mut self.chains[head as usize]);
+            assert!(!ids.is_empty(), "device used unknown head {head}");
+            self.free.extend(ids);
+            self.last_used = self.last_used.wrapping_add(1);
+            self.in_flight -= 1;
+            out.push(Used { head, len });
+        }
+        if self.in_flight == 0 {
+            // Every buffer was returned: reuse the data area.
+            self.data_next = self.data_end - DATA_PER_QUEUE;
+        }
+        out
+    }
+
+    /// Waits up to `timeout` for the device to signal the queue's call
+    /// eventfd, and clears it.
+    pub fn wait_call(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is valid for the call.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        let _ = self.call.read();
+    }
+
+    /// Chains on the ring that the device has not used yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
     }
 }
 
