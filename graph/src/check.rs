@@ -17,12 +17,19 @@ struct Incoming {
     shared: Permission,
 }
 
+/// The permissions a check computed, to apply when the change commits.
+#[derive(Default)]
+pub(crate) struct Checked {
+    /// Each edge between nodes, with what its parent takes and shares.
+    pub(crate) edges: Vec<(Arc<Child>, Permission, Permission)>,
+    /// Each node, with the union of what its parents take.
+    pub(crate) granted: Vec<(Arc<Node>, Permission)>,
+}
+
 /// Computes every edge's permissions over `state` and checks them: each
 /// parent's `perm` must be inside every other parent's `shared`, and
 /// nobody may write a read-only node. Returns the permissions to apply.
-pub(crate) fn check_permissions(
-    state: &State,
-) -> Result<Vec<(Arc<Child>, Permission, Permission)>, Error> {
+pub(crate) fn check_permissions(state: &State) -> Result<Checked, Error> {
     let mut incoming: HashMap<&str, Vec<Incoming>> = HashMap::new();
     let mut pending: HashMap<&str, usize> = state.nodes.keys().map(|n| (n.as_str(), 0)).collect();
     for node in state.nodes.values() {
@@ -59,16 +66,17 @@ pub(crate) fn check_permissions(
         .filter(|(_, c)| **c == 0)
         .map(|(n, _)| *n)
         .collect();
-    let mut result = Vec::new();
+    let mut result = Checked::default();
     let mut done = 0;
     while let Some(name) = ready.pop() {
         done += 1;
         let node = &state.nodes[name];
         let parents = incoming.remove(name).unwrap_or_default();
         let (perm, shared) = check_node(node, &parents)?;
+        result.granted.push((node.clone(), perm));
         for p in parents {
             if !matches!(p.edge.parent(), Parent::Export(_)) {
-                result.push((p.edge, p.perm, p.shared));
+                result.edges.push((p.edge, p.perm, p.shared));
             }
         }
         for edge in node.children() {

@@ -224,6 +224,12 @@ pub trait BlockDriver: Send + Sync {
         unsupported()
     }
 
+    /// Whether a write past the end extends the node (a host file does),
+    /// for parents that hold the resize permission.
+    fn extends_on_write(&self) -> bool {
+        false
+    }
+
     /// Snapshot API (copy-before-write): reads the point-in-time view.
     fn snapshot_read<'a>(&'a self, _offset: u64, _buf: &'a IoBuffer) -> IoFuture<'a> {
         unsupported()

@@ -3,6 +3,7 @@
 //! and to it refer to each other).
 
 use std::io;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -14,6 +15,7 @@ use crate::buffer::IoBuffer;
 use crate::driver::{
     BlockDriver, BlockLimits, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags,
 };
+use crate::open::MAX_LENGTH;
 use crate::permission::{Parent, Permission};
 
 /// Options every node takes, whatever its driver (QEMU's BlockdevOptionsBase).
@@ -115,6 +117,9 @@ pub struct Node {
     children: Vec<Arc<Child>>,
     implicit: bool,
     bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
+    /// The union of what the node's parents hold, set when a graph change
+    /// commits.
+    granted: AtomicU8,
 }
 
 impl std::fmt::Debug for Node {
@@ -151,6 +156,7 @@ impl Node {
             children,
             implicit,
             bitmaps: ArcSwap::from_pointee(Vec::new()),
+            granted: AtomicU8::new(0),
         }
     }
 
@@ -288,6 +294,40 @@ impl Node {
         self.check(offset, len)
     }
 
+    /// The union of the permissions the node's parents hold.
+    pub fn granted(&self) -> Permission {
+        Permission::from_bits(self.granted.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_granted(&self, perm: Permission) {
+        self.granted.store(perm.bits(), Ordering::Release);
+    }
+
+    /// Like [`Node::check_write`] for data writes, which may also extend a
+    /// node that grows on writes when a parent holds the resize permission
+    /// (a format driver allocating clusters at the end of its file).
+    fn check_data_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        let extends = self.granted().contains(Permission::RESIZE)
+            && self.driver.extends_on_write()
+            && offset.checked_add(len).is_some_and(|end| end <= MAX_LENGTH);
+        if extends && !self.read_only {
+            return Ok(());
+        }
+        self.check_write(offset, len)
+    }
+
+    /// Changes the size of the node (block_resize, or a format driver
+    /// growing its file); a parent must hold the resize permission.
+    pub fn resize(&self, size: u64) -> IoFuture<'_> {
+        if self.read_only {
+            return ready(Err(io::Error::from_raw_os_error(libc::EPERM)));
+        }
+        if !self.granted().contains(Permission::RESIZE) || size > MAX_LENGTH {
+            return ready(Err(io::Error::from_raw_os_error(libc::EPERM)));
+        }
+        self.driver.resize(size)
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         match self.check(offset, buf.len() as u64) {
@@ -298,7 +338,7 @@ impl Node {
 
     /// Writes `buf` at `offset`.
     pub fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
-        match self.check_write(offset, buf.len() as u64) {
+        match self.check_data_write(offset, buf.len() as u64) {
             Ok(()) => {
                 self.record(offset, buf.len() as u64);
                 self.driver.write(offset, buf, flags)

@@ -40,6 +40,16 @@ impl Permission {
         self.0 == 0
     }
 
+    /// The raw bits, for keeping in an atomic.
+    pub(crate) fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The set with these raw bits (unknown bits dropped).
+    pub(crate) fn from_bits(bits: u8) -> Permission {
+        Permission(bits & Permission::ALL.0)
+    }
+
     /// QMP's names of the bits that are set.
     pub fn names(self) -> Vec<&'static str> {
         Self::NAMES

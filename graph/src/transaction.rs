@@ -372,9 +372,12 @@ impl<'g> Transaction<'g> {
     /// Checks the permissions of the resulting graph and makes it the
     /// graph; on error everything is rolled back.
     pub fn commit(mut self) -> Result<(), Error> {
-        let perms = check_permissions(&self.working)?;
-        for (edge, perm, shared) in perms {
+        let checked = check_permissions(&self.working)?;
+        for (edge, perm, shared) in checked.edges {
             edge.set_permissions(perm, shared);
+        }
+        for (node, perm) in checked.granted {
+            node.set_granted(perm);
         }
         let old = std::mem::replace(&mut *self.graph, std::mem::take(&mut self.working));
         self.committed = true;

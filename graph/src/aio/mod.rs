@@ -11,12 +11,14 @@
 
 mod detached;
 mod executor;
+mod mutex;
 mod pool;
 mod sleep;
 mod uring;
 
 pub use detached::{race, spawn_detached, Detached, Either};
 pub use executor::{block_on, Executor, Notifier};
+pub use mutex::{AsyncMutex, Guard, Lock};
 pub(crate) use pool::{run_blocking, BlockingOp};
 pub use sleep::sleep;
 pub(crate) use uring::{submit, Keepalive, UringOp};

@@ -10,6 +10,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types};
@@ -57,7 +58,10 @@ struct FileOptions {
 pub struct File {
     filename: String,
     file: Arc<std::fs::File>,
-    size: u64,
+    /// The size: a regular file grows with writes past its end.
+    size: AtomicU64,
+    /// A block device, whose size is fixed.
+    block_device: bool,
     direct: bool,
     align: u64,
     aio: Aio,
@@ -92,7 +96,8 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
         filename: opts.filename.clone(),
         source,
     })?;
-    let size = if meta.file_type().is_block_device() {
+    let block_device = meta.file_type().is_block_device();
+    let size = if block_device {
         block_device_size(file.as_raw_fd()).map_err(|source| Error::Open {
             filename: opts.filename.clone(),
             source,
@@ -109,7 +114,8 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
     Ok(Box::new(File {
         filename: opts.filename.clone(),
         file: Arc::new(file),
-        size,
+        size: AtomicU64::new(size),
+        block_device,
         direct,
         align,
         aio: opts.aio,
@@ -347,7 +353,23 @@ fn is_unsupported(e: &io::Error) -> bool {
 
 impl BlockDriver for File {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn extends_on_write(&self) -> bool {
+        !self.block_device
+    }
+
+    fn resize(&self, size: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            if self.block_device {
+                return Err(errno(libc::ENOTSUP));
+            }
+            let file = self.file.clone();
+            run_blocking(move || file.set_len(size).map(|_| 0)).await?;
+            self.size.store(size, Ordering::Release);
+            Ok(())
+        })
     }
 
     fn limits(&self) -> BlockLimits {
@@ -374,10 +396,13 @@ impl BlockDriver for File {
     fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             if self.needs_bounce(offset, buf) {
-                self.write_bounced(offset, buf, flags.fua).await
+                self.write_bounced(offset, buf, flags.fua).await?;
             } else {
-                self.transfer(offset, buf, true, flags.fua).await
+                self.transfer(offset, buf, true, flags.fua).await?;
             }
+            self.size
+                .fetch_max(offset + buf.len() as u64, Ordering::AcqRel);
+            Ok(())
         })
     }
 
@@ -434,7 +459,7 @@ impl BlockDriver for File {
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         let fd = self.fd();
-        let size = self.size;
+        let size = self.size();
         let status = (|| {
             let end = (offset + len).min(size);
             // SAFETY: lseek on an owned, open descriptor.
@@ -536,6 +561,72 @@ mod tests {
                     .unwrap_err()
                     .raw_os_error(),
                 Some(libc::EIO)
+            );
+        })
+        .unwrap();
+    }
+
+    struct Holder;
+    impl crate::DrainParent for Holder {
+        fn drained_begin(&self) {}
+        fn drained_end(&self) {}
+    }
+
+    /// Writes past the end grow the file only while a parent holds the
+    /// resize permission; resizing needs it too.
+    #[test]
+    fn writes_past_the_end_need_the_resize_permission() {
+        use crate::Permission;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let graph = Graph::new();
+        let arg = format!("driver=file,node-name=f,filename={}", path.display());
+        let node = graph.add(Options::from_arg(&arg, None).unwrap()).unwrap();
+        let buf = IoBuffer::from_vec(vec![7u8; 4096]);
+        let eio = Some(libc::EIO);
+        block_on(async {
+            let e = node.write(8192, &buf, WriteFlags::default()).await;
+            assert_eq!(e.unwrap_err().raw_os_error(), eio);
+            let e = node.resize(1 << 20).await;
+            assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        })
+        .unwrap();
+        let rw = Permission::CONSISTENT_READ | Permission::WRITE;
+        graph
+            .attach_export(
+                "e",
+                "f",
+                rw | Permission::RESIZE,
+                Permission::ALL,
+                Arc::new(Holder),
+            )
+            .unwrap();
+        block_on(async {
+            node.write(12288, &buf, WriteFlags::default())
+                .await
+                .unwrap();
+            assert_eq!(node.size(), 16384);
+            let back = IoBuffer::from_vec(vec![1u8; 8192]);
+            node.read(8192, &back).await.unwrap();
+            let back = back.into_vec();
+            assert!(back[..4096].iter().all(|&b| b == 0), "the gap reads zeroes");
+            assert!(back[4096..].iter().all(|&b| b == 7));
+            node.resize(4096).await.unwrap();
+            assert_eq!(node.size(), 4096);
+        })
+        .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
+        graph.detach_export("e").unwrap();
+        graph
+            .attach_export("e", "f", rw, Permission::ALL, Arc::new(Holder))
+            .unwrap();
+        block_on(async {
+            let e = node.write(4096, &buf, WriteFlags::default()).await;
+            assert_eq!(
+                e.unwrap_err().raw_os_error(),
+                eio,
+                "the grant went with the edge"
             );
         })
         .unwrap();
