@@ -31,6 +31,8 @@ enum Owner {
     Shared { _memory: Arc<dyn Any + Send + Sync> },
     /// The buffer this one is a part of.
     Parent { _buffer: IoBuffer },
+    /// The buffers this one strings together.
+    Parts { _buffers: Vec<IoBuffer> },
 }
 
 struct Inner {
@@ -147,6 +149,23 @@ impl IoBuffer {
             segments,
             Owner::Parent {
                 _buffer: self.clone(),
+            },
+        )
+    }
+
+    /// The bytes of `parts` one after the other, as one buffer (for one
+    /// vectored write of pieces from several places); it keeps every
+    /// part's memory alive.
+    pub fn concat(parts: &[IoBuffer]) -> IoBuffer {
+        let segments = parts
+            .iter()
+            .flat_map(|p| p.segments().iter().copied())
+            .filter(|s| s.iov_len > 0)
+            .collect();
+        IoBuffer::new(
+            segments,
+            Owner::Parts {
+                _buffers: parts.to_vec(),
             },
         )
     }
@@ -308,6 +327,17 @@ mod tests {
         let segments = [a.segments()[0], b.segments()[0]].to_vec();
         // SAFETY: the segments point into `a` and `b`, which the owner keeps.
         unsafe { IoBuffer::from_raw_segments(segments, Arc::new((a, b))) }
+    }
+
+    #[test]
+    fn concat_strings_parts_together_and_keeps_them_alive() {
+        let whole = {
+            let a = IoBuffer::from_vec(vec![1, 2, 3]);
+            let b = two_segments(vec![4], vec![5, 6]).slice(1, 2);
+            IoBuffer::concat(&[a, IoBuffer::from_vec(Vec::new()), b])
+        };
+        assert_eq!(whole.segments().len(), 2, "empty parts add no segment");
+        assert_eq!(whole.to_vec(), [1, 2, 3, 5, 6]);
     }
 
     #[test]

@@ -1,17 +1,13 @@
 //! The table of operations every block driver implements.
 
 use std::fmt;
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::buffer::IoBuffer;
 use crate::node::Child;
 use crate::permission::Permission;
 
-/// The future of a block operation.
-pub type IoFuture<'a, T = ()> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+pub use crate::aio::IoFuture;
 
 /// Flags of a write.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -11,6 +11,7 @@
 
 mod detached;
 mod executor;
+mod join;
 mod mutex;
 mod pool;
 mod sleep;
@@ -18,6 +19,7 @@ mod uring;
 
 pub use detached::{race, spawn_detached, Detached, Either};
 pub use executor::{block_on, Executor, Notifier};
+pub use join::{join_all, IoFuture, JoinAll};
 pub use mutex::{AsyncMutex, Guard, Lock};
 pub(crate) use pool::{run_blocking, BlockingOp};
 pub use sleep::sleep;
