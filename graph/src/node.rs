@@ -303,14 +303,20 @@ impl Node {
         self.granted.store(perm.bits(), Ordering::Release);
     }
 
-    /// Like [`Node::check_write`] for data writes, which may also extend a
-    /// node that grows on writes when a parent holds the resize permission
-    /// (a format driver allocating clusters at the end of its file).
-    fn check_data_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        let extends = self.granted().contains(Permission::RESIZE)
+    /// Whether requests may reach past the end: the node grows on writes
+    /// and a parent holds the resize permission (a format driver
+    /// allocating clusters at the end of its file). Reads there see zeroes,
+    /// as in QEMU.
+    fn open_ended(&self, offset: u64, len: u64) -> bool {
+        self.granted().contains(Permission::RESIZE)
             && self.driver.extends_on_write()
-            && offset.checked_add(len).is_some_and(|end| end <= MAX_LENGTH);
-        if extends && !self.read_only {
+            && offset.checked_add(len).is_some_and(|end| end <= MAX_LENGTH)
+    }
+
+    /// Like [`Node::check_write`] for data writes, which may also extend an
+    /// open-ended node.
+    fn check_data_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.read_only && self.open_ended(offset, len) {
             return Ok(());
         }
         self.check_write(offset, len)
@@ -330,8 +336,17 @@ impl Node {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
-        match self.check(offset, buf.len() as u64) {
+        let len = buf.len() as u64;
+        match self.check(offset, len) {
             Ok(()) => self.driver.read(offset, buf),
+            Err(_) if self.open_ended(offset, len) => Box::pin(async move {
+                let inside = self.size().saturating_sub(offset).min(len) as usize;
+                buf.fill_zero(inside, buf.len() - inside);
+                if inside > 0 {
+                    self.driver.read(offset, &buf.slice(0, inside)).await?;
+                }
+                Ok(())
+            }),
             Err(e) => ready(Err(e)),
         }
     }

@@ -607,11 +607,12 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(node.size(), 16384);
-            let back = IoBuffer::from_vec(vec![1u8; 8192]);
+            let back = IoBuffer::from_vec(vec![1u8; 12288]);
             node.read(8192, &back).await.unwrap();
             let back = back.into_vec();
             assert!(back[..4096].iter().all(|&b| b == 0), "the gap reads zeroes");
-            assert!(back[4096..].iter().all(|&b| b == 7));
+            assert!(back[4096..8192].iter().all(|&b| b == 7));
+            assert!(back[8192..].iter().all(|&b| b == 0), "past the end too");
             node.resize(4096).await.unwrap();
             assert_eq!(node.size(), 4096);
         })
@@ -628,6 +629,8 @@ mod tests {
                 eio,
                 "the grant went with the edge"
             );
+            let e = node.read(4096, &buf).await;
+            assert_eq!(e.unwrap_err().raw_os_error(), eio);
         })
         .unwrap();
     }
