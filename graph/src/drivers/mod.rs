@@ -4,6 +4,7 @@
 mod copy_before_write;
 mod file;
 mod null;
+mod qcow2;
 mod raw;
 mod snapshot_access;
 mod throttle;
@@ -15,6 +16,7 @@ pub const DRIVERS: &[DriverEntry] = &[
     file::ENTRY,
     raw::ENTRY,
     null::ENTRY,
+    qcow2::ENTRY,
     throttle::ENTRY,
     copy_before_write::ENTRY,
     snapshot_access::ENTRY,

@@ -1,0 +1,660 @@
+//! The metadata of an open qcow2 image, behind the driver's metadata lock:
+//! the L1 table, cached L2 slices and refcount blocks, allocating and
+//! freeing host clusters, and writing it all back in an order that keeps
+//! the image consistent whenever the process dies:
+//!
+//! - refcount blocks are written before the L2 tables that point to the
+//!   clusters they count (a crash leaks clusters, never shares them);
+//! - a new L2 table, and its refcount, are written before the L1 entry
+//!   that points to it; a new refcount block before its table entry;
+//! - a cluster an L2 entry stopped pointing to is unreferenced only after
+//!   that L2 table was written.
+//!
+//! Between the refcount blocks and the L2 tables the file is flushed, so
+//! the order also holds across a power loss.
+
+use std::io;
+
+use super::cache::TableCache;
+use super::header::Header;
+use super::layout::{
+    get_be64, get_refcount, put_be64, set_refcount, Corrupt, Extent, Geometry, L2Entry, COPIED,
+    OFFSET_MASK,
+};
+use crate::buffer::IoBuffer;
+use crate::driver::WriteFlags;
+use crate::node::Node;
+
+/// I/O on the image file for the metadata layer.
+pub struct File<'a> {
+    /// The image file's node.
+    pub node: &'a Node,
+    /// Its request alignment: metadata writes cover whole aligned blocks.
+    pub align: u64,
+}
+
+impl File<'_> {
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let buf = IoBuffer::from_vec(vec![0u8; len]);
+        self.node.read(offset, &buf).await?;
+        Ok(buf.into_vec())
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        let buf = IoBuffer::from_vec(data);
+        self.node.write(offset, &buf, WriteFlags::default()).await
+    }
+
+    /// Makes what was written stable.
+    pub async fn flush(&self) -> io::Result<()> {
+        self.node.flush().await
+    }
+}
+
+fn corrupt(e: Corrupt) -> io::Error {
+    log::error!("qcow2: corrupt image: {}", e.0);
+    io::Error::other(format!("qcow2 image is corrupt: {}", e.0))
+}
+
+/// Cache sizes, in entries.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheSizes {
+    /// L2 slices.
+    pub l2_entries: usize,
+    /// Bytes per L2 slice.
+    pub l2_slice_size: usize,
+    /// Refcount blocks.
+    pub refcount_entries: usize,
+}
+
+/// The metadata state.
+pub struct Meta {
+    /// The header as it is on disk.
+    pub header: Header,
+    /// Derived sizes.
+    pub g: Geometry,
+    /// The active L1 table.
+    l1: Vec<u64>,
+    l2: TableCache,
+    /// The refcount table.
+    refcount_table: Vec<u64>,
+    refblocks: TableCache,
+    /// The first host cluster that may be free.
+    free_hint: u64,
+    /// One past the last host cluster the image uses or the file holds.
+    end: u64,
+    /// Host ranges to unreference once the L2 tables that pointed to them
+    /// are written: (offset, bytes).
+    pending_frees: Vec<(u64, u64)>,
+    /// Whether freed clusters are discarded in the file
+    /// (pass-discard-request).
+    pass_discard: bool,
+}
+
+/// The L2 entries of a run of guest clusters in one L2 table.
+pub type Entries = Vec<L2Entry>;
+
+impl Meta {
+    /// The metadata of an image whose header, L1 table and refcount table
+    /// were read; `file_size` is the image file's size.
+    pub fn new(
+        header: Header,
+        l1: Vec<u64>,
+        refcount_table: Vec<u64>,
+        file_size: u64,
+        sizes: CacheSizes,
+        pass_discard: bool,
+    ) -> Meta {
+        let g = Geometry::new(&header);
+        Meta {
+            end: file_size.div_ceil(g.cluster_size),
+            refblocks: TableCache::new(g.cluster_size as usize, sizes.refcount_entries),
+            l2: TableCache::new(sizes.l2_slice_size, sizes.l2_entries),
+            header,
+            g,
+            l1,
+            refcount_table,
+            free_hint: 0,
+            pending_frees: Vec::new(),
+            pass_discard,
+        }
+    }
+
+    fn slice_entries(&self) -> u64 {
+        self.l2.slice_size() as u64 / self.g.l2_entry_bytes
+    }
+
+    /// The offset of the L2 slice holding guest cluster `cluster`, if its
+    /// L2 table exists; loads it into the cache.
+    async fn l2_slice(&mut self, f: &File<'_>, cluster: u64) -> io::Result<Option<u64>> {
+        let l1_index = self.g.l1_index(cluster) as usize;
+        let Some(&l1_entry) = self.l1.get(l1_index) else {
+            return Ok(None);
+        };
+        let table = l1_entry & OFFSET_MASK;
+        if table == 0 {
+            return Ok(None);
+        }
+        if table & (self.g.cluster_size - 1) != 0 {
+            return Err(corrupt(Corrupt(format!(
+                "L1 entry {l1_index} points to unaligned offset {table:#x}"
+            ))));
+        }
+        let slice = self.g.l2_index(cluster) / self.slice_entries();
+        let offset = table + slice * self.l2.slice_size() as u64;
+        if !self.l2.contains(offset) {
+            self.make_room_l2(f).await?;
+            let data = f.read(offset, self.l2.slice_size()).await?;
+            self.l2.insert(offset, data, false);
+        }
+        Ok(Some(offset))
+    }
+
+    /// Evicts an L2 slice if the cache is full; a dirty one is written
+    /// after the refcounts it depends on.
+    async fn make_room_l2(&mut self, f: &File<'_>) -> io::Result<()> {
+        if !self.l2.full() {
+            return Ok(());
+        }
+        if let Some((offset, dirty)) = self.l2.victim() {
+            if dirty {
+                if self.write_refblocks(f).await? {
+                    f.flush().await?;
+                }
+                self.write_l2(f, offset).await?;
+            }
+            self.l2.remove(offset);
+        }
+        Ok(())
+    }
+
+    fn entry_at(&mut self, slice: u64, index: u64) -> L2Entry {
+        let bytes = self.g.l2_entry_bytes as usize;
+        let e = self.l2.get(slice).expect("the slice was just loaded");
+        let at = index as usize * bytes;
+        L2Entry {
+            word: get_be64(&e.data, at),
+            bitmap: if bytes == 16 {
+                get_be64(&e.data, at + 8)
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The entries of guest clusters from `cluster` on, at most `count` and
+    /// within one L2 slice.
+    pub async fn entries(&mut self, f: &File<'_>, cluster: u64, count: u64) -> io::Result<Entries> {
+        let slice_entries = self.slice_entries();
+        let index = self.g.l2_index(cluster) % slice_entries;
+        let n = count.min(slice_entries - index);
+        match self.l2_slice(f, cluster).await? {
+            None => Ok(vec![L2Entry { word: 0, bitmap: 0 }; n as usize]),
+            Some(slice) => Ok((0..n).map(|i| self.entry_at(slice, index + i)).collect()),
+        }
+    }
+
+    /// What guest `offset` reads from, and for how many bytes (at most
+    /// `len`) the same kind of extent continues (data contiguous on the
+    /// host, or a whole compressed cluster).
+    pub async fn extent(
+        &mut self,
+        f: &File<'_>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<(u64, Extent)> {
+        let g = self.g;
+        let cluster = g.cluster_of(offset);
+        let count = (g.in_cluster(offset) + len).div_ceil(g.cluster_size);
+        let entries = self.entries(f, cluster, count).await?;
+        let mut pos = offset;
+        let end = offset + len;
+        let mut first: Option<Extent> = None;
+        'clusters: for (i, e) in entries.iter().enumerate() {
+            let cluster_start = (cluster + i as u64) * g.cluster_size;
+            while pos < end && pos < cluster_start + g.cluster_size {
+                let sub = (pos - cluster_start) / g.subcluster_size;
+                let sub_end = (cluster_start + (sub + 1) * g.subcluster_size).min(end);
+                let x = e
+                    .extent(&g, if g.extended { sub } else { 0 })
+                    .map_err(corrupt)?;
+                let x = match x {
+                    Extent::Data(h) => Extent::Data(h + (pos - cluster_start) % g.subcluster_size),
+                    other => other,
+                };
+                match first {
+                    None => first = Some(x),
+                    Some(f) if continues(f, x, pos - offset) => {}
+                    Some(_) => break 'clusters,
+                }
+                if matches!(x, Extent::Compressed(..)) {
+                    // One compressed cluster at a time.
+                    pos = (cluster_start + g.cluster_size).min(end);
+                    break 'clusters;
+                }
+                pos = sub_end;
+            }
+        }
+        Ok((pos - offset, first.unwrap_or(Extent::Unallocated)))
+    }
+
+    /// Sets the L2 entry of guest cluster `cluster`, allocating its L2
+    /// table if there is none.
+    pub async fn set_entry(&mut self, f: &File<'_>, cluster: u64, e: L2Entry) -> io::Result<()> {
+        let slice = match self.l2_slice(f, cluster).await? {
+            Some(s) => s,
+            None => {
+                self.alloc_l2_table(f, cluster).await?;
+                self.l2_slice(f, cluster)
+                    .await?
+                    .ok_or_else(|| io::Error::other("qcow2: new L2 table not found"))?
+            }
+        };
+        let index = (self.g.l2_index(cluster) % self.slice_entries()) as usize;
+        let bytes = self.g.l2_entry_bytes as usize;
+        let entry = self.l2.get(slice).expect("the slice was just loaded");
+        put_be64(&mut entry.data, index * bytes, e.word);
+        if bytes == 16 {
+            put_be64(&mut entry.data, index * bytes + 8, e.bitmap);
+        }
+        entry.dirty = true;
+        Ok(())
+    }
+
+    /// Allocates the L2 table of guest cluster `cluster`: a zeroed cluster,
+    /// written with its refcount before the L1 entry points to it.
+    async fn alloc_l2_table(&mut self, f: &File<'_>, cluster: u64) -> io::Result<()> {
+        let l1_index = self.g.l1_index(cluster) as usize;
+        if l1_index >= self.l1.len() {
+            return Err(io::Error::other(format!(
+                "qcow2: guest cluster {cluster} is beyond the L1 table"
+            )));
+        }
+        let cs = self.g.cluster_size;
+        let table = self.alloc_clusters(f, 1).await?;
+        f.write(table, vec![0u8; cs as usize]).await?;
+        if self.write_refblocks(f).await? {
+            f.flush().await?;
+        }
+        self.l1[l1_index] = table | COPIED;
+        self.write_l1_entry(f, l1_index).await
+    }
+
+    /// Writes the aligned block of the L1 table holding entry `index`.
+    async fn write_l1_entry(&mut self, f: &File<'_>, index: usize) -> io::Result<()> {
+        let block = f.align.max(8) as usize;
+        let per_block = block / 8;
+        let first = index / per_block * per_block;
+        let mut data = vec![0u8; block];
+        for (i, e) in self.l1.iter().skip(first).take(per_block).enumerate() {
+            put_be64(&mut data, i * 8, *e);
+        }
+        f.write(self.header.l1_table_offset + first as u64 * 8, data)
+            .await
+    }
+
+    async fn write_l2(&mut self, f: &File<'_>, offset: u64) -> io::Result<()> {
+        if let Some(e) = self.l2.get(offset) {
+            let data = e.data.clone();
+            f.write(offset, data).await?;
+            if let Some(e) = self.l2.get(offset) {
+                e.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block; whether there was any.
+    async fn write_refblocks(&mut self, f: &File<'_>) -> io::Result<bool> {
+        let dirty = self.refblocks.dirty();
+        for offset in &dirty {
+            if let Some(e) = self.refblocks.get(*offset) {
+                let data = e.data.clone();
+                f.write(*offset, data).await?;
+                if let Some(e) = self.refblocks.get(*offset) {
+                    e.dirty = false;
+                }
+            }
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// The refcount block covering host cluster `index`, loaded; `None`
+    /// if it does not exist (every refcount it would hold is 0).
+    async fn refblock(&mut self, f: &File<'_>, index: u64) -> io::Result<Option<u64>> {
+        let table_index = (index / self.g.refcount_block_entries) as usize;
+        let Some(&entry) = self.refcount_table.get(table_index) else {
+            return Ok(None);
+        };
+        let block = entry & OFFSET_MASK;
+        if block == 0 {
+            return Ok(None);
+        }
+        if !self.refblocks.contains(block) {
+            if self.refblocks.full() {
+                if let Some((victim, dirty)) = self.refblocks.victim() {
+                    if dirty {
+                        self.write_refblocks(f).await?;
+                    }
+                    self.refblocks.remove(victim);
+                }
+            }
+            let data = f.read(block, self.g.cluster_size as usize).await?;
+            self.refblocks.insert(block, data, false);
+        }
+        Ok(Some(block))
+    }
+
+    /// The refcount of host cluster `index`.
+    pub async fn refcount(&mut self, f: &File<'_>, index: u64) -> io::Result<u64> {
+        match self.refblock(f, index).await? {
+            None => Ok(0),
+            Some(block) => {
+                let bits = self.g.refcount_bits;
+                let i = index % self.g.refcount_block_entries;
+                let e = self
+                    .refblocks
+                    .get(block)
+                    .expect("the block was just loaded");
+                Ok(get_refcount(&e.data, bits, i))
+            }
+        }
+    }
+
+    /// Sets the refcount of host cluster `index`, creating its refcount
+    /// block (and growing the refcount table) if needed.
+    async fn set_refcount(&mut self, f: &File<'_>, index: u64, value: u64) -> io::Result<()> {
+        let max = if self.g.refcount_bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.g.refcount_bits) - 1
+        };
+        if value > max {
+            return Err(io::Error::other(
+                "qcow2: refcount overflow (the cluster is referenced too often)",
+            ));
+        }
+        let block = match self.refblock(f, index).await? {
+            Some(b) => b,
+            None if value == 0 => return Ok(()),
+            None => {
+                self.new_refblock(f, index).await?;
+                self.refblock(f, index)
+                    .await?
+                    .ok_or_else(|| io::Error::other("qcow2: new refcount block not found"))?
+            }
+        };
+        let bits = self.g.refcount_bits;
+        let i = index % self.g.refcount_block_entries;
+        let e = self
+            .refblocks
+            .get(block)
+            .expect("the block was just loaded");
+        set_refcount(&mut e.data, bits, i, value);
+        e.dirty = true;
+        if value == 0 {
+            self.free_hint = self.free_hint.min(index);
+        }
+        Ok(())
+    }
+
+    /// Creates the refcount block that covers host cluster `index`: a
+    /// cluster at the end of the image, counting itself if it lies in its
+    /// own range, written before the refcount table points to it.
+    async fn new_refblock(&mut self, f: &File<'_>, index: u64) -> io::Result<()> {
+        let entries = self.g.refcount_block_entries;
+        let table_index = index / entries;
+        if table_index as usize >= self.refcount_table.len() {
+            self.grow_refcount_table(f, table_index + 1).await?;
+            // The growth may have created this very block.
+            if self.refcount_table[table_index as usize] & OFFSET_MASK != 0 {
+                return Ok(());
+            }
+        }
+        let at = self.end;
+        self.end += 1;
+        let cs = self.g.cluster_size;
+        let mut data = vec![0u8; cs as usize];
+        if at / entries == table_index {
+            set_refcount(&mut data, self.g.refcount_bits, at % entries, 1);
+        }
+        f.write(at * cs, data.clone()).await?;
+        self.refcount_table[table_index as usize] = at * cs;
+        self.write_refcount_table_entry(f, table_index as usize)
+            .await?;
+        if self.refblocks.full() {
+            if let Some((victim, dirty)) = self.refblocks.victim() {
+                if dirty {
+                    self.write_refblocks(f).await?;
+                }
+                self.refblocks.remove(victim);
+            }
+        }
+        self.refblocks.insert(at * cs, data, false);
+        if at / entries != table_index {
+            // Counted by another block (which may itself be new).
+            Box::pin(self.set_refcount(f, at, 1)).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_refcount_table_entry(&mut self, f: &File<'_>, index: usize) -> io::Result<()> {
+        let block = f.align.max(8) as usize;
+        let per_block = block / 8;
+        let first = index / per_block * per_block;
+        let mut data = vec![0u8; block];
+        for (i, e) in self
+            .refcount_table
+            .iter()
+            .skip(first)
+            .take(per_block)
+            .enumerate()
+        {
+            put_be64(&mut data, i * 8, *e);
+        }
+        f.write(self.header.refcount_table_offset + first as u64 * 8, data)
+            .await
+    }
+
+    /// Moves the refcount table to a larger area at the end of the image,
+    /// with at least `entries` entries, and refcount blocks for that area:
+    /// written before the header points to the new table.
+    async fn grow_refcount_table(&mut self, f: &File<'_>, entries: u64) -> io::Result<()> {
+        let cs = self.g.cluster_size;
+        let per_block = self.g.refcount_block_entries;
+        let start = self.end;
+        // The new table and the blocks that count it (and themselves) lie
+        // at [start, start + table + blocks): find sizes that fit.
+        let (mut table_clusters, mut blocks) = (0u64, 0u64);
+        loop {
+            let end = start + table_clusters + blocks;
+            let need_entries = entries.max(end.div_ceil(per_block) + 1);
+            let t = (need_entries * 8).div_ceil(cs);
+            let first_block = start / per_block;
+            let last_block = (start + t + blocks).div_ceil(per_block);
+            let missing = (first_block..last_block)
+                .filter(|b| {
+                    self.refcount_table
+                        .get(*b as usize)
+                        .is_none_or(|e| e & OFFSET_MASK == 0)
+                })
+                .count() as u64;
+            if t == table_clusters && missing == blocks {
+                break;
+            }
+            table_clusters = t;
+            blocks = missing;
+        }
+        let new_len = (table_clusters * cs / 8) as usize;
+        let mut table = self.refcount_table.clone();
+        table.resize(new_len, 0);
+        // Nothing else may be allocated in the new area.
+        let area = start..start + table_clusters + blocks;
+        self.end = self.end.max(area.end);
+        // Lay the missing blocks out after the table, each counting every
+        // cluster of the new area that it covers.
+        let mut next = start + table_clusters;
+        let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        for b in (start / per_block)..(area.end.div_ceil(per_block)) {
+            if table[b as usize] & OFFSET_MASK != 0 {
+                continue;
+            }
+            table[b as usize] = next * cs;
+            new_blocks.push((b, vec![0u8; cs as usize]));
+            next += 1;
+        }
+        for c in area.clone() {
+            let b = c / per_block;
+            if let Some((_, data)) = new_blocks.iter_mut().find(|(nb, _)| *nb == b) {
+                set_refcount(data, self.g.refcount_bits, c % per_block, 1);
+            }
+        }
+        for (b, data) in &new_blocks {
+            let at = table[*b as usize];
+            f.write(at, data.clone()).await?;
+            self.refblocks.insert(at, data.clone(), false);
+        }
+        // Clusters of the area that existing blocks count.
+        for c in area.clone() {
+            if !new_blocks.iter().any(|(nb, _)| *nb == c / per_block) {
+                Box::pin(self.set_refcount(f, c, 1)).await?;
+            }
+        }
+        self.write_refblocks(f).await?;
+        let mut bytes = vec![0u8; (table_clusters * cs) as usize];
+        for (i, e) in table.iter().enumerate() {
+            put_be64(&mut bytes, i * 8, *e);
+        }
+        f.write(start * cs, bytes).await?;
+        f.flush().await?;
+        let old = (
+            self.header.refcount_table_offset,
+            u64::from(self.header.refcount_table_clusters) * cs,
+        );
+        let mut header = self.header.clone();
+        header.refcount_table_offset = start * cs;
+        header.refcount_table_clusters = table_clusters as u32;
+        self.write_header(f, header).await?;
+        self.refcount_table = table;
+        self.pending_frees.push(old);
+        Ok(())
+    }
+
+    /// Writes a new header over the first cluster's start.
+    pub async fn write_header(&mut self, f: &File<'_>, header: Header) -> io::Result<()> {
+        let mut bytes = header
+            .to_bytes()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let align = f.align.max(1) as usize;
+        bytes.resize(bytes.len().div_ceil(align) * align, 0);
+        f.write(0, bytes).await?;
+        self.header = header;
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous host clusters (refcount 1); returns the
+    /// offset of the first.
+    pub async fn alloc_clusters(&mut self, f: &File<'_>, n: u64) -> io::Result<u64> {
+        let mut start = self.free_hint.max(1);
+        let mut run = 0;
+        let mut i = start;
+        // `run` counts the free clusters from `start`.
+        while run < n {
+            if i >= self.end {
+                // Everything from the end on is free.
+                break;
+            }
+            if self.refcount(f, i).await? == 0 {
+                run += 1;
+            } else {
+                run = 0;
+                start = i + 1;
+            }
+            i += 1;
+        }
+        // Before the refcounts: a new refcount block goes past them.
+        self.end = self.end.max(start + n);
+        for c in start..start + n {
+            self.set_refcount(f, c, 1).await?;
+        }
+        if start == self.free_hint.max(1) {
+            self.free_hint = start + n;
+        }
+        Ok(start * self.g.cluster_size)
+    }
+
+    /// How many host ranges wait to be unreferenced at the next flush.
+    pub fn pending_frees(&self) -> usize {
+        self.pending_frees.len()
+    }
+
+    /// Unreferences the host range `[offset, offset + len)` once the L2
+    /// tables written so far no longer point to it (at the next flush).
+    pub fn free_later(&mut self, offset: u64, len: u64) {
+        if len > 0 {
+            self.pending_frees.push((offset, len));
+        }
+    }
+
+    /// Writes everything back: refcount blocks, then (after a file flush)
+    /// L2 tables, then the refcounts of clusters freed meanwhile; ends
+    /// with a file flush.
+    pub async fn flush(&mut self, f: &File<'_>) -> io::Result<()> {
+        let l2_dirty = self.l2.has_dirty();
+        if self.write_refblocks(f).await? && l2_dirty {
+            f.flush().await?;
+        }
+        for offset in self.l2.dirty() {
+            self.write_l2(f, offset).await?;
+        }
+        let frees = std::mem::take(&mut self.pending_frees);
+        let mut freed: Vec<(u64, u64)> = Vec::new();
+        for (offset, len) in frees {
+            let cs = self.g.cluster_size;
+            let first = offset / cs;
+            let last = (offset + len).div_ceil(cs);
+            for c in first..last {
+                let rc = self.refcount(f, c).await?;
+                if rc == 0 {
+                    log::warn!("qcow2: freeing cluster {c}, whose refcount is already 0");
+                    continue;
+                }
+                self.set_refcount(f, c, rc - 1).await?;
+                if rc == 1 {
+                    match freed.last_mut() {
+                        Some((o, l)) if *o + *l == c * cs => *l += cs,
+                        _ => freed.push((c * cs, cs)),
+                    }
+                }
+            }
+        }
+        self.write_refblocks(f).await?;
+        if self.pass_discard {
+            for (offset, len) in freed {
+                // Advisory: the clusters are free whatever this does.
+                if let Err(e) = f.node.discard(offset, len).await {
+                    log::debug!("qcow2: discarding freed clusters: {e}");
+                }
+            }
+        }
+        f.flush().await
+    }
+}
+
+/// Whether extent `x`, met `at` bytes after the start of a run that began
+/// with `first`, continues that run.
+fn continues(first: Extent, x: Extent, at: u64) -> bool {
+    match (first, x) {
+        (Extent::Data(a), Extent::Data(b)) => a + at == b,
+        (Extent::Zero, Extent::Zero) | (Extent::Unallocated, Extent::Unallocated) => true,
+        _ => false,
+    }
+}
+
+/// The L1 table of `entries` entries at `offset`.
+pub async fn read_table(f: &File<'_>, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
+    let bytes = f.read(offset, (entries * 8) as usize).await?;
+    Ok(bytes.chunks_exact(8).map(|c| get_be64(c, 0)).collect())
+}
