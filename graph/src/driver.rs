@@ -102,6 +102,22 @@ impl Default for BlockLimits {
     }
 }
 
+/// What an image format tells about an image (QEMU's ImageInfo members
+/// that come from the format driver).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FormatInfo {
+    /// The cluster size, for formats that have clusters.
+    pub cluster_size: Option<u64>,
+    /// Whether the image is marked dirty (not closed cleanly).
+    pub dirty_flag: Option<bool>,
+    /// The backing file name as the image stores it.
+    pub backing_filename: Option<String>,
+    /// The backing file's format as the image stores it.
+    pub backing_format: Option<String>,
+    /// QEMU's ImageInfoSpecific: `{"type": format, "data": {...}}`.
+    pub specific: Option<serde_json::Value>,
+}
+
 /// Operations of a block driver instance: the node's behaviour.
 ///
 /// Offsets and lengths arrive checked against [`BlockDriver::size`] by the
@@ -244,6 +260,11 @@ pub trait BlockDriver: Send + Sync {
     /// The state of the point-in-time view a copy-before-write node keeps,
     /// for queries.
     fn snapshot_info(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// What an image format driver tells about its image, for queries.
+    fn format_info(&self) -> Option<FormatInfo> {
         None
     }
 

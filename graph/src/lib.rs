@@ -39,7 +39,7 @@ pub use bitset::OutOfMemory;
 pub use buffer::{IoBuffer, IoSegment};
 pub use drain::DrainParent;
 pub use driver::{
-    BlockDriver, BlockLimits, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags,
+    BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
 };
 pub use error::Error;
 pub use graph::{Graph, GraphView};

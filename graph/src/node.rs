@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
 use crate::driver::{
-    BlockDriver, BlockLimits, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags,
+    BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
 };
 use crate::open::MAX_LENGTH;
 use crate::permission::{Parent, Permission};
@@ -436,6 +436,11 @@ impl Node {
             let closed = self.driver.close().await;
             flushed.and(closed)
         })
+    }
+
+    /// What the node's image format tells about the image, for queries.
+    pub fn format_info(&self) -> Option<FormatInfo> {
+        self.driver.format_info()
     }
 
     /// The state of a copy-before-write node's point-in-time view, for

@@ -1,6 +1,8 @@
 //! The query commands' answers: nodes and the graph's shape.
 
-use blkgraph_graph::{Graph, Node, Parent};
+use std::os::unix::fs::MetadataExt;
+
+use blkgraph_graph::{ChildRole, Graph, Node, Parent};
 use serde_json::{json, Value};
 
 /// The node-info member with a copy-before-write node's snapshot state (a
@@ -27,6 +29,7 @@ pub(super) fn node_info(node: &Node) -> Value {
         "node-name": node.name(),
         "drv": node.driver_name(),
         "ro": node.read_only(),
+        "active": true,
         "file": node.filename().unwrap_or_default(),
         "encrypted": false,
         "detect_zeroes": "off",
@@ -34,17 +37,71 @@ pub(super) fn node_info(node: &Node) -> Value {
         "write_threshold": 0,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "cache": {"writeback": true, "direct": node.direct(), "no-flush": node.no_flush()},
-        "image": {
-            "filename": node.filename().unwrap_or_default(),
-            "format": node.driver_name(),
-            "virtual-size": node.size(),
-        },
+        "image": image_info(node),
         "dirty-bitmaps": bitmaps,
     });
+    let chain = std::iter::successors(backing(node), |n| backing(n));
+    info["backing_file_depth"] = json!(chain.count());
+    if let Some(b) = info["image"].get("full-backing-filename").cloned() {
+        info["backing_file"] = b;
+    }
     if let Some(extra) = node.snapshot_info() {
         info[SNAPSHOT_INFO_MEMBER] = extra;
     }
     info
+}
+
+/// The node's backing child's node, if it has one.
+fn backing(node: &Node) -> Option<std::sync::Arc<Node>> {
+    node.children()
+        .iter()
+        .find(|c| c.role() == ChildRole::Backing)
+        .map(|c| c.node())
+}
+
+/// The image behind a node as QAPI's ImageInfo describes it, with its
+/// backing chain.
+fn image_info(node: &Node) -> Value {
+    let filename = node.filename().unwrap_or_default();
+    let mut image = json!({
+        "filename": filename,
+        "format": node.driver_name(),
+        "virtual-size": node.size(),
+        "dirty-flag": false,
+    });
+    // What the host file system allocated, as QEMU's file driver says.
+    if let Ok(meta) = std::fs::metadata(&filename) {
+        if meta.is_file() {
+            image["actual-size"] = json!(meta.blocks() * 512);
+        }
+    }
+    let below = backing(node);
+    if let Some(f) = node.format_info() {
+        if let Some(cs) = f.cluster_size {
+            image["cluster-size"] = json!(cs);
+        }
+        if let Some(dirty) = f.dirty_flag {
+            image["dirty-flag"] = json!(dirty);
+        }
+        if let Some(name) = f.backing_filename {
+            image["backing-filename"] = json!(name);
+        }
+        if let Some(format) = f.backing_format {
+            image["backing-filename-format"] = json!(format);
+        }
+        if let Some(specific) = f.specific {
+            image["format-specific"] = specific;
+        }
+    }
+    if let Some(b) = below {
+        let full = b.filename().unwrap_or_default();
+        if image.get("backing-filename").is_none() {
+            image["backing-filename"] = json!(full);
+        }
+        image["full-backing-filename"] = json!(full);
+        image["backing-image"] = image_info(&b);
+    }
+    image
 }
 
 /// x-debug-query-block-graph: exports and nodes with stable ids (exports by
