@@ -430,3 +430,14 @@ fn small_refcount_blocks_grow_the_table() {
     };
     run_model(&setup, ops(1500), seed());
 }
+
+#[test]
+fn lazy_refcounts() {
+    let setup = Setup {
+        create: "cluster_size=4096,lazy_refcounts=on",
+        size: 2 << 20,
+        backing: true,
+        align: 512,
+    };
+    run_model(&setup, ops(1500), seed());
+}

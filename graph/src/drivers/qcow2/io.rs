@@ -655,6 +655,14 @@ impl Qcow2 {
         self.unmap_clusters(offset, len, zero).await
     }
 
+    /// Writes the metadata back and marks the image clean, as it closes.
+    pub(super) async fn close_image(&self) -> io::Result<()> {
+        let node = self.file.node();
+        let f = self.meta_file(&node);
+        let mut m = self.meta.lock().await;
+        m.close(&f).await
+    }
+
     /// Writes the metadata back and flushes the file.
     pub(super) async fn flush_image(&self) -> io::Result<()> {
         let node = self.file.node();

@@ -14,9 +14,12 @@
 //! the order also holds across a power loss.
 
 use std::io;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use super::cache::TableCache;
-use super::header::Header;
+use super::header::{Header, INCOMPAT_DIRTY};
 use super::layout::{
     get_be64, get_refcount, put_be64, set_refcount, Corrupt, Extent, Geometry, L2Entry, COPIED,
     OFFSET_MASK,
@@ -73,24 +76,35 @@ pub struct CacheSizes {
 pub struct Meta {
     /// The header as it is on disk.
     pub header: Header,
+    /// A copy of it for queries, which do not take the metadata lock.
+    published: Arc<Mutex<Header>>,
     /// Derived sizes.
     pub g: Geometry,
     /// The active L1 table.
-    l1: Vec<u64>,
+    pub(super) l1: Vec<u64>,
     l2: TableCache,
     /// The refcount table.
-    refcount_table: Vec<u64>,
+    pub(super) refcount_table: Vec<u64>,
     refblocks: TableCache,
     /// The first host cluster that may be free.
     free_hint: u64,
     /// One past the last host cluster the image uses or the file holds.
-    end: u64,
+    pub(super) end: u64,
     /// Host ranges to unreference once the L2 tables that pointed to them
     /// are written: (offset, bytes).
     pending_frees: Vec<(u64, u64)>,
-    /// Whether freed clusters are discarded in the file
-    /// (pass-discard-request).
-    pass_discard: bool,
+    policy: Policy,
+}
+
+/// How the metadata is written.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Policy {
+    /// Freed clusters are discarded in the file (pass-discard-request).
+    pub pass_discard: bool,
+    /// Lazy refcounts: the image is marked dirty while open for writing,
+    /// and refcount blocks are not made stable before the L2 tables that
+    /// use them (a crash leaves refcounts to repair at the next open).
+    pub lazy_refcounts: bool,
 }
 
 /// The L2 entries of a run of guest clusters in one L2 table.
@@ -105,21 +119,27 @@ impl Meta {
         refcount_table: Vec<u64>,
         file_size: u64,
         sizes: CacheSizes,
-        pass_discard: bool,
+        policy: Policy,
     ) -> Meta {
         let g = Geometry::new(&header);
         Meta {
             end: file_size.div_ceil(g.cluster_size),
             refblocks: TableCache::new(g.cluster_size as usize, sizes.refcount_entries),
             l2: TableCache::new(sizes.l2_slice_size, sizes.l2_entries),
+            published: Arc::new(Mutex::new(header.clone())),
             header,
             g,
             l1,
             refcount_table,
             free_hint: 0,
             pending_frees: Vec::new(),
-            pass_discard,
+            policy,
         }
+    }
+
+    /// The header as last written, shared with queries.
+    pub fn published_header(&self) -> Arc<Mutex<Header>> {
+        self.published.clone()
     }
 
     fn slice_entries(&self) -> u64 {
@@ -160,9 +180,7 @@ impl Meta {
         }
         if let Some((offset, dirty)) = self.l2.victim() {
             if dirty {
-                if self.write_refblocks(f).await? {
-                    f.flush().await?;
-                }
+                self.refcounts_before_l2(f).await?;
                 self.write_l2(f, offset).await?;
             }
             self.l2.remove(offset);
@@ -243,6 +261,7 @@ impl Meta {
     /// Sets the L2 entry of guest cluster `cluster`, allocating its L2
     /// table if there is none.
     pub async fn set_entry(&mut self, f: &File<'_>, cluster: u64, e: L2Entry) -> io::Result<()> {
+        self.mark_dirty(f).await?;
         let slice = match self.l2_slice(f, cluster).await? {
             Some(s) => s,
             None => {
@@ -306,6 +325,41 @@ impl Meta {
         Ok(())
     }
 
+    /// Writes the dirty refcount blocks, stable before any L2 table written
+    /// next (unless refcounts are lazy).
+    async fn refcounts_before_l2(&mut self, f: &File<'_>) -> io::Result<()> {
+        if self.write_refblocks(f).await? && !self.policy.lazy_refcounts {
+            f.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// With lazy refcounts, marks the image dirty (stable) before its
+    /// metadata first changes.
+    async fn mark_dirty(&mut self, f: &File<'_>) -> io::Result<()> {
+        if !self.policy.lazy_refcounts || self.header.incompatible & INCOMPAT_DIRTY != 0 {
+            return Ok(());
+        }
+        f.flush().await?;
+        let mut header = self.header.clone();
+        header.incompatible |= INCOMPAT_DIRTY;
+        self.write_header(f, header).await?;
+        f.flush().await
+    }
+
+    /// Writes everything back and clears the dirty mark, as the image
+    /// closes.
+    pub async fn close(&mut self, f: &File<'_>) -> io::Result<()> {
+        self.flush(f).await?;
+        if self.header.incompatible & INCOMPAT_DIRTY != 0 {
+            let mut header = self.header.clone();
+            header.incompatible &= !INCOMPAT_DIRTY;
+            self.write_header(f, header).await?;
+            f.flush().await?;
+        }
+        Ok(())
+    }
+
     /// Writes every dirty refcount block; whether there was any.
     async fn write_refblocks(&mut self, f: &File<'_>) -> io::Result<bool> {
         let dirty = self.refblocks.dirty();
@@ -365,7 +419,12 @@ impl Meta {
 
     /// Sets the refcount of host cluster `index`, creating its refcount
     /// block (and growing the refcount table) if needed.
-    async fn set_refcount(&mut self, f: &File<'_>, index: u64, value: u64) -> io::Result<()> {
+    pub(super) async fn set_refcount(
+        &mut self,
+        f: &File<'_>,
+        index: u64,
+        value: u64,
+    ) -> io::Result<()> {
         let max = if self.g.refcount_bits == 64 {
             u64::MAX
         } else {
@@ -550,6 +609,7 @@ impl Meta {
         let align = f.align.max(1) as usize;
         bytes.resize(bytes.len().div_ceil(align) * align, 0);
         f.write(0, bytes).await?;
+        *self.published.lock() = header.clone();
         self.header = header;
         Ok(())
     }
@@ -557,6 +617,7 @@ impl Meta {
     /// Allocates `n` contiguous host clusters (refcount 1); returns the
     /// offset of the first.
     pub async fn alloc_clusters(&mut self, f: &File<'_>, n: u64) -> io::Result<u64> {
+        self.mark_dirty(f).await?;
         let mut start = self.free_hint.max(1);
         let mut run = 0;
         let mut i = start;
@@ -602,9 +663,10 @@ impl Meta {
     /// L2 tables, then the refcounts of clusters freed meanwhile; ends
     /// with a file flush.
     pub async fn flush(&mut self, f: &File<'_>) -> io::Result<()> {
-        let l2_dirty = self.l2.has_dirty();
-        if self.write_refblocks(f).await? && l2_dirty {
-            f.flush().await?;
+        if self.l2.has_dirty() {
+            self.refcounts_before_l2(f).await?;
+        } else {
+            self.write_refblocks(f).await?;
         }
         for offset in self.l2.dirty() {
             self.write_l2(f, offset).await?;
@@ -631,7 +693,7 @@ impl Meta {
             }
         }
         self.write_refblocks(f).await?;
-        if self.pass_discard {
+        if self.policy.pass_discard {
             for (offset, len) in freed {
                 // Advisory: the clusters are free whatever this does.
                 if let Err(e) = f.node.discard(offset, len).await {

@@ -21,6 +21,7 @@ mod io;
 mod layout;
 mod meta;
 mod ranges;
+mod repair;
 
 use std::fmt;
 use std::path::Path;
@@ -29,14 +30,16 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use self::header::{Header, HeaderError, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use self::header::{
+    Compression, Header, HeaderError, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+};
 use self::layout::Geometry;
-use self::meta::{read_table, CacheSizes, File, Meta};
+use self::meta::{read_table, CacheSizes, File, Meta, Policy};
 use self::ranges::RangeLocks;
 use crate::aio::{block_on, AsyncMutex};
 use crate::buffer::IoBuffer;
 use crate::driver::{
-    BlockDriver, BlockLimits, BlockStatus, ChildRole, IoFuture, WriteFlags, ZeroFlags,
+    BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
 };
 use crate::error::Error;
 use crate::node::{Child, DiscardMode, Node};
@@ -139,6 +142,8 @@ pub(crate) struct Qcow2 {
     /// The file's request alignment.
     align: u64,
     writable: bool,
+    /// The header as last written, for queries.
+    header: Arc<parking_lot::Mutex<Header>>,
     /// One cluster of zeroes, the source of zero pieces of writes.
     zeroes: IoBuffer,
 }
@@ -192,27 +197,49 @@ fn open(
     if writable {
         check_writable(&image.header)?;
     }
-    if opts.lazy_refcounts == Some(true) {
+    let lazy_refcounts = opts
+        .lazy_refcounts
+        .unwrap_or(image.header.compatible & COMPAT_LAZY_REFCOUNTS != 0);
+    if lazy_refcounts && image.header.version < 3 {
         return Err(Error::InvalidOptions(
-            "Parameter 'lazy-refcounts': lazy refcounts are not supported by blkgraph".into(),
+            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                .into(),
         ));
     }
     let sizes = cache_sizes(&opts, &g)?;
-    let pass_discard = opts
-        .pass_discard_request
-        .unwrap_or(ctx.common.discard == Some(DiscardMode::Unmap));
+    let policy = Policy {
+        pass_discard: opts
+            .pass_discard_request
+            .unwrap_or(ctx.common.discard == Some(DiscardMode::Unmap)),
+        lazy_refcounts: lazy_refcounts && writable,
+    };
     let backing = open_backing(ctx, backing_option, &image.header, &file_node)?;
-    let meta = Meta::new(
+    let dirty = image.header.incompatible & INCOMPAT_DIRTY != 0;
+    let mut meta = Meta::new(
         image.header,
         image.l1,
         image.refcount_table,
         file_node.size(),
         sizes,
-        pass_discard,
+        policy,
     );
+    if writable && dirty {
+        let f = File {
+            node: &file_node,
+            align,
+        };
+        let changed = block_on(meta.rebuild_refcounts(&f, &[]))
+            .and_then(|r| r)
+            .map_err(|e| Error::OpenFailed(format!("Could not repair dirty image: {e}")))?;
+        log::info!(
+            "qcow2 node '{}': repaired the refcounts of a dirty image ({changed} changed)",
+            ctx.node_name()
+        );
+    }
     Ok(Box::new(Qcow2 {
         file,
         backing,
+        header: meta.published_header(),
         meta: AsyncMutex::new(meta),
         ranges: RangeLocks::default(),
         g,
@@ -291,11 +318,6 @@ fn check_writable(h: &Header) -> Result<(), OpenError> {
     if h.incompatible & INCOMPAT_CORRUPT != 0 {
         return Err(OpenError::NotWritable(
             "qcow2: Image is corrupt; cannot be opened read/write",
-        ));
-    }
-    if h.incompatible & INCOMPAT_DIRTY != 0 {
-        return Err(OpenError::NotWritable(
-            "qcow2: the image was not closed cleanly with lazy refcounts; repair it with 'qemu-img check -r all' first",
         ));
     }
     if h.nb_snapshots > 0 {
@@ -510,10 +532,36 @@ impl BlockDriver for Qcow2 {
         Box::pin(self.status(offset, len))
     }
 
+    fn format_info(&self) -> Option<FormatInfo> {
+        let h = self.header.lock().clone();
+        let v3 = h.version >= 3;
+        let compression = match h.compression {
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        };
+        let mut data = json!({
+            "compat": if v3 { "1.1" } else { "0.10" },
+            "compression-type": compression,
+            "refcount-bits": 1u32 << h.refcount_order,
+        });
+        if v3 {
+            data["lazy-refcounts"] = json!(h.compatible & COMPAT_LAZY_REFCOUNTS != 0);
+            data["corrupt"] = json!(h.incompatible & INCOMPAT_CORRUPT != 0);
+            data["extended-l2"] = json!(h.extended_l2());
+        }
+        Some(FormatInfo {
+            cluster_size: Some(h.cluster_size()),
+            dirty_flag: Some(h.incompatible & INCOMPAT_DIRTY != 0),
+            backing_filename: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            specific: Some(json!({"type": "qcow2", "data": data})),
+        })
+    }
+
     fn close(&self) -> IoFuture<'_> {
         Box::pin(async move {
             if self.writable {
-                self.flush_image().await?;
+                self.close_image().await?;
             }
             Ok(())
         })
