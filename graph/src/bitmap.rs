@@ -39,6 +39,35 @@ pub struct DirtyBitmap {
     /// Removed by a transaction that has not committed yet: invisible, but
     /// still recording in case it is rolled back.
     hidden: AtomicBool,
+    /// Stored in the node's image when the node closes.
+    persistent: AtomicBool,
+    /// Loaded from an image that was not closed cleanly: its bits are
+    /// unknown, it can only be removed.
+    inconsistent: AtomicBool,
+    /// Loaded from a read-only image: it cannot change.
+    readonly: AtomicBool,
+}
+
+/// Why a bitmap cannot be used for an operation (QEMU's texts).
+#[derive(Debug, PartialEq, Eq)]
+pub enum BitmapUnusable {
+    /// Loaded from an image not closed cleanly.
+    Inconsistent(String),
+    /// Loaded from a read-only image.
+    Readonly(String),
+}
+
+impl std::fmt::Display for BitmapUnusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BitmapUnusable::Inconsistent(n) => {
+                write!(f, "Bitmap '{n}' is inconsistent and cannot be used")
+            }
+            BitmapUnusable::Readonly(n) => {
+                write!(f, "Bitmap '{n}' is readonly and cannot be modified")
+            }
+        }
+    }
 }
 
 impl DirtyBitmap {
@@ -59,7 +88,110 @@ impl DirtyBitmap {
             recording: AtomicBool::new(recording),
             journal: ArcSwapOption::empty(),
             hidden: AtomicBool::new(false),
+            persistent: AtomicBool::new(false),
+            inconsistent: AtomicBool::new(false),
+            readonly: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the bitmap is stored in its node's image.
+    pub fn persistent(&self) -> bool {
+        self.persistent.load(Ordering::Acquire)
+    }
+
+    /// Makes the bitmap persistent (or not).
+    pub fn set_persistent(&self, on: bool) {
+        self.persistent.store(on, Ordering::Release);
+    }
+
+    /// Whether the bitmap's bits are unknown (its image was not closed
+    /// cleanly).
+    pub fn inconsistent(&self) -> bool {
+        self.inconsistent.load(Ordering::Acquire)
+    }
+
+    /// Marks the bitmap as loaded from an image not closed cleanly.
+    pub(crate) fn mark_inconsistent(&self) {
+        self.inconsistent.store(true, Ordering::Release);
+    }
+
+    /// Whether the bitmap was loaded from a read-only image.
+    pub fn readonly(&self) -> bool {
+        self.readonly.load(Ordering::Acquire)
+    }
+
+    /// Marks the bitmap as loaded from a read-only image.
+    pub(crate) fn mark_readonly(&self) {
+        self.readonly.store(true, Ordering::Release);
+    }
+
+    /// Whether the bitmap may be read (not inconsistent) and, if
+    /// `modify`, changed (not read-only either).
+    pub fn usable(&self, modify: bool) -> Result<(), BitmapUnusable> {
+        if self.inconsistent() {
+            return Err(BitmapUnusable::Inconsistent(self.name.clone()));
+        }
+        if modify && self.readonly() {
+            return Err(BitmapUnusable::Readonly(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Size in bytes of the node the bitmap covers.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Writes the bits from `first_bit` (a multiple of 64) on into `out`,
+    /// as QEMU stores bitmaps: bit `i` is bit `i % 8` of byte `i / 8`.
+    /// Bits past the end of the bitmap are zero.
+    pub(crate) fn serialize(&self, first_bit: u64, out: &mut [u8]) {
+        let first = (first_bit / 64) as usize;
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            let w = self
+                .words
+                .get(first + i)
+                .map_or(0, |w| w.load(Ordering::Acquire));
+            chunk.copy_from_slice(&w.to_le_bytes()[..chunk.len()]);
+        }
+    }
+
+    /// Sets the bits that `bytes` (as [`DirtyBitmap::serialize`] wrote
+    /// them, from `first_bit`, a multiple of 64) has set; bits past the end
+    /// of the bitmap are ignored.
+    pub(crate) fn deserialize(&self, first_bit: u64, bytes: &[u8]) {
+        let first = (first_bit / 64) as usize;
+        let last_bits = self.size.div_ceil(self.granularity) % 64;
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let Some(w) = self.words.get(first + i) else {
+                break;
+            };
+            let mut le = [0u8; 8];
+            le[..chunk.len()].copy_from_slice(chunk);
+            let mut v = u64::from_le_bytes(le);
+            if first + i == self.words.len() - 1 && last_bits != 0 {
+                v &= (1 << last_bits) - 1;
+            }
+            w.fetch_or(v, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether any bit in `[first_bit, first_bit + bits)` is set (both
+    /// multiples of 64).
+    pub(crate) fn any_bit(&self, first_bit: u64, bits: u64) -> bool {
+        let first = (first_bit / 64) as usize;
+        let n = bits.div_ceil(64) as usize;
+        self.words
+            .iter()
+            .skip(first)
+            .take(n)
+            .any(|w| w.load(Ordering::Acquire) != 0)
+    }
+
+    /// Sets every bit in `[first_bit, first_bit + bits)`.
+    pub(crate) fn set_bits(&self, first_bit: u64, bits: u64) {
+        let end = (first_bit + bits).min(self.size.div_ceil(self.granularity));
+        set_bits(&self.words, first_bit..end);
     }
 
     /// The bitmap's name.

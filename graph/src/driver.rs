@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
 use crate::node::Child;
 use crate::permission::Permission;
@@ -261,6 +262,27 @@ pub trait BlockDriver: Send + Sync {
     /// for queries.
     fn snapshot_info(&self) -> Option<serde_json::Value> {
         None
+    }
+
+    /// Whether a new persistent bitmap `name` of `granularity` bytes per
+    /// bit could be stored in the image of node `node`
+    /// (block-dirty-bitmap-add with persistent); the error is QEMU's text.
+    fn can_store_bitmap(&self, node: &str, _name: &str, _granularity: u64) -> Result<(), String> {
+        Err(format!(
+            "Can't store persistent bitmaps to {node}: Operation not supported"
+        ))
+    }
+
+    /// Stores the persistent ones of `bitmaps` (the node's) in the image,
+    /// as the node closes.
+    fn store_bitmaps<'a>(&'a self, _bitmaps: &'a [Arc<DirtyBitmap>]) -> IoFuture<'a> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Removes persistent bitmap `name` from the image (a no-op if it is
+    /// not there).
+    fn remove_bitmap<'a>(&'a self, _name: &'a str) -> IoFuture<'a> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     /// What an image format driver tells about its image, for queries.

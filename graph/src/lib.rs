@@ -34,7 +34,7 @@ pub const SNAPSHOT_BROKEN_EVENT: &str = "__org.blkgraph_SNAPSHOT_BROKEN";
 /// Receives events with a name and data (e.g. a snapshot that broke).
 pub type EventSink = std::sync::Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
 
-pub use bitmap::DirtyBitmap;
+pub use bitmap::{BitmapUnusable, DirtyBitmap};
 pub use bitset::OutOfMemory;
 pub use buffer::{IoBuffer, IoSegment};
 pub use drain::DrainParent;
@@ -48,4 +48,4 @@ pub use open::{DriverEntry, OpenContext, OpenFn, MAX_LENGTH, MAX_NODE_NAME_LEN};
 pub use options::Options;
 pub use permission::{Parent, Permission};
 pub use throttle_group::{Direction, ThrottleGroup, ThrottleLimits};
-pub use transaction::{BitmapRef, ReplaceParent, Transaction};
+pub use transaction::{BitmapOptions, BitmapRef, ReplaceParent, Transaction};

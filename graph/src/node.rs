@@ -419,22 +419,41 @@ impl Node {
         }
     }
 
+    /// Whether a new persistent bitmap could be stored in the node's image;
+    /// the error is QEMU's text.
+    pub fn can_store_bitmap(&self, name: &str, granularity: u64) -> Result<(), String> {
+        self.driver.can_store_bitmap(&self.name, name, granularity)
+    }
+
+    /// Removes persistent bitmap `name` from the node's image.
+    pub fn remove_stored_bitmap<'a>(&'a self, name: &'a str) -> IoFuture<'a> {
+        self.driver.remove_bitmap(name)
+    }
+
     /// Waits until the work the driver started on its own has finished.
     pub fn drain(&self) -> IoFuture<'_> {
         self.driver.drain()
     }
 
-    /// Flushes the node and closes its driver, as it leaves the graph
-    /// (QEMU's bdrv_close); both run even if the first fails.
+    /// Flushes the node, stores its persistent bitmaps and closes its
+    /// driver, as it leaves the graph (QEMU's bdrv_close); each step runs
+    /// even if one before failed.
     pub fn close(&self) -> IoFuture<'_> {
         Box::pin(async move {
-            let flushed = if self.read_only {
-                Ok(())
+            let (flushed, stored) = if self.read_only {
+                (Ok(()), Ok(()))
             } else {
-                self.flush().await
+                let flushed = self.flush().await;
+                let bitmaps = self.bitmaps();
+                let stored = if bitmaps.iter().any(|b| b.persistent()) {
+                    self.driver.store_bitmaps(&bitmaps).await
+                } else {
+                    Ok(())
+                };
+                (flushed, stored)
             };
             let closed = self.driver.close().await;
-            flushed.and(closed)
+            flushed.and(stored).and(closed)
         })
     }
 

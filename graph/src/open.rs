@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlockDriver, ChildRole};
 use crate::error::Error;
 use crate::node::{Child, CommonOptions, Node, COMMON_KEYS};
@@ -93,13 +94,17 @@ impl Staging<'_> {
             name: name.clone(),
             common,
             children: Vec::new(),
+            bitmaps: Vec::new(),
         };
         let driver = (entry.open)(&mut ctx, options)?;
         if driver.size() > MAX_LENGTH {
             return Err(Error::TooLarge);
         }
         let OpenContext {
-            common, children, ..
+            common,
+            children,
+            bitmaps,
+            ..
         } = ctx;
         let node = Arc::new(Node::new(
             name,
@@ -109,6 +114,9 @@ impl Staging<'_> {
             children,
             parent.is_some(),
         ));
+        for bitmap in bitmaps {
+            node.add_bitmap(bitmap);
+        }
         self.created.push(node.clone());
         Ok(node)
     }
@@ -122,6 +130,7 @@ pub struct OpenContext<'s, 'g> {
     /// The node's common options.
     pub common: CommonOptions,
     children: Vec<Arc<Child>>,
+    bitmaps: Vec<Arc<DirtyBitmap>>,
 }
 
 impl OpenContext<'_, '_> {
@@ -163,6 +172,11 @@ impl OpenContext<'_, '_> {
         let child = Child::new(Parent::Node(self.name.clone()), role, node);
         self.children.push(child.clone());
         Ok(Some(child))
+    }
+
+    /// Gives the node a dirty bitmap its driver loaded from the image.
+    pub fn add_bitmap(&mut self, bitmap: DirtyBitmap) {
+        self.bitmaps.push(Arc::new(bitmap));
     }
 
     /// The node-name of the node being opened.

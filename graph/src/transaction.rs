@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::MutexGuard;
 
+use crate::aio::block_on;
 use crate::bitmap::{DirtyBitmap, Saved};
 use crate::check::check_permissions;
 use crate::drain::{close_nodes, DrainParent, DrainedSection};
@@ -25,6 +26,24 @@ use crate::open::Staging;
 use crate::options::Options;
 use crate::permission::{Parent, Permission};
 use crate::state::{ExportEdge, State};
+
+/// What block-dirty-bitmap-add asks for besides the node and the name.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BitmapOptions {
+    /// Bytes per bit; QEMU's default when absent.
+    pub granularity: Option<u64>,
+    /// Created not recording.
+    pub disabled: bool,
+    /// Stored in the node's image.
+    pub persistent: bool,
+}
+
+/// QEMU's checks before a bitmap is used (and, if `modify`, changed).
+fn usable(bitmap: &DirtyBitmap, modify: bool) -> Result<(), Error> {
+    bitmap
+        .usable(modify)
+        .map_err(|e| Error::OpenFailed(e.to_string()))
+}
 
 /// The parent of an edge to replace (x-blockdev-replace's `parent-type`).
 #[derive(Clone, Copy, Debug)]
@@ -233,16 +252,16 @@ impl<'g> Transaction<'g> {
     }
 
     /// block-dirty-bitmap-add: a clean bitmap on `node`, recording unless
-    /// `disabled`. `granularity` defaults to 64 KiB.
-    pub fn bitmap_add(
-        &mut self,
-        node: &str,
-        name: &str,
-        granularity: Option<u64>,
-        disabled: bool,
-    ) -> Result<(), Error> {
+    /// disabled, stored in the node's image if persistent. The granularity
+    /// defaults to QEMU's: the image's cluster size within 4-64 KiB, or
+    /// 64 KiB.
+    pub fn bitmap_add(&mut self, node: &str, name: &str, o: BitmapOptions) -> Result<(), Error> {
         let n = self.node(node)?;
-        let granularity = granularity.unwrap_or(65536);
+        let granularity = o.granularity.unwrap_or_else(|| {
+            n.format_info()
+                .and_then(|f| f.cluster_size)
+                .map_or(65536, |cs| cs.clamp(4096, 65536))
+        });
         if !granularity.is_power_of_two() || !(512..=(1u64 << 31)).contains(&granularity) {
             return Err(Error::InvalidOptions(
                 "Granularity must be power of 2, and between 512 and 2147483648".into(),
@@ -253,8 +272,16 @@ impl<'g> Transaction<'g> {
                 "Bitmap name must be 1 to 1023 characters long".into(),
             ));
         }
-        let bitmap = DirtyBitmap::new(name, n.size(), granularity, !disabled)
+        if n.bitmap(name).is_some() {
+            return Err(Error::OpenFailed(format!("Bitmap already exists: {name}")));
+        }
+        if o.persistent {
+            n.can_store_bitmap(name, granularity)
+                .map_err(Error::OpenFailed)?;
+        }
+        let bitmap = DirtyBitmap::new(name, n.size(), granularity, !o.disabled)
             .map_err(|e| Error::OpenFailed(format!("Cannot create dirty bitmap '{name}': {e}")))?;
+        bitmap.set_persistent(o.persistent);
         let bitmap = Arc::new(bitmap);
         if !n.add_bitmap(bitmap.clone()) {
             return Err(Error::OpenFailed(format!("Bitmap already exists: {name}")));
@@ -290,6 +317,7 @@ impl<'g> Transaction<'g> {
     /// block-dirty-bitmap-clear.
     pub fn bitmap_clear(&mut self, node: &str, name: &str) -> Result<(), Error> {
         let (_, b) = self.bitmap(node, name)?;
+        usable(&b, true)?;
         self.journal(&b)?;
         b.clear();
         Ok(())
@@ -298,6 +326,7 @@ impl<'g> Transaction<'g> {
     /// block-dirty-bitmap-enable / -disable.
     pub fn bitmap_set_recording(&mut self, node: &str, name: &str, on: bool) -> Result<(), Error> {
         let (_, b) = self.bitmap(node, name)?;
+        usable(&b, false)?;
         self.journal(&b)?;
         b.set_recording(on);
         Ok(())
@@ -312,10 +341,14 @@ impl<'g> Transaction<'g> {
         sources: &[BitmapRef],
     ) -> Result<(), Error> {
         let (_, t) = self.bitmap(node, target)?;
+        usable(&t, true)?;
         let sources = sources
             .iter()
             .map(|r| self.bitmap(&r.node, &r.name).map(|(_, b)| b))
             .collect::<Result<Vec<_>, _>>()?;
+        for source in &sources {
+            usable(source, false)?;
+        }
         if let Some(bad) = sources.iter().find(|s| !t.compatible(s)) {
             return Err(Error::OpenFailed(format!(
                 "Bitmap '{}' is incompatible with '{target}' (their sizes differ)",
@@ -388,6 +421,19 @@ impl<'g> Transaction<'g> {
         }
         for (node, bitmap) in self.removed_bitmaps.drain(..) {
             node.remove_bitmap(&bitmap);
+            if bitmap.persistent() {
+                // The graph changed already: a failure here leaves the
+                // bitmap in the image, marked in use, until the node closes
+                // and stores its bitmaps without it.
+                match block_on(node.remove_stored_bitmap(bitmap.name())) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) | Err(e) => log::error!(
+                        "cannot remove bitmap '{}' from the image of '{}': {e}",
+                        bitmap.name(),
+                        node.name()
+                    ),
+                }
+            }
         }
         // Deleted nodes, and opened ones deleted again, leave the graph.
         let now = &self.graph.nodes;
@@ -429,7 +475,6 @@ impl Drop for Transaction<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aio::block_on;
     use crate::{Graph, IoBuffer, WriteFlags};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -527,7 +572,15 @@ mod tests {
     fn rolling_back_bitmap_changes_keeps_every_bit_io_set() {
         let g = Arc::new(base());
         let mut tx = g.transaction();
-        tx.bitmap_add("disk0", "b0", Some(4096), false).unwrap();
+        tx.bitmap_add(
+            "disk0",
+            "b0",
+            BitmapOptions {
+                granularity: Some(4096),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         tx.commit().unwrap();
         let disk0 = g.find("disk0").unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -638,13 +691,23 @@ mod tests {
     fn bitmap_actions_roll_back_with_the_rest() {
         let g = base();
         let mut tx = g.transaction();
-        tx.bitmap_add("disk0", "b0", None, false).unwrap();
+        tx.bitmap_add("disk0", "b0", BitmapOptions::default())
+            .unwrap();
         tx.commit().unwrap();
         let disk0 = g.find("disk0").unwrap();
         disk0.bitmap("b0").unwrap().record(0, 4096);
         {
             let mut tx = g.transaction();
-            tx.bitmap_add("disk0", "b1", Some(4096), true).unwrap();
+            tx.bitmap_add(
+                "disk0",
+                "b1",
+                BitmapOptions {
+                    granularity: Some(4096),
+                    disabled: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             tx.bitmap_merge(
                 "disk0",
                 "b1",
@@ -656,7 +719,9 @@ mod tests {
             .unwrap();
             tx.bitmap_clear("disk0", "b0").unwrap();
             tx.bitmap_set_recording("disk0", "b0", false).unwrap();
-            assert!(tx.bitmap_add("disk0", "b1", None, false).is_err());
+            assert!(tx
+                .bitmap_add("disk0", "b1", BitmapOptions::default())
+                .is_err());
         }
         let b0 = disk0.bitmap("b0").unwrap();
         assert!(disk0.bitmap("b1").is_none());

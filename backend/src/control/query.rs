@@ -15,14 +15,18 @@ pub(super) fn node_info(node: &Node) -> Value {
         .bitmaps()
         .iter()
         .map(|b| {
-            json!({
+            let mut info = json!({
                 "name": b.name(),
                 "count": b.count(),
                 "granularity": b.granularity(),
                 "recording": b.recording(),
                 "busy": false,
-                "persistent": false,
-            })
+                "persistent": b.persistent(),
+            });
+            if b.inconsistent() {
+                info["inconsistent"] = json!(true);
+            }
+            info
         })
         .collect();
     let mut info = json!({

@@ -3,7 +3,7 @@
 //! are parsed, and how they run on the graph.
 
 use blkgraph_ctl::QmpError;
-use blkgraph_graph::{BitmapRef, Graph, Options, ReplaceParent, Transaction};
+use blkgraph_graph::{BitmapOptions, BitmapRef, Graph, Options, ReplaceParent, Transaction};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -117,13 +117,7 @@ impl BitmapAction {
     ) -> Option<Result<BitmapAction, QmpError>> {
         let kind = kind.strip_prefix("block-dirty-bitmap-")?;
         Some(match kind {
-            "add" => parse::<BitmapAdd>(args).and_then(|a| {
-                if a.persistent == Some(true) {
-                    Err(generic("Persistent bitmaps are not supported"))
-                } else {
-                    Ok(BitmapAction::Add(a))
-                }
-            }),
+            "add" => parse(args).map(BitmapAction::Add),
             "remove" => parse(args).map(BitmapAction::Remove),
             "clear" => parse(args).map(BitmapAction::Clear),
             "enable" => parse(args).map(BitmapAction::Enable),
@@ -136,7 +130,12 @@ impl BitmapAction {
     fn apply(&self, tx: &mut Transaction<'_>) -> Result<(), blkgraph_graph::Error> {
         match self {
             BitmapAction::Add(a) => {
-                tx.bitmap_add(&a.node, &a.name, a.granularity, a.disabled.unwrap_or(false))
+                let options = BitmapOptions {
+                    granularity: a.granularity,
+                    disabled: a.disabled.unwrap_or(false),
+                    persistent: a.persistent.unwrap_or(false),
+                };
+                tx.bitmap_add(&a.node, &a.name, options)
             }
             BitmapAction::Remove(b) => tx.bitmap_remove(&b.node, &b.name),
             BitmapAction::Clear(b) => tx.bitmap_clear(&b.node, &b.name),

@@ -103,6 +103,7 @@ pub fn find_bitmap(
             (holder, b)
         }
     };
+    found.usable(false).map_err(|e| e.to_string())?;
     if !writable && !holder.read_only() && found.recording() {
         return Err(format!(
             "Enabled bitmap '{}' incompatible with readonly export",

@@ -729,7 +729,16 @@ mod tests {
             "{e}"
         );
         let mut tx = g.transaction();
-        let e = tx.bitmap_add("big", "b0", Some(512), false).unwrap_err();
+        let e = tx
+            .bitmap_add(
+                "big",
+                "b0",
+                crate::BitmapOptions {
+                    granularity: Some(512),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("Cannot create dirty bitmap 'b0': Cannot allocate"),

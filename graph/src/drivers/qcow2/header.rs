@@ -19,6 +19,8 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Compatible feature: lazy refcounts may be used.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// Autoclear feature: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// The incompatible features blkgraph knows.
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::bitmaps::StoredBitmap;
 use super::cache::TableCache;
 use super::header::{Header, INCOMPAT_DIRTY};
 use super::layout::{
@@ -78,6 +79,8 @@ pub struct Meta {
     pub header: Header,
     /// A copy of it for queries, which do not take the metadata lock.
     published: Arc<Mutex<Header>>,
+    /// The bitmaps of the directory as last written, for queries.
+    pub(super) published_bitmaps: Arc<Mutex<Vec<StoredBitmap>>>,
     /// Derived sizes.
     pub g: Geometry,
     /// The active L1 table.
@@ -127,6 +130,7 @@ impl Meta {
             refblocks: TableCache::new(g.cluster_size as usize, sizes.refcount_entries),
             l2: TableCache::new(sizes.l2_slice_size, sizes.l2_entries),
             published: Arc::new(Mutex::new(header.clone())),
+            published_bitmaps: Arc::default(),
             header,
             g,
             l1,
@@ -140,6 +144,11 @@ impl Meta {
     /// The header as last written, shared with queries.
     pub fn published_header(&self) -> Arc<Mutex<Header>> {
         self.published.clone()
+    }
+
+    /// The directory's bitmaps as last written, shared with queries.
+    pub fn published_bitmaps(&self) -> Arc<Mutex<Vec<StoredBitmap>>> {
+        self.published_bitmaps.clone()
     }
 
     fn slice_entries(&self) -> u64 {

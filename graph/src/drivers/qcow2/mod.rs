@@ -14,6 +14,7 @@
 //! metadata is looked up and changed under one asynchronous lock, never
 //! held across data I/O.
 
+mod bitmaps;
 mod cache;
 mod compress;
 mod header;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use self::bitmaps::StoredBitmap;
 use self::header::{
     Compression, Header, HeaderError, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
@@ -37,6 +39,7 @@ use self::layout::Geometry;
 use self::meta::{read_table, CacheSizes, File, Meta, Policy};
 use self::ranges::RangeLocks;
 use crate::aio::{block_on, AsyncMutex};
+use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
 use crate::driver::{
     BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
@@ -144,6 +147,8 @@ pub(crate) struct Qcow2 {
     writable: bool,
     /// The header as last written, for queries.
     header: Arc<parking_lot::Mutex<Header>>,
+    /// The bitmap directory as last written, for queries.
+    stored_bitmaps: Arc<parking_lot::Mutex<Vec<StoredBitmap>>>,
     /// One cluster of zeroes, the source of zero pieces of writes.
     zeroes: IoBuffer,
 }
@@ -223,12 +228,18 @@ fn open(
         sizes,
         policy,
     );
+    let f = File {
+        node: &file_node,
+        align,
+    };
+    let (bitmaps, used) = block_on(meta.load_bitmaps(&f, writable))
+        .and_then(|r| r)
+        .map_err(|e| Error::OpenFailed(format!("Could not load bitmaps: {e}")))?;
+    for bitmap in bitmaps {
+        ctx.add_bitmap(bitmap);
+    }
     if writable && dirty {
-        let f = File {
-            node: &file_node,
-            align,
-        };
-        let changed = block_on(meta.rebuild_refcounts(&f, &[]))
+        let changed = block_on(meta.rebuild_refcounts(&f, &used))
             .and_then(|r| r)
             .map_err(|e| Error::OpenFailed(format!("Could not repair dirty image: {e}")))?;
         log::info!(
@@ -240,6 +251,7 @@ fn open(
         file,
         backing,
         header: meta.published_header(),
+        stored_bitmaps: meta.published_bitmaps(),
         meta: AsyncMutex::new(meta),
         ranges: RangeLocks::default(),
         g,
@@ -532,6 +544,36 @@ impl BlockDriver for Qcow2 {
         Box::pin(self.status(offset, len))
     }
 
+    fn can_store_bitmap(&self, node: &str, name: &str, granularity: u64) -> Result<(), String> {
+        let version = self.header.lock().version;
+        bitmaps::can_store(version, self.g.size, self.g.cluster_size, name, granularity)
+            .map_err(|e| format!("Can't make bitmap '{name}' persistent in '{node}': {e}"))
+    }
+
+    fn store_bitmaps<'a>(&'a self, bitmaps: &'a [Arc<DirtyBitmap>]) -> IoFuture<'a> {
+        Box::pin(async move {
+            let node = self.file.node();
+            let f = File {
+                node: &node,
+                align: self.align,
+            };
+            let mut m = self.meta.lock().await;
+            m.store_bitmaps(&f, bitmaps).await
+        })
+    }
+
+    fn remove_bitmap<'a>(&'a self, name: &'a str) -> IoFuture<'a> {
+        Box::pin(async move {
+            let node = self.file.node();
+            let f = File {
+                node: &node,
+                align: self.align,
+            };
+            let mut m = self.meta.lock().await;
+            m.remove_bitmap(&f, name).await
+        })
+    }
+
     fn format_info(&self) -> Option<FormatInfo> {
         let h = self.header.lock().clone();
         let v3 = h.version >= 3;
@@ -544,6 +586,21 @@ impl BlockDriver for Qcow2 {
             "compression-type": compression,
             "refcount-bits": 1u32 << h.refcount_order,
         });
+        let stored = self.stored_bitmaps.lock().clone();
+        if v3 && !stored.is_empty() {
+            let list: Vec<Value> = stored
+                .iter()
+                .map(|b| {
+                    let flags: Vec<&str> = [(b.in_use, "in-use"), (b.auto, "auto")]
+                        .iter()
+                        .filter(|(on, _)| *on)
+                        .map(|(_, name)| *name)
+                        .collect();
+                    json!({"name": b.name, "granularity": b.granularity, "flags": flags})
+                })
+                .collect();
+            data["bitmaps"] = json!(list);
+        }
         if v3 {
             data["lazy-refcounts"] = json!(h.compatible & COMPAT_LAZY_REFCOUNTS != 0);
             data["corrupt"] = json!(h.incompatible & INCOMPAT_CORRUPT != 0);
