@@ -18,7 +18,7 @@ use std::io;
 
 use super::compress::decompress_cluster;
 use super::layout::{
-    Extent, L2Entry, ALL_ALLOCATED, ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO,
+    Extent, Geometry, L2Entry, ALL_ALLOCATED, ALL_ZERO, COMPRESSED, COPIED, OFFSET_MASK, ZERO,
 };
 use super::meta::File;
 use super::Qcow2;
@@ -49,6 +49,9 @@ struct ClusterWrite {
     new: L2Entry,
     /// Host bytes the old entry held that the new one drops.
     free: Option<(u64, u64)>,
+    /// The host cluster was past the end of the file: it reads as zeroes
+    /// without being written.
+    fresh: bool,
 }
 
 impl Qcow2 {
@@ -238,12 +241,14 @@ impl Qcow2 {
                     c += 1;
                 }
             }
-            let fresh = plans.iter().filter(|p| p.host == 0).count() as u64;
-            if fresh > 0 {
-                let mut next = m.alloc_clusters(&f, fresh).await?;
+            let needed = plans.iter().filter(|p| p.host == 0).count() as u64;
+            if needed > 0 {
+                let file_end = m.end_offset();
+                let mut next = m.alloc_clusters(&f, needed).await?;
                 for p in plans.iter_mut().filter(|p| p.host == 0) {
                     p.host = next;
                     p.new.word |= next;
+                    p.fresh = next >= file_end;
                     next += g.cluster_size;
                 }
             }
@@ -300,6 +305,7 @@ impl Qcow2 {
                     bitmap,
                 },
                 free: None,
+                fresh: false,
             };
         }
         if owned {
@@ -325,6 +331,7 @@ impl Qcow2 {
                     bitmap: old.bitmap,
                 },
                 free: None,
+                fresh: false,
             };
         }
         // A new cluster with all of the old content around the write.
@@ -346,6 +353,7 @@ impl Qcow2 {
                 bitmap: if g.extended { ALL_ALLOCATED } else { 0 },
             },
             free,
+            fresh: false,
         }
     }
 
@@ -363,19 +371,31 @@ impl Qcow2 {
         let mut runs: Vec<(u64, Vec<IoBuffer>)> = Vec::new();
         let mut run_end = u64::MAX;
         for p in plans {
-            let head = self.old_content(file, p, p.lo, p.ws).await?;
-            let tail = self.old_content(file, p, p.we, p.hi).await?;
+            // Zeroes around the data of a cluster past the end of the file
+            // need not be written.
+            let lo = if p.fresh && self.reads_zero(p, p.lo, p.ws)? {
+                p.ws
+            } else {
+                p.lo
+            };
+            let hi = if p.fresh && self.reads_zero(p, p.we, p.hi)? {
+                p.we
+            } else {
+                p.hi
+            };
+            let head = self.old_content(file, p, lo, p.ws).await?;
+            let tail = self.old_content(file, p, p.we, hi).await?;
             let n = (p.we - p.ws) as usize;
             let own = match data {
                 Some(buf) => buf.slice((p.cluster * cs + p.ws - offset) as usize, n),
                 None => self.zeroes.slice(0, n),
             };
-            let at = p.host + p.lo;
+            let at = p.host + lo;
             match runs.last_mut() {
                 Some((_, pieces)) if run_end == at => pieces.extend([head, own, tail]),
                 _ => runs.push((at, vec![head, own, tail])),
             }
-            run_end = p.host + p.hi;
+            run_end = p.host + hi;
         }
         let writes: Vec<IoFuture<'_>> = runs
             .into_iter()
@@ -386,6 +406,21 @@ impl Qcow2 {
             })
             .collect();
         join_all(writes).await.map(|_| ())
+    }
+
+    /// Whether bytes `[from, to)` of a planned cluster read as zeroes.
+    fn reads_zero(&self, p: &ClusterWrite, from: u64, to: u64) -> io::Result<bool> {
+        let unit = self.g.subcluster_size;
+        let mut at = from;
+        while at < to {
+            match old_extent(&self.g, p, at)? {
+                Extent::Zero => {}
+                Extent::Unallocated if self.backing.is_none() => {}
+                _ => return Ok(false),
+            }
+            at = (at / unit + 1) * unit;
+        }
+        Ok(true)
     }
 
     /// The old content of bytes `[from, to)` of a planned cluster.
@@ -400,34 +435,17 @@ impl Qcow2 {
         if from == to {
             return Ok(self.zeroes.slice(0, 0));
         }
-        let guest = p.cluster * g.cluster_size;
-        let unit = g.subcluster_size;
-        let extent = |at: u64| {
-            let sub = if g.extended { at / unit } else { 0 };
-            p.old.extent(&g, sub).map_err(|e| io::Error::other(e.0))
-        };
-        let mut zero_only = self.backing.is_none();
-        let mut at = from;
-        while at < to {
-            match extent(at)? {
-                Extent::Zero => {}
-                Extent::Unallocated if self.backing.is_none() => {}
-                _ => {
-                    zero_only = false;
-                    break;
-                }
-            }
-            at = (at / unit + 1) * unit;
-        }
-        if zero_only {
+        if self.reads_zero(p, from, to)? {
             return Ok(self.zeroes.slice(0, (to - from) as usize));
         }
+        let guest = p.cluster * g.cluster_size;
+        let unit = g.subcluster_size;
         let buf = IoBuffer::from_vec(vec![0u8; (to - from) as usize]);
         let mut at = from;
         while at < to {
             let next = ((at / unit + 1) * unit).min(to);
             let part = buf.slice((at - from) as usize, (next - at) as usize);
-            let x = match extent(at)? {
+            let x = match old_extent(&self.g, p, at)? {
                 Extent::Data(h) => Extent::Data(h + at % unit),
                 other => other,
             };
@@ -714,4 +732,14 @@ impl Qcow2 {
             }
         })
     }
+}
+
+/// What byte `at` of a planned cluster read before the write.
+fn old_extent(g: &Geometry, p: &ClusterWrite, at: u64) -> io::Result<Extent> {
+    let sub = if g.extended {
+        at / g.subcluster_size
+    } else {
+        0
+    };
+    p.old.extent(g, sub).map_err(|e| io::Error::other(e.0))
 }

@@ -623,6 +623,12 @@ impl Meta {
         Ok(())
     }
 
+    /// The offset from which no cluster was ever allocated: the file
+    /// holds nothing there (it reads as zeroes).
+    pub fn end_offset(&self) -> u64 {
+        self.end * self.g.cluster_size
+    }
+
     /// Allocates `n` contiguous host clusters (refcount 1); returns the
     /// offset of the first.
     pub async fn alloc_clusters(&mut self, f: &File<'_>, n: u64) -> io::Result<u64> {
