@@ -3,6 +3,32 @@
 //! metadata layer in dependency order.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes table offsets with a multiply and a fold: a lookup per request
+/// should not cost a SipHash. (Offsets are multiples of 512, so the fold
+/// brings the product's well-mixed high bits down to the low ones.)
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        let h = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 32);
+    }
+}
+
+type Offsets<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
 
 /// One cached table (or slice of one).
 pub struct Entry {
@@ -17,7 +43,7 @@ pub struct Entry {
 pub struct TableCache {
     slice_size: usize,
     capacity: usize,
-    entries: HashMap<u64, Entry>,
+    entries: Offsets<Entry>,
     clock: u64,
 }
 
@@ -27,7 +53,7 @@ impl TableCache {
         TableCache {
             slice_size,
             capacity: capacity.max(1),
-            entries: HashMap::new(),
+            entries: Offsets::default(),
             clock: 0,
         }
     }

@@ -636,6 +636,8 @@ impl Meta {
         let mut start = self.free_hint.max(1);
         let mut run = 0;
         let mut i = start;
+        // The first free cluster seen: where the next search starts.
+        let mut first_free = None;
         // `run` counts the free clusters from `start`.
         while run < n {
             if i >= self.end {
@@ -643,6 +645,7 @@ impl Meta {
                 break;
             }
             if self.refcount(f, i).await? == 0 {
+                first_free.get_or_insert(i);
                 run += 1;
             } else {
                 run = 0;
@@ -655,9 +658,10 @@ impl Meta {
         for c in start..start + n {
             self.set_refcount(f, c, 1).await?;
         }
-        if start == self.free_hint.max(1) {
-            self.free_hint = start + n;
-        }
+        self.free_hint = match first_free {
+            Some(free) if free != start => free,
+            _ => start + n,
+        };
         Ok(start * self.g.cluster_size)
     }
 
