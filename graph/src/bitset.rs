@@ -55,7 +55,7 @@ pub(crate) fn zeroed_vec<T: Zeroed>(n: usize) -> Result<Vec<T>, OutOfMemory> {
 }
 
 /// A fixed number of bits, each false or true.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Bitset {
     words: Vec<u64>,
     len: usize,
@@ -71,6 +71,21 @@ impl Bitset {
         let mut set = Bitset { words, len };
         set.clear_tail();
         Ok(set)
+    }
+
+    /// A copy; fails if the memory cannot be had.
+    pub(crate) fn try_clone(&self) -> Result<Self, OutOfMemory> {
+        let mut words = zeroed_vec::<u64>(self.words.len())?;
+        words.copy_from_slice(&self.words);
+        Ok(Bitset {
+            words,
+            len: self.len,
+        })
+    }
+
+    /// The number of bits.
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
     /// Keeps the bits past `len` of the last word false, so counts are

@@ -43,8 +43,8 @@ pub use driver::{
 };
 pub use error::Error;
 pub use graph::{Graph, GraphView};
-pub use node::{CacheOptions, Child, CommonOptions, DiscardMode, Node};
-pub use open::{DriverEntry, OpenContext, OpenFn, MAX_LENGTH, MAX_NODE_NAME_LEN};
+pub use node::{CacheOptions, Child, CommonOptions, DiscardMode, Node, MAX_LENGTH};
+pub use open::{DriverEntry, OpenContext, OpenFn, MAX_NODE_NAME_LEN};
 pub use options::Options;
 pub use permission::{Parent, Permission};
 pub use throttle_group::{Direction, ThrottleGroup, ThrottleLimits};

@@ -15,8 +15,12 @@ use crate::buffer::IoBuffer;
 use crate::driver::{
     BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
 };
-use crate::open::MAX_LENGTH;
 use crate::permission::{Parent, Permission};
+
+/// The largest size of a node, in bytes: QEMU's `BDRV_MAX_LENGTH`, the
+/// largest `i64` rounded down to its largest alignment (1 GiB). Offsets
+/// and lengths within a node fit in an `i64`, so adding two never wraps.
+pub const MAX_LENGTH: u64 = i64::MAX as u64 & !((1 << 30) - 1);
 
 /// Options every node takes, whatever its driver (QEMU's BlockdevOptionsBase).
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlockDriver, ChildRole};
 use crate::error::Error;
-use crate::node::{Child, CommonOptions, Node, COMMON_KEYS};
+use crate::node::{Child, CommonOptions, Node, COMMON_KEYS, MAX_LENGTH};
 use crate::options::Options;
 use crate::permission::Parent;
 use crate::throttle_group::ThrottleGroup;
@@ -235,11 +235,6 @@ pub fn valid_node_name(name: &str) -> bool {
 /// The longest node-name, in bytes: QEMU keeps node-names in 32 bytes
 /// with the terminating NUL.
 pub const MAX_NODE_NAME_LEN: usize = 31;
-
-/// The largest size of a node, in bytes: QEMU's `BDRV_MAX_LENGTH`, the
-/// largest `i64` rounded down to its largest alignment (1 GiB). Offsets
-/// and lengths within a node fit in an `i64`, so adding two never wraps.
-pub const MAX_LENGTH: u64 = i64::MAX as u64 & !((1 << 30) - 1);
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use super::header::{BitmapsExtension, AUTOCLEAR_BITMAPS};
 use super::layout::{get_be64, put_be64};
-use super::meta::{File, Meta};
+use super::meta::{File, Meta, StoredBitmap};
 use crate::bitmap::DirtyBitmap;
 
 const FLAG_IN_USE: u32 = 1;
@@ -220,20 +220,6 @@ pub fn can_store(
         ));
     }
     Ok(())
-}
-
-/// A bitmap of the image's directory, for queries (QAPI's
-/// Qcow2BitmapInfo).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredBitmap {
-    /// Its name.
-    pub name: String,
-    /// Bytes per bit.
-    pub granularity: u64,
-    /// Marked in use (by this process, or by one that did not close it).
-    pub in_use: bool,
-    /// Recording when stored.
-    pub auto: bool,
 }
 
 impl Meta {

@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::bitmaps::StoredBitmap;
 use super::cache::TableCache;
 use super::header::{Header, INCOMPAT_DIRTY};
 use super::layout::{
@@ -60,6 +59,20 @@ impl File<'_> {
 fn corrupt(e: Corrupt) -> io::Error {
     log::error!("qcow2: corrupt image: {}", e.0);
     io::Error::other(format!("qcow2 image is corrupt: {}", e.0))
+}
+
+/// A bitmap of the image's directory, for queries (QAPI's
+/// Qcow2BitmapInfo).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBitmap {
+    /// Its name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Marked in use (by this process, or by one that did not close it).
+    pub in_use: bool,
+    /// Recording when stored.
+    pub auto: bool,
 }
 
 /// Cache sizes, in entries.

@@ -31,12 +31,11 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use self::bitmaps::StoredBitmap;
 use self::header::{
     Compression, Header, HeaderError, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
 use self::layout::Geometry;
-use self::meta::{read_table, CacheSizes, File, Meta, Policy};
+use self::meta::{read_table, CacheSizes, File, Meta, Policy, StoredBitmap};
 use self::ranges::RangeLocks;
 use crate::aio::{block_on, AsyncMutex};
 use crate::bitmap::DirtyBitmap;

@@ -3,27 +3,22 @@
 //! old data is copied to `target`; its snapshot API serves the
 //! point-in-time view to a `snapshot-access` node.
 //!
-//! State, as in QEMU (one lock over all of it): a copy bitmap (clusters
-//! still to copy), an access bitmap (clusters the snapshot may read), a done
-//! bitmap (clusters copied to the target, read from there), clusters being
-//! copied, and the list of snapshot reads in progress from `file` (frozen
-//! reads). A cluster is copied at most once; guest writes wait for their
-//! copy and for frozen reads of their range; snapshot reads never wait.
-//! A copy that outlives its guest write (`cbw-timeout`) is counted, and the
-//! driver's drain waits for it. Claims on clusters and frozen reads are
-//! released even when the request that took them is dropped.
+//! The copying and the snapshot's state are the block-copy engine's
+//! ([`block_copy`]); this module adds what a failed copy does
+//! (`on-cbw-error`), the copy timeout (`cbw-timeout`: a copy that outlives
+//! its guest write goes on in the background, and the driver's drain
+//! waits for it), the snapshot-broken event and the driver's operations.
 
-use std::future::Future;
+mod block_copy;
+
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
 
+use self::block_copy::{BlockCopy, Detached};
 use crate::aio::{race, sleep, spawn_detached, Either};
 use crate::bitset::Bitset;
 use crate::buffer::IoBuffer;
@@ -42,8 +37,6 @@ pub const ENTRY: DriverEntry = DriverEntry {
 
 /// Smallest cluster: QEMU's block-copy default.
 const MIN_CLUSTER: u64 = 64 << 10;
-/// Largest single copy, as QEMU's block-copy tasks.
-const MAX_COPY: u64 = 1 << 20;
 
 /// What a failed copy does.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -76,42 +69,13 @@ struct CbwOptions {
     min_cluster_size: u64,
 }
 
-struct State {
-    copy: Bitset,
-    access: Bitset,
-    done: Bitset,
-    copying: Bitset,
-    /// Snapshot reads from `file` in progress: (id, start, end).
-    frozen: Vec<(u64, u64, u64)>,
-    next_frozen: u64,
-    error: Option<io::Error>,
-    waiters: Vec<Waker>,
-    clusters_copied: u64,
-    /// Copies running on after their guest write moved on.
-    detached: usize,
-}
-
-impl State {
-    fn wake_all(&mut self) {
-        for w in self.waiters.drain(..) {
-            w.wake();
-        }
-    }
-}
-
-struct Inner {
-    file: Arc<Child>,
-    target: Arc<Child>,
-    cluster: u64,
-    size: u64,
+struct CopyBeforeWrite {
+    engine: Arc<BlockCopy>,
     on_error: OnCbwError,
     timeout: Duration,
-    state: Mutex<State>,
     events: Option<crate::EventSink>,
     node_name: String,
 }
-
-struct CopyBeforeWrite(Arc<Inner>);
 
 fn open(
     ctx: &mut OpenContext<'_, '_>,
@@ -136,15 +100,13 @@ fn open(
     let clusters = usize::try_from(size.div_ceil(cluster)).unwrap_or(usize::MAX);
     // One bit per cluster in each of four sets: a huge source is an error,
     // not an abort.
-    let bits = |value: bool| {
-        Bitset::try_new(clusters, value).map_err(|e| {
-            Error::OpenFailed(format!(
-                "Cannot create block-copy-state for {clusters} clusters of {cluster} bytes: {e}"
-            ))
-        })
+    let too_large = |e| {
+        Error::OpenFailed(format!(
+            "Cannot create block-copy-state for {clusters} clusters of {cluster} bytes: {e}"
+        ))
     };
     let copy = match &opts.bitmap {
-        None => bits(true)?,
+        None => Bitset::try_new(clusters, true).map_err(too_large)?,
         Some(r) => {
             let node = ctx.node(&r.node)?;
             let bitmap = node.bitmap(&r.name).ok_or_else(|| {
@@ -153,290 +115,48 @@ fn open(
                     r.name, r.node
                 ))
             })?;
+            bitmap
+                .usable(false)
+                .map_err(|e| Error::OpenFailed(e.to_string()))?;
             if node.size() != size {
                 return Err(Error::OpenFailed(format!(
                     "Bitmap '{}' has a size different from the source",
                     r.name
                 )));
             }
-            let mut copy = bits(false)?;
+            let mut copy = Bitset::try_new(clusters, false).map_err(too_large)?;
             for c in 0..clusters {
                 copy.set(c, bitmap.any_dirty(c as u64 * cluster, cluster));
             }
             copy
         }
     };
-    let state = State {
-        access: copy.clone(),
-        done: bits(false)?,
-        copying: bits(false)?,
-        copy,
-        frozen: Vec::new(),
-        next_frozen: 0,
-        error: None,
-        waiters: Vec::new(),
-        clusters_copied: 0,
-        detached: 0,
-    };
-    let inner = Inner {
-        file,
-        target,
-        cluster,
-        size,
+    let engine = BlockCopy::new(file, target, cluster, size, copy).map_err(too_large)?;
+    Ok(Box::new(CopyBeforeWrite {
+        engine: Arc::new(engine),
         on_error: opts.on_cbw_error,
         timeout: Duration::from_secs(u64::from(opts.cbw_timeout)),
-        state: Mutex::new(state),
         events: ctx.events(),
         node_name: ctx.node_name().to_string(),
-    };
-    Ok(Box::new(CopyBeforeWrite(Arc::new(inner))))
-}
-
-/// A future that completes when `ready` holds for the state.
-struct WaitUntil<'a, F: Fn(&State) -> bool> {
-    inner: &'a Inner,
-    ready: F,
-}
-
-impl<F: Fn(&State) -> bool> Future for WaitUntil<'_, F> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut s = self.inner.state.lock();
-        if (self.ready)(&s) {
-            Poll::Ready(())
-        } else {
-            s.waiters.push(cx.waker().clone());
-            Poll::Pending
-        }
-    }
-}
-
-/// Clusters claimed for copying: released (back to be copied) if the copy
-/// does not finish, e.g. because its future was dropped.
-struct Claim<'a> {
-    inner: &'a Inner,
-    run: std::ops::Range<usize>,
-    copied: Option<bool>,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut s = self.inner.state.lock();
-        for i in self.run.clone() {
-            s.copying.set(i, false);
-            if self.copied == Some(true) {
-                s.done.set(i, true);
-                s.clusters_copied += 1;
-            } else {
-                s.copy.set(i, true);
-            }
-        }
-        s.wake_all();
-    }
-}
-
-/// A snapshot read from `file` in progress; it ends when dropped.
-struct Frozen<'a> {
-    inner: &'a Inner,
-    id: Option<u64>,
-}
-
-impl Drop for Frozen<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id {
-            let mut s = self.inner.state.lock();
-            s.frozen.retain(|f| f.0 != id);
-            s.wake_all();
-        }
-    }
-}
-
-/// A copy running on its own: counted until it ends.
-struct Detached(Arc<Inner>);
-
-impl Detached {
-    fn start(inner: &Arc<Inner>) -> Self {
-        inner.state.lock().detached += 1;
-        Detached(inner.clone())
-    }
-}
-
-impl Drop for Detached {
-    fn drop(&mut self) {
-        let mut s = self.0.state.lock();
-        s.detached -= 1;
-        s.wake_all();
-    }
-}
-
-impl Inner {
-    fn clusters(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
-        let end = (offset + len).min(self.size);
-        (offset / self.cluster) as usize..end.div_ceil(self.cluster) as usize
-    }
-
-    /// Copies clusters `run` from `file` to `target` in one read and one
-    /// write.
-    async fn copy_clusters(&self, run: std::ops::Range<usize>) -> io::Result<()> {
-        let start = run.start as u64 * self.cluster;
-        let end = (run.end as u64 * self.cluster).min(self.size);
-        let len = (end - start) as usize;
-        let buf = IoBuffer::aligned(len, 4096)?;
-        self.file.node().read(start, &buf).await?;
-        self.target
-            .node()
-            .write(start, &buf, WriteFlags::default())
-            .await
-    }
-
-    /// Copies every cluster of the range still to copy, in runs of up to
-    /// 1 MiB; a cluster being copied by another request is waited for (and
-    /// copied again here if that copy failed).
-    async fn copy_range(&self, clusters: std::ops::Range<usize>) -> io::Result<()> {
-        let max_run = (MAX_COPY / self.cluster).max(1) as usize;
-        let mut c = clusters.start;
-        while c < clusters.end {
-            let run = {
-                let mut s = self.state.lock();
-                if s.copying.get(c) {
-                    None
-                } else if !s.copy.get(c) {
-                    c += 1;
-                    continue;
-                } else {
-                    let mut e = c;
-                    while e < clusters.end && e - c < max_run && s.copy.get(e) && !s.copying.get(e)
-                    {
-                        s.copy.set(e, false);
-                        s.copying.set(e, true);
-                        e += 1;
-                    }
-                    Some(c..e)
-                }
-            };
-            let Some(run) = run else {
-                WaitUntil {
-                    inner: self,
-                    ready: |s: &State| !s.copying.get(c),
-                }
-                .await;
-                continue;
-            };
-            let mut claim = Claim {
-                inner: self,
-                run: run.clone(),
-                copied: None,
-            };
-            let result = self.copy_clusters(run.clone()).await;
-            claim.copied = Some(result.is_ok());
-            drop(claim);
-            result?;
-            c = run.end;
-        }
-        Ok(())
-    }
-
-    fn broken(&self) -> bool {
-        self.state.lock().error.is_some()
-    }
-
-    fn break_snapshot(&self, error: &io::Error) {
-        let mut s = self.state.lock();
-        if s.error.is_none() {
-            s.error = Some(io::Error::new(error.kind(), error.to_string()));
-            drop(s);
-            log::warn!(
-                "copy-before-write '{}': snapshot broken: {error}",
-                self.node_name
-            );
-            if let Some(events) = &self.events {
-                events(
-                    crate::SNAPSHOT_BROKEN_EVENT,
-                    json!({"node-name": self.node_name, "error": error.to_string()}),
-                );
-            }
-        }
-    }
-
-    /// Waits until no snapshot read from `file` overlaps the range.
-    async fn wait_frozen(&self, offset: u64, len: u64) {
-        let end = offset + len;
-        WaitUntil {
-            inner: self,
-            ready: |s: &State| !s.frozen.iter().any(|&(_, a, b)| a < end && offset < b),
-        }
-        .await
-    }
-
-    fn status_info(&self) -> serde_json::Value {
-        let s = self.state.lock();
-        json!({
-            "snapshot-valid": s.error.is_none(),
-            "snapshot-error": s.error.as_ref().map(|e| e.to_string()),
-            "cluster-size": self.cluster,
-            "clusters-copied": s.clusters_copied,
-            "clusters-to-copy": s.copy.count_ones(),
-            "target-bytes": s.done.count_both(&s.access) as u64 * self.cluster,
-        })
-    }
-
-    /// Checks access and takes the run of `[offset, end)` with one done
-    /// state; registers a frozen read when it is read from `file`.
-    fn begin_snapshot_op(&self, offset: u64, end: u64) -> io::Result<(u64, bool, Frozen<'_>)> {
-        let mut s = self.state.lock();
-        let eacces = || io::Error::from_raw_os_error(libc::EACCES);
-        if s.error.is_some() {
-            return Err(eacces());
-        }
-        if self
-            .clusters(offset, end - offset)
-            .any(|c| !s.access.get(c))
-        {
-            return Err(eacces());
-        }
-        let first = (offset / self.cluster) as usize;
-        let done = s.done.get(first);
-        let mut run_end = offset;
-        for c in self.clusters(offset, end - offset) {
-            if s.done.get(c) != done {
-                break;
-            }
-            run_end = ((c as u64 + 1) * self.cluster).min(end);
-        }
-        let frozen = if done {
-            None
-        } else {
-            let id = s.next_frozen;
-            s.next_frozen += 1;
-            s.frozen.push((id, offset, end));
-            Some(id)
-        };
-        let frozen = Frozen {
-            inner: self,
-            id: frozen,
-        };
-        Ok((run_end - offset, done, frozen))
-    }
+    }))
 }
 
 impl CopyBeforeWrite {
     /// The copy-before-write operation for a guest change of the range.
     async fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        let inner = &self.0;
-        if !inner.broken() {
-            let clusters = inner.clusters(offset, len);
-            let result = if inner.timeout.is_zero() {
-                inner.copy_range(clusters).await
+        let engine = &self.engine;
+        if !engine.invalid() {
+            let clusters = engine.clusters(offset, len);
+            let result = if self.timeout.is_zero() {
+                engine.copy_range(clusters).await
             } else {
                 // The copy cannot be stopped halfway: on timeout it goes on
                 // in the background and the guest request moves on.
-                let running = Detached::start(inner);
-                let copy = spawn_detached(async move {
-                    let inner = &running.0;
-                    inner.copy_range(clusters).await
-                });
+                let running = Detached::start(engine);
+                let copy =
+                    spawn_detached(async move { running.engine().copy_range(clusters).await });
                 match copy {
-                    Ok(copy) => match race(copy, sleep(inner.timeout)).await {
+                    Ok(copy) => match race(copy, sleep(self.timeout)).await {
                         Either::Left(r) => r,
                         Either::Right(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
                     },
@@ -444,24 +164,40 @@ impl CopyBeforeWrite {
                 }
             };
             if let Err(e) = result {
-                match inner.on_error {
+                match self.on_error {
                     OnCbwError::BreakGuestWrite => return Err(e),
-                    OnCbwError::BreakSnapshot => inner.break_snapshot(&e),
+                    OnCbwError::BreakSnapshot => self.break_snapshot(&e),
                 }
             }
         }
-        inner.wait_frozen(offset, len).await;
+        engine.wait_frozen(offset, len).await;
         Ok(())
+    }
+
+    fn break_snapshot(&self, error: &io::Error) {
+        if !self.engine.invalidate(error) {
+            return;
+        }
+        log::warn!(
+            "copy-before-write '{}': snapshot broken: {error}",
+            self.node_name
+        );
+        if let Some(events) = &self.events {
+            events(
+                crate::SNAPSHOT_BROKEN_EVENT,
+                json!({"node-name": self.node_name, "error": error.to_string()}),
+            );
+        }
     }
 }
 
 impl BlockDriver for CopyBeforeWrite {
     fn size(&self) -> u64 {
-        self.0.size
+        self.engine.size
     }
 
     fn filtered_child(&self) -> Option<&Arc<Child>> {
-        Some(&self.0.file)
+        Some(&self.engine.file)
     }
 
     /// Nobody may write the source past the filter; the target is written
@@ -488,36 +224,40 @@ impl BlockDriver for CopyBeforeWrite {
     fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         Box::pin(async move {
             self.before_write(offset, buf.len() as u64).await?;
-            self.0.file.node().write(offset, buf, flags).await
+            self.engine.file.node().write(offset, buf, flags).await
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
         Box::pin(async move {
             self.before_write(offset, len).await?;
-            self.0.file.node().discard(offset, len).await
+            self.engine.file.node().discard(offset, len).await
         })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_> {
         Box::pin(async move {
             self.before_write(offset, len).await?;
-            self.0.file.node().write_zeroes(offset, len, flags).await
+            self.engine
+                .file
+                .node()
+                .write_zeroes(offset, len, flags)
+                .await
         })
     }
 
     fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
         Box::pin(async move {
-            let inner = &self.0;
+            let engine = &self.engine;
             let end = offset + buf.len() as u64;
             let mut pos = offset;
             while pos < end {
-                let (run, done, frozen) = inner.begin_snapshot_op(pos, end)?;
+                let (run, done, frozen) = engine.begin_snapshot_op(pos, end)?;
                 let part = buf.slice((pos - offset) as usize, run as usize);
                 let result = if done {
-                    inner.target.node().read(pos, &part).await
+                    engine.target.node().read(pos, &part).await
                 } else {
-                    inner.file.node().read(pos, &part).await
+                    engine.file.node().read(pos, &part).await
                 };
                 drop(frozen);
                 result?;
@@ -529,12 +269,12 @@ impl BlockDriver for CopyBeforeWrite {
 
     fn snapshot_block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(async move {
-            let inner = &self.0;
-            let (run, done, frozen) = inner.begin_snapshot_op(offset, offset + len)?;
+            let engine = &self.engine;
+            let (run, done, frozen) = engine.begin_snapshot_op(offset, offset + len)?;
             let result = if done {
-                inner.target.node().block_status(offset, run).await
+                engine.target.node().block_status(offset, run).await
             } else {
-                inner.file.node().block_status(offset, run).await
+                engine.file.node().block_status(offset, run).await
             };
             drop(frozen);
             result
@@ -543,40 +283,39 @@ impl BlockDriver for CopyBeforeWrite {
 
     fn snapshot_discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
         Box::pin(async move {
-            let inner = &self.0;
+            let engine = &self.engine;
+            let cluster = engine.cluster;
             // Inward: only whole clusters leave the snapshot.
-            let start = offset.div_ceil(inner.cluster) * inner.cluster;
-            let end = ((offset + len) / inner.cluster * inner.cluster).max(start);
+            let start = offset.div_ceil(cluster) * cluster;
+            let end = ((offset + len) / cluster * cluster).max(start);
             if start == end {
                 return Ok(());
             }
-            {
-                let mut s = inner.state.lock();
-                for c in (start / inner.cluster) as usize..(end / inner.cluster) as usize {
-                    s.access.set(c, false);
-                    s.copy.set(c, false);
-                }
-            }
-            inner
+            engine.drop_from_snapshot((start / cluster) as usize..(end / cluster) as usize);
+            engine
                 .target
                 .node()
-                .discard(start, end.min(inner.size) - start)
+                .discard(start, end.min(engine.size) - start)
                 .await
         })
     }
 
     fn snapshot_info(&self) -> Option<serde_json::Value> {
-        Some(self.0.status_info())
+        let p = self.engine.progress();
+        Some(json!({
+            "snapshot-valid": p.error.is_none(),
+            "snapshot-error": p.error,
+            "cluster-size": self.engine.cluster,
+            "clusters-copied": p.clusters_copied,
+            "clusters-to-copy": p.clusters_to_copy,
+            "target-bytes": p.target_bytes,
+        }))
     }
 
     /// Waits for the copies that outlived their guest writes.
     fn drain(&self) -> IoFuture<'_> {
         Box::pin(async move {
-            WaitUntil {
-                inner: &self.0,
-                ready: |s: &State| s.detached == 0,
-            }
-            .await;
+            self.engine.wait_detached().await;
             Ok(())
         })
     }
