@@ -7,10 +7,17 @@ repetition and scenario each peer is started, measured and stopped in turn, and 
 peers flips on every repetition. One JSON summary with all results and the blkgraph/QSD ratios
 is printed on stdout; progress goes to stderr.
 
-Scenarios (select with --scenarios; the groups "a" and "b" name the first and the other two):
-  cached-qd32  (a) 4k randread, QD32, 1 queue; page-cached image (cache.direct=off,aio=io_uring)
-  direct-qd1   (b) 4k randread, QD1, 1 queue; O_DIRECT image on ext4 (cache.direct=on,aio=io_uring)
-  direct-qd32  (b) 4k randread, QD32, 1 queue; O_DIRECT image on ext4 (cache.direct=on,aio=io_uring)
+Scenarios (select with --scenarios, by name or by group a, b, c):
+  cached-qd32       (a) 4k randread, QD32, 1 queue; page-cached image (cache.direct=off,aio=io_uring)
+  direct-qd1        (b) 4k randread, QD1, 1 queue; O_DIRECT image on ext4 (cache.direct=on,aio=io_uring)
+  direct-qd32       (b) 4k randread, QD32, 1 queue; O_DIRECT image on ext4 (cache.direct=on,aio=io_uring)
+  qcow2-read-qd32   (c) 4k randread, QD32, 1 queue; fully allocated qcow2 (the random data
+                        converted), page-cached
+  qcow2-alloc-qd32  (c) 4k randwrite, QD32, 1 queue; a new, empty 64 GiB qcow2 for each
+                        measurement, so that nearly every write allocates a cluster
+  qcow2-seq64k      (c) 64k sequential write, QD8, 1 queue; a new, empty 8 GiB qcow2 for each
+                        measurement
+The qcow2 images have QEMU's defaults (64 KiB clusters) and are made by qemu-img.
 
 The image (1 GiB of random data by default, written with O_DIRECT) lives on ext4: the work
 directory itself if it is ext4, else a loop-mounted ext4 file system made in it (needs root);
@@ -68,6 +75,41 @@ SCENARIOS = {
         "bs": 4096,
         "iodepth": 32,
         "queues": 1,
+    },
+    "qcow2-read-qd32": {
+        "group": "c",
+        "description": "4k randread QD32, 1 queue, fully allocated page-cached qcow2",
+        "cache_direct": False,
+        "aio": "io_uring",
+        "rw": "randread",
+        "bs": 4096,
+        "iodepth": 32,
+        "queues": 1,
+        "qcow2": "full",
+    },
+    "qcow2-alloc-qd32": {
+        "group": "c",
+        "description": "4k randwrite QD32, 1 queue, empty 64 GiB qcow2 (allocating writes)",
+        "cache_direct": False,
+        "aio": "io_uring",
+        "rw": "randwrite",
+        "bs": 4096,
+        "iodepth": 32,
+        "queues": 1,
+        "qcow2": "empty",
+        "virtual_size": 64 * GIB,
+    },
+    "qcow2-seq64k": {
+        "group": "c",
+        "description": "64k sequential write QD8, 1 queue, empty 8 GiB qcow2",
+        "cache_direct": False,
+        "aio": "io_uring",
+        "rw": "write",
+        "bs": 65536,
+        "iodepth": 8,
+        "queues": 1,
+        "qcow2": "empty",
+        "virtual_size": 8 * GIB,
     },
 }
 
@@ -225,10 +267,11 @@ def qemu_escape(p):
 
 def daemon_args(image, socket, pidfile, sc):
     onoff = "on" if sc["cache_direct"] else "off"
+    fmt = "qcow2" if "qcow2" in sc else "raw"
     return [
         "--blockdev",
         f"driver=file,node-name=f0,filename={qemu_escape(image)},cache.direct={onoff},aio={sc['aio']}",
-        "--blockdev", "driver=raw,node-name=disk0,file=f0",
+        "--blockdev", f"driver={fmt},node-name=disk0,file=f0",
         "--export",
         f"type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,"
         f"addr.path={qemu_escape(socket)},writable=on,num-queues={sc['queues']},"
@@ -292,9 +335,27 @@ def run_bench(bench, socket, pid, sc, runtime, ramp):
     return json.loads(p.stdout)
 
 
-def measure(peer, binary, image, rundir, sc, bench, runtime, ramp):
+def scenario_image(raw, sc):
+    """The image a scenario runs on: the raw image, its qcow2 conversion (made
+    once), or a new empty qcow2."""
+    if sc.get("qcow2") == "full":
+        image = raw.with_suffix(".qcow2")
+        if not image.exists():
+            log(f"converting {raw} to {image}")
+            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)])
+        return image
+    if sc.get("qcow2") == "empty":
+        image = raw.with_name("empty.qcow2")
+        image.unlink(missing_ok=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(sc["virtual_size"])])
+        return image
+    return raw
+
+
+def measure(peer, binary, raw, rundir, sc, bench, runtime, ramp):
     socket = rundir / "vub.sock"
     pidfile = rundir / "daemon.pid"
+    image = scenario_image(raw, sc)
     if sc["cache_direct"]:
         drop_cache(image)
     else:
@@ -304,6 +365,13 @@ def measure(peer, binary, image, rundir, sc, bench, runtime, ramp):
         result = run_bench(bench, socket, d.proc.pid, sc, runtime, ramp)
     finally:
         d.stop()
+        if sc.get("qcow2") == "empty":
+            result_check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True,
+                                          text=True)
+            image.unlink(missing_ok=True)
+            if result_check.returncode != 0:
+                raise Fatal(f"qemu-img check failed after {sc['description']}: "
+                            f"{result_check.stdout}{result_check.stderr}")
     return result
 
 
@@ -339,8 +407,8 @@ def ratio(a, b):
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default="a,b",
-                    help="comma-separated scenario names or groups a, b (default: a,b = all)")
+    ap.add_argument("--scenarios", default="a,b,c",
+                    help="comma-separated scenario names or groups a, b, c (default: all)")
     ap.add_argument("--runtime", type=float, default=10.0,
                     help="measured seconds per scenario and peer (default 10)")
     ap.add_argument("--ramp", type=float, default=1.0,
@@ -362,12 +430,12 @@ def parse_args():
     names = []
     for item in args.scenarios.split(","):
         item = item.strip()
-        if item in ("a", "b"):
+        if item in ("a", "b", "c"):
             names += [n for n, s in SCENARIOS.items() if s["group"] == item]
         elif item in SCENARIOS:
             names.append(item)
         elif item:
-            ap.error(f"unknown scenario {item!r} (known: a, b, {', '.join(SCENARIOS)})")
+            ap.error(f"unknown scenario {item!r} (known: a, b, c, {', '.join(SCENARIOS)})")
     args.scenario_names = list(dict.fromkeys(names))
     if not args.scenario_names:
         ap.error("no scenario selected")
@@ -463,6 +531,7 @@ def main():
             sc = SCENARIOS[name]
             entry = {
                 "description": sc["description"],
+                "format": "qcow2" if "qcow2" in sc else "raw",
                 "file_options": {"cache.direct": "on" if sc["cache_direct"] else "off",
                                  "aio": sc["aio"]},
                 "rw": sc["rw"], "bs": sc["bs"], "iodepth": sc["iodepth"], "queues": sc["queues"],
