@@ -27,6 +27,10 @@ use crate::buffer::IoBuffer;
 use crate::driver::{BlockStatus, WriteFlags};
 use crate::node::Node;
 
+/// The most memory segments one vectored write of the file may have (the
+/// kernel's UIO_MAXIOV).
+const MAX_SEGMENTS: usize = libc::UIO_MAXIOV as usize;
+
 /// Frees queued by discards and zeroing before the metadata is written
 /// back on its own, so a guest that never flushes still reuses space.
 const MAX_PENDING_FREES: usize = 4096;
@@ -367,8 +371,8 @@ impl Qcow2 {
         data: Option<&IoBuffer>,
     ) -> io::Result<()> {
         let cs = self.g.cluster_size;
-        // (host offset, pieces) of each run.
-        let mut runs: Vec<(u64, Vec<IoBuffer>)> = Vec::new();
+        // (host offset, pieces, their memory segments) of each run.
+        let mut runs: Vec<(u64, Vec<IoBuffer>, usize)> = Vec::new();
         let mut run_end = u64::MAX;
         for p in plans {
             // Zeroes around the data of a cluster past the end of the file
@@ -391,15 +395,24 @@ impl Qcow2 {
                 None => self.zeroes.slice(0, n),
             };
             let at = p.host + lo;
+            let segments = [&head, &own, &tail]
+                .iter()
+                .map(|b| b.segments().len())
+                .sum::<usize>();
+            // A vectored write takes at most UIO_MAXIOV segments (more is
+            // EINVAL): a run that would have more is cut in two.
             match runs.last_mut() {
-                Some((_, pieces)) if run_end == at => pieces.extend([head, own, tail]),
-                _ => runs.push((at, vec![head, own, tail])),
+                Some((_, pieces, count)) if run_end == at && *count + segments <= MAX_SEGMENTS => {
+                    pieces.extend([head, own, tail]);
+                    *count += segments;
+                }
+                _ => runs.push((at, vec![head, own, tail], segments)),
             }
             run_end = p.host + hi;
         }
         let writes: Vec<IoFuture<'_>> = runs
             .into_iter()
-            .map(|(at, pieces)| {
+            .map(|(at, pieces, _)| {
                 let buf = IoBuffer::concat(&pieces);
                 Box::pin(async move { file.write(at, &buf, WriteFlags::default()).await })
                     as IoFuture<'_>
