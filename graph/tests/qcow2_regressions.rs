@@ -90,3 +90,44 @@ fn allocating_writes_over_more_than_1024_clusters() {
         graph.remove("q").unwrap();
     }
 }
+
+/// Past the end of a backing file shorter than the image, a range no layer
+/// allocated reads as zeroes, which QEMU counts as allocated in the layer
+/// whose backing file is short (`qemu:allocation-depth` reports that
+/// layer's depth, not 0).
+#[test]
+fn allocation_depth_past_a_short_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let mid = dir.path().join("mid.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &p(&base), "4M"]);
+    let backing = |b: &str, img: &Path, size: &str| {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            b,
+            "-F",
+            "qcow2",
+            &p(img),
+            size,
+        ])
+    };
+    backing("base.qcow2", &mid, "8M");
+    backing("mid.qcow2", &top, "16M");
+    let graph = Graph::new();
+    let node = open(&graph, "top", &top);
+    // (offset, depth): inside base, past base inside mid, past mid.
+    for (offset, depth) in [(0, 0), (5 * MIB, 3), (9 * MIB, 2)] {
+        let st = block_on(node.block_status(offset, MIB)).unwrap().unwrap();
+        assert_eq!(
+            (st.depth, st.data, st.zero),
+            (depth, false, true),
+            "at {offset}: {st:?}"
+        );
+    }
+}

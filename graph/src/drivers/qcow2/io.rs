@@ -731,7 +731,15 @@ impl Qcow2 {
                                 ..st
                             })
                         } else {
-                            None
+                            // Past the end of a shorter backing file: zeroes,
+                            // which QEMU counts as allocated in the backing
+                            // layer (bdrv_co_common_block_status_above).
+                            Some(BlockStatus {
+                                len: n,
+                                data: false,
+                                zero: true,
+                                depth: 2,
+                            })
                         }
                     }
                     None => None,
