@@ -39,7 +39,12 @@ def pytest_generate_tests(metafunc):
 
 
 class StorageDaemon:
-    """A storage daemon exporting one raw image as a vhost-user-blk socket."""
+    """A storage daemon exporting one image as a vhost-user-blk socket.
+
+    The image is a file node "f0" under a format node "disk0" of driver fmt
+    (raw by default); file_opts and format_opts are appended to their
+    --blockdev options (e.g. ",discard=unmap").
+    """
 
     def __init__(
         self,
@@ -51,6 +56,9 @@ class StorageDaemon:
         qmp: bool = False,
         extra_args=(),
         pass_fds=(),
+        fmt="raw",
+        file_opts="",
+        format_opts="",
     ):
         self.binary = binary
         self.pass_fds = tuple(pass_fds)
@@ -65,8 +73,8 @@ class StorageDaemon:
         # fmt: off
         self.args = [
             binary,
-            "--blockdev", f"driver=file,node-name=f0,filename={image}",
-            "--blockdev", "driver=raw,node-name=disk0,file=f0",
+            "--blockdev", f"driver=file,node-name=f0,filename={image}{file_opts}",
+            "--blockdev", f"driver={fmt},node-name=disk0,file=f0{format_opts}",
             "--export", export,
             "--pidfile", str(self.pidfile),
         ]
@@ -157,7 +165,8 @@ def workdir(tmp_path) -> Path:
 def start_daemon(daemon_bin, workdir):
     """Return a function that starts the daemon under test on an image.
 
-    start_daemon(image, num_queues=1, name="vub0", qmp=False, extra_args=(), pass_fds=())
+    start_daemon(image, num_queues=1, name="vub0", qmp=False, extra_args=(), pass_fds=(),
+                 fmt="raw", file_opts="", format_opts="")
     returns a started StorageDaemon, which inherits the descriptors pass_fds;
     daemons still running at teardown are stopped with SIGTERM.
     """

@@ -356,11 +356,20 @@ pub fn is_tmpfs(path: &Path) -> bool {
 }
 
 /// Options of a vhost-user-blk export started with the QSD-compatible command line
-/// (`--blockdev driver=file` + `--blockdev driver=raw` + `--export type=vhost-user-blk`).
+/// (`--blockdev driver=file` + `--blockdev driver=raw` (or another format) +
+/// `--export type=vhost-user-blk`, and optionally an NBD server and export of the same node).
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
-    /// Image file (raw).
+    /// Image file.
     pub image: PathBuf,
+    /// The format node's driver: `raw` (the default) or `qcow2`.
+    pub format: String,
+    /// More `key=value` options appended to the format node's `--blockdev`
+    /// (e.g. `cache-size=65536` for qcow2).
+    pub format_extra: String,
+    /// With a socket path: `--nbd-server` listening there and an NBD export `disk0` of the
+    /// same node, writable as the vhost-user export is.
+    pub nbd_socket: Option<PathBuf>,
     /// vhost-user UNIX socket path the daemon listens on.
     pub socket: PathBuf,
     /// `writable=on|off` on the export.
@@ -387,6 +396,9 @@ impl ExportOptions {
     pub fn new(image: &Path, socket: &Path) -> ExportOptions {
         ExportOptions {
             image: image.to_path_buf(),
+            format: "raw".into(),
+            format_extra: String::new(),
+            nbd_socket: None,
             socket: socket.to_path_buf(),
             writable: true,
             num_queues: 1,
@@ -417,7 +429,10 @@ impl ExportOptions {
         if !self.file_extra.is_empty() {
             file.push(format!(",{}", self.file_extra));
         }
-        let raw = format!("driver=raw,node-name=disk0,file=f0{discard}");
+        let mut format = format!("driver={},node-name=disk0,file=f0{discard}", self.format);
+        if !self.format_extra.is_empty() {
+            format.push_str(&format!(",{}", self.format_extra));
+        }
         let mut export =
             OsString::from("type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path=");
         export.push(escape_qemu_opt(self.socket.as_os_str()));
@@ -430,14 +445,35 @@ impl ExportOptions {
         if !self.export_extra.is_empty() {
             export.push(format!(",{}", self.export_extra));
         }
-        vec![
+        let mut args = vec![
             "--blockdev".into(),
             file,
             "--blockdev".into(),
-            raw.into(),
+            format.into(),
             "--export".into(),
             export,
-        ]
+        ];
+        if let Some(nbd) = &self.nbd_socket {
+            let mut server = OsString::from("addr.type=unix,addr.path=");
+            server.push(escape_qemu_opt(nbd.as_os_str()));
+            args.extend([
+                "--nbd-server".into(),
+                server,
+                "--export".into(),
+                format!(
+                    "type=nbd,id=nbd0,node-name=disk0,name=disk0,writable={}",
+                    onoff(self.writable)
+                )
+                .into(),
+            ]);
+        }
+        args
+    }
+
+    /// The NBD URI of the export `disk0` (see [`ExportOptions::nbd_socket`]).
+    pub fn nbd_uri(&self) -> Option<String> {
+        let sock = self.nbd_socket.as_ref()?;
+        Some(format!("nbd+unix:///disk0?socket={}", sock.display()))
     }
 }
 
@@ -734,6 +770,29 @@ mod tests {
         o.file_extra = "cache.no-flush=on".into();
         let file = o.args()[1].clone().into_string().unwrap();
         assert!(file.ends_with(",discard=unmap,cache.no-flush=on"), "{file}");
+        o.format = "qcow2".into();
+        o.format_extra = "cache-size=65536".into();
+        o.nbd_socket = Some("/t/nbd.sock".into());
+        o.writable = false;
+        let args: Vec<String> = o
+            .args()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args[3],
+            "driver=qcow2,node-name=disk0,file=f0,discard=unmap,cache-size=65536"
+        );
+        assert_eq!(
+            args[6..],
+            [
+                "--nbd-server",
+                "addr.type=unix,addr.path=/t/nbd.sock",
+                "--export",
+                "type=nbd,id=nbd0,node-name=disk0,name=disk0,writable=off",
+            ]
+        );
+        assert_eq!(o.nbd_uri().unwrap(), "nbd+unix:///disk0?socket=/t/nbd.sock");
     }
 
     #[test]
