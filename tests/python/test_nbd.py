@@ -449,10 +449,7 @@ def test_qmp_server_and_exports(daemon_kind, nbd_daemon, workdir):
     holder.kill()
     holder.wait()
     assert run("nbdinfo", nbd_daemon.uri("ro"), check=False).returncode != 0
-    # allocation-depth is not supported; unknown bitmaps are refused.
-    r = qmp_cmd(q, "block-export-add", type="nbd", id="ad", **{"node-name": "disk0"}, **{"allocation-depth": True})
-    if daemon_kind == "blkgraph":
-        assert "not supported" in r["error"]["desc"]
+    # Unknown bitmaps are refused.
     r = qmp_cmd(q, "block-export-add", type="nbd", id="bm", **{"node-name": "disk0"}, name="bm", bitmaps=["nope"])
     assert "error" in r and "nope" in r["error"]["desc"]
     # nbd-server-stop removes every NBD export, with an event each.

@@ -698,8 +698,10 @@ impl Qcow2 {
     pub(super) async fn flush_image(&self) -> io::Result<()> {
         let node = self.file.node();
         let f = self.meta_file(&node);
-        let mut m = self.meta.lock().await;
-        m.flush(&f).await
+        self.meta.lock().await.write_back(&f).await?;
+        // Requests go on while the file is flushed: what they change
+        // after the write-back is for the next flush.
+        f.flush().await
     }
 
     /// The state of the guest range starting at `offset`.

@@ -695,6 +695,13 @@ impl Meta {
     /// L2 tables, then the refcounts of clusters freed meanwhile; ends
     /// with a file flush.
     pub async fn flush(&mut self, f: &File<'_>) -> io::Result<()> {
+        self.write_back(f).await?;
+        f.flush().await
+    }
+
+    /// [`Meta::flush`] without its final file flush, which the caller
+    /// makes (without holding the metadata lock meanwhile).
+    pub async fn write_back(&mut self, f: &File<'_>) -> io::Result<()> {
         if self.l2.has_dirty() {
             self.refcounts_before_l2(f).await?;
         } else {
@@ -702,6 +709,11 @@ impl Meta {
         }
         for offset in self.l2.dirty() {
             self.write_l2(f, offset).await?;
+        }
+        if !self.pending_frees.is_empty() {
+            // The L2 tables that dropped the clusters are stable before the
+            // clusters can be reused (or discarded).
+            f.flush().await?;
         }
         let frees = std::mem::take(&mut self.pending_frees);
         let mut freed: Vec<(u64, u64)> = Vec::new();
@@ -733,7 +745,7 @@ impl Meta {
                 }
             }
         }
-        f.flush().await
+        Ok(())
     }
 }
 
