@@ -45,6 +45,9 @@ pub(crate) fn zeroed_vec<T: Zeroed>(n: usize) -> Result<Vec<T>, OutOfMemory> {
     // SAFETY: the layout has a non-zero size (n > 0, T is not zero-sized
     // for the types that implement Zeroed).
     let ptr = unsafe { alloc::alloc_zeroed(layout) }.cast::<T>();
+    // An allocation that is freed unused may be optimised away, failure
+    // included: the check must see the pointer the allocator gave.
+    let ptr = std::hint::black_box(ptr);
     if ptr.is_null() {
         return Err(OutOfMemory { bytes });
     }
