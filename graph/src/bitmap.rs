@@ -46,11 +46,15 @@ pub struct DirtyBitmap {
     inconsistent: AtomicBool,
     /// Loaded from a read-only image: it cannot change.
     readonly: AtomicBool,
+    /// Used by a job (a backup's sync bitmap): no one else may use it.
+    busy: AtomicBool,
 }
 
 /// Why a bitmap cannot be used for an operation (QEMU's texts).
 #[derive(Debug, PartialEq, Eq)]
 pub enum BitmapUnusable {
+    /// Used by a job.
+    Busy(String),
     /// Loaded from an image not closed cleanly.
     Inconsistent(String),
     /// Loaded from a read-only image.
@@ -60,6 +64,10 @@ pub enum BitmapUnusable {
 impl std::fmt::Display for BitmapUnusable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            BitmapUnusable::Busy(n) => write!(
+                f,
+                "Bitmap '{n}' is currently in use by another operation and cannot be used"
+            ),
             BitmapUnusable::Inconsistent(n) => {
                 write!(f, "Bitmap '{n}' is inconsistent and cannot be used")
             }
@@ -91,6 +99,7 @@ impl DirtyBitmap {
             persistent: AtomicBool::new(false),
             inconsistent: AtomicBool::new(false),
             readonly: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
         })
     }
 
@@ -128,6 +137,9 @@ impl DirtyBitmap {
     /// Whether the bitmap may be read (not inconsistent) and, if
     /// `modify`, changed (not read-only either).
     pub fn usable(&self, modify: bool) -> Result<(), BitmapUnusable> {
+        if self.busy() {
+            return Err(BitmapUnusable::Busy(self.name.clone()));
+        }
         if self.inconsistent() {
             return Err(BitmapUnusable::Inconsistent(self.name.clone()));
         }
@@ -135,6 +147,34 @@ impl DirtyBitmap {
             return Err(BitmapUnusable::Readonly(self.name.clone()));
         }
         Ok(())
+    }
+
+    /// Whether a job uses the bitmap.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_busy(&self, on: bool) {
+        self.busy.store(on, Ordering::Release);
+    }
+
+    /// Takes the bits out: returns them and leaves the bitmap clean,
+    /// recording on (QEMU's successor, for a backup's sync bitmap). Fails,
+    /// changing nothing, if the memory cannot be had.
+    pub(crate) fn take_words(&self) -> Result<Vec<u64>, OutOfMemory> {
+        let mut words = zeroed_vec::<u64>(self.words.len())?;
+        for (o, w) in words.iter_mut().zip(&self.words) {
+            *o = w.swap(0, Ordering::AcqRel);
+        }
+        Ok(words)
+    }
+
+    /// Sets the bits set in `words` (as [`DirtyBitmap::take_words`] gave
+    /// them).
+    pub(crate) fn merge_words(&self, words: &[u64]) {
+        for (w, o) in self.words.iter().zip(words) {
+            w.fetch_or(*o, Ordering::AcqRel);
+        }
     }
 
     /// Size in bytes of the node the bitmap covers.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::node::{Child, Node};
 use crate::permission::{Parent, Permission};
-use crate::state::{ExportEdge, State};
+use crate::state::State;
 
 /// An edge into a node, for the permission check.
 struct Incoming {
@@ -47,7 +47,7 @@ pub(crate) fn check_permissions(state: &State) -> Result<Checked, Error> {
             }
         }
     }
-    for ExportEdge { edge, .. } in state.exports.values() {
+    for edge in state.external_edges() {
         let (perm, shared) = edge.permissions();
         let name = edge.node().name().to_string();
         let key = state
@@ -75,7 +75,7 @@ pub(crate) fn check_permissions(state: &State) -> Result<Checked, Error> {
         let (perm, shared) = check_node(node, &parents)?;
         result.granted.push((node.clone(), perm));
         for p in parents {
-            if !matches!(p.edge.parent(), Parent::Export(_)) {
+            if matches!(p.edge.parent(), Parent::Node(_)) {
                 result.edges.push((p.edge, p.perm, p.shared));
             }
         }

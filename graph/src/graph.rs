@@ -1,12 +1,14 @@
 //! The graph: its state behind one lock, changed through transactions,
 //! and the views and operations the control plane uses.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::drain::{close_nodes, DrainParent, DrainedSection};
 use crate::error::Error;
+use crate::job::Job;
 use crate::node::{Child, Node};
 use crate::open::valid_node_name;
 use crate::options::Options;
@@ -21,6 +23,12 @@ use crate::transaction::Transaction;
 #[derive(Default)]
 pub struct Graph {
     state: Mutex<State>,
+    /// The jobs, by id (not part of [`State`]: a job outlives the
+    /// transaction that made it, and is not rolled back with one).
+    jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+    /// The graph itself, for jobs that change it when they end; dangling
+    /// for a graph made by [`Graph::new`], which cannot run jobs.
+    me: Weak<Graph>,
 }
 
 /// A consistent view of the graph for queries.
@@ -29,12 +37,56 @@ pub struct GraphView {
     pub nodes: Vec<Arc<Node>>,
     /// Every export's root edge, by export id.
     pub exports: Vec<(String, Arc<Child>)>,
+    /// Every job's edges, by job id.
+    pub jobs: Vec<(String, Vec<Arc<Child>>)>,
 }
 
 impl Graph {
     /// An empty graph.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty graph that can run jobs.
+    pub fn shared() -> Arc<Self> {
+        Arc::new_cyclic(|me| Graph {
+            me: me.clone(),
+            ..Graph::default()
+        })
+    }
+
+    pub(crate) fn me(&self) -> Weak<Graph> {
+        self.me.clone()
+    }
+
+    /// Every job, by id.
+    pub fn jobs(&self) -> Vec<Arc<Job>> {
+        self.jobs.lock().values().cloned().collect()
+    }
+
+    /// The job `id`.
+    pub fn job(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs.lock().get(id).cloned()
+    }
+
+    pub(crate) fn job_exists(&self, id: &str) -> bool {
+        self.jobs.lock().contains_key(id)
+    }
+
+    pub(crate) fn register_job(&self, job: Arc<Job>) {
+        self.jobs.lock().insert(job.id().to_string(), job);
+    }
+
+    /// A dismissed job goes.
+    pub(crate) fn forget_job(&self, id: &str) {
+        self.jobs.lock().remove(id);
+    }
+
+    /// Takes job `id`'s edges out of the graph, as the job ends.
+    pub fn release_job(&self, id: &str) -> Result<(), Error> {
+        let mut tx = self.transaction();
+        tx.detach_job(id);
+        tx.commit()
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -45,14 +97,14 @@ impl Graph {
     /// dropped (which rolls it back). Requests keep running: for actions
     /// that only add.
     pub fn transaction(&self) -> Transaction<'_> {
-        Transaction::new(self.lock(), false)
+        Transaction::new(self, self.lock(), false)
     }
 
     /// Starts a transaction in a drained section: every export is paused
     /// and every driver's own work has finished before the first action,
     /// and the exports take requests again when the transaction ends.
     pub fn drained_transaction(&self) -> Transaction<'_> {
-        Transaction::new(self.lock(), true)
+        Transaction::new(self, self.lock(), true)
     }
 
     /// Opens a node from `options` (blockdev-add) in a transaction of its
@@ -96,6 +148,11 @@ impl Graph {
                 .iter()
                 .map(|(id, e)| (id.clone(), e.edge.clone()))
                 .collect(),
+            jobs: state
+                .jobs
+                .iter()
+                .map(|(id, j)| (id.clone(), j.edges.clone()))
+                .collect(),
         }
     }
 
@@ -120,9 +177,13 @@ impl Graph {
     /// still queued stay where they are), then closes every node, parents
     /// first.
     pub fn shut_down(&self) {
+        // Jobs first, as QSD does: cancelled, and ended (their filters
+        // removed) before anything is drained.
+        for job in self.jobs() {
+            job.cancel_and_wait();
+        }
         let mut state = self.lock();
-        let parents = state.exports.values().map(|e| e.parent.clone()).collect();
-        DrainedSection::begin(parents, state.nodes.values()).keep();
+        DrainedSection::begin(state.drain_parents(), state.nodes.values()).keep();
         close_nodes(std::mem::take(&mut state.nodes).into_values().collect());
     }
 

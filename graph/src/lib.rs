@@ -19,6 +19,7 @@ mod driver;
 pub mod drivers;
 mod error;
 mod graph;
+pub mod job;
 mod node;
 mod open;
 pub mod options;

@@ -94,6 +94,8 @@ pub enum Parent {
     Node(String),
     /// An export, by id.
     Export(String),
+    /// A block job, by id.
+    Job(String),
 }
 
 impl fmt::Display for Parent {
@@ -101,6 +103,7 @@ impl fmt::Display for Parent {
         match self {
             Parent::Node(n) => write!(f, "node '{n}'"),
             Parent::Export(e) => write!(f, "export '{e}'"),
+            Parent::Job(j) => write!(f, "block job '{j}'"),
         }
     }
 }

@@ -15,12 +15,41 @@ pub(crate) struct ExportEdge {
     pub(crate) parent: Arc<dyn DrainParent>,
 }
 
+/// The edges of a block job to the nodes it uses, and the job itself, as a
+/// parent to drain.
+#[derive(Clone)]
+pub(crate) struct JobEdges {
+    pub(crate) edges: Vec<Arc<Child>>,
+    pub(crate) parent: Arc<dyn DrainParent>,
+}
+
 /// The nodes and export edges of a graph.
 #[derive(Clone, Default)]
 pub(crate) struct State {
     pub(crate) nodes: BTreeMap<String, Arc<Node>>,
     pub(crate) exports: BTreeMap<String, ExportEdge>,
+    pub(crate) jobs: BTreeMap<String, JobEdges>,
     pub(crate) groups: BTreeMap<String, Arc<ThrottleGroup>>,
     pub(crate) events: Option<crate::EventSink>,
     pub(crate) implicit_counter: u64,
+}
+
+impl State {
+    /// The edges from parents outside the graph: exports' roots and the
+    /// nodes of jobs.
+    pub(crate) fn external_edges(&self) -> impl Iterator<Item = &Arc<Child>> {
+        self.exports
+            .values()
+            .map(|e| &e.edge)
+            .chain(self.jobs.values().flat_map(|j| j.edges.iter()))
+    }
+
+    /// The parents outside the graph that a drained section pauses.
+    pub(crate) fn drain_parents(&self) -> Vec<Arc<dyn DrainParent>> {
+        self.exports
+            .values()
+            .map(|e| e.parent.clone())
+            .chain(self.jobs.values().map(|j| j.parent.clone()))
+            .collect()
+    }
 }

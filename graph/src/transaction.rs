@@ -15,17 +15,21 @@ use std::sync::Arc;
 use parking_lot::MutexGuard;
 
 use crate::aio::block_on;
-use crate::bitmap::{DirtyBitmap, Saved};
+use crate::bitmap::{BitmapUnusable, DirtyBitmap, Saved};
 use crate::check::check_permissions;
 use crate::drain::{close_nodes, DrainParent, DrainedSection};
+use crate::driver::BlockDriver;
 use crate::driver::ChildRole;
 use crate::drivers::DRIVERS;
 use crate::error::Error;
-use crate::node::{Child, Node};
+use crate::graph::Graph;
+use crate::job::{Job, JobDriver, JobOptions, JobTxn};
+use crate::node::{Child, CommonOptions, Node};
+use crate::open::valid_node_name;
 use crate::open::Staging;
 use crate::options::Options;
 use crate::permission::{Parent, Permission};
-use crate::state::{ExportEdge, State};
+use crate::state::{ExportEdge, JobEdges, State};
 
 /// What block-dirty-bitmap-add asks for besides the node and the name.
 #[derive(Clone, Copy, Debug, Default)]
@@ -64,6 +68,10 @@ pub enum ReplaceParent<'a> {
 pub struct Transaction<'g> {
     /// Ended (the exports resumed) before the graph is unlocked.
     _drained: Option<DrainedSection>,
+    /// The graph, for its jobs.
+    owner: &'g Graph,
+    /// Jobs made by the transaction, started when it commits.
+    new_jobs: Vec<Arc<Job>>,
     graph: MutexGuard<'g, State>,
     working: State,
     undo: Vec<Undo>,
@@ -83,6 +91,8 @@ enum Undo {
     /// Roll a bitmap back to its state when the transaction began, plus
     /// what I/O recorded since.
     BitmapChanged(Arc<DirtyBitmap>, Saved),
+    /// Give a bitmap frozen for a job its bits back, and free it.
+    Unfreeze(Arc<DirtyBitmap>, Vec<u64>),
 }
 
 /// A dirty bitmap named in a merge: its node and name.
@@ -95,14 +105,14 @@ pub struct BitmapRef {
 }
 
 impl<'g> Transaction<'g> {
-    pub(crate) fn new(graph: MutexGuard<'g, State>, drained: bool) -> Self {
-        let drained = drained.then(|| {
-            let parents = graph.exports.values().map(|e| e.parent.clone()).collect();
-            DrainedSection::begin(parents, graph.nodes.values())
-        });
+    pub(crate) fn new(owner: &'g Graph, graph: MutexGuard<'g, State>, drained: bool) -> Self {
+        let drained =
+            drained.then(|| DrainedSection::begin(graph.drain_parents(), graph.nodes.values()));
         let working = graph.clone();
         Transaction {
             _drained: drained,
+            owner,
+            new_jobs: Vec::new(),
             graph,
             working,
             undo: Vec::new(),
@@ -154,10 +164,9 @@ impl<'g> Transaction<'g> {
             .collect();
         parents.extend(
             self.working
-                .exports
-                .values()
-                .filter(|e| Arc::ptr_eq(&e.edge.node(), node))
-                .map(|e| e.edge.parent().clone()),
+                .external_edges()
+                .filter(|e| Arc::ptr_eq(&e.node(), node))
+                .map(|e| e.parent().clone()),
         );
         parents
     }
@@ -308,6 +317,11 @@ impl<'g> Transaction<'g> {
     /// commit.
     pub fn bitmap_remove(&mut self, node: &str, name: &str) -> Result<(), Error> {
         let (n, b) = self.bitmap(node, name)?;
+        if b.busy() {
+            return Err(Error::OpenFailed(
+                BitmapUnusable::Busy(name.to_string()).to_string(),
+            ));
+        }
         self.journal(&b)?;
         b.hide();
         self.removed_bitmaps.push((n, b));
@@ -393,6 +407,139 @@ impl<'g> Transaction<'g> {
         Ok(edge)
     }
 
+    /// Makes job `options.id`, a parent of the nodes in `uses` (node-name,
+    /// what it takes, what it shares); it starts when the transaction
+    /// commits, in `txn` if its jobs complete together.
+    pub fn create_job(
+        &mut self,
+        options: &JobOptions,
+        driver: Box<dyn JobDriver>,
+        uses: &[(&str, Permission, Permission)],
+        txn: Option<Arc<JobTxn>>,
+    ) -> Result<Arc<Job>, Error> {
+        let id = options.id.as_str();
+        if !valid_node_name(id) {
+            return Err(Error::OpenFailed(format!("Invalid job ID '{id}'")));
+        }
+        if self.owner.job_exists(id) || self.working.jobs.contains_key(id) {
+            return Err(Error::OpenFailed(format!("Job ID '{id}' already in use")));
+        }
+        let job = Job::new(
+            options,
+            driver,
+            self.owner.me(),
+            self.working.events.clone(),
+            txn,
+        );
+        let mut edges = Vec::new();
+        for (name, perm, shared) in uses {
+            let node = self.node(name)?;
+            let edge = Child::new(Parent::Job(id.to_string()), ChildRole::Root, node);
+            edge.set_permissions(*perm, *shared);
+            edges.push(edge);
+        }
+        let parent: Arc<dyn DrainParent> = job.clone();
+        self.working
+            .jobs
+            .insert(id.to_string(), JobEdges { edges, parent });
+        self.new_jobs.push(job.clone());
+        Ok(job)
+    }
+
+    /// Adds a node the graph makes itself (a job's filter), named `name`
+    /// or, without one, like an inline child (`#blockNNN`). `make` gets
+    /// the name (its edges' parent) and returns the driver and its edges.
+    pub(crate) fn insert_node(
+        &mut self,
+        name: Option<&str>,
+        driver_name: &'static str,
+        make: impl FnOnce(&str) -> Result<(Box<dyn BlockDriver>, Vec<Arc<Child>>), Error>,
+    ) -> Result<Arc<Node>, Error> {
+        let name = match name {
+            Some(n) => {
+                if !valid_node_name(n) {
+                    return Err(Error::InvalidNodeName(n.to_string()));
+                }
+                if self.working.nodes.contains_key(n) {
+                    return Err(Error::DuplicateNodeName(n.to_string()));
+                }
+                n.to_string()
+            }
+            None => {
+                self.working.implicit_counter += 1;
+                format!("#block{:03}", self.working.implicit_counter)
+            }
+        };
+        let (driver, children) = make(&name)?;
+        let common = CommonOptions {
+            driver: driver_name.to_string(),
+            node_name: Some(name.clone()),
+            ..CommonOptions::default()
+        };
+        let node = Arc::new(Node::new(
+            name.clone(),
+            driver_name,
+            driver,
+            &common,
+            children,
+            false,
+        ));
+        self.working.nodes.insert(name, node.clone());
+        self.opened.push(node.clone());
+        Ok(node)
+    }
+
+    /// Points every edge to `old` (from nodes, exports and jobs) at `new`,
+    /// except `new`'s own edges (QEMU's bdrv_replace_node, as a filter is
+    /// put above a node or taken out).
+    pub(crate) fn replace_node(&mut self, old: &Arc<Node>, new: &Arc<Node>) {
+        // Edges of nodes below `new` stay: repointed, they would close a
+        // loop (a fleecing target whose backing file is the source).
+        let mut below: Vec<Arc<Node>> = vec![new.clone()];
+        let mut i = 0;
+        while i < below.len() {
+            let children: Vec<Arc<Node>> = below[i].children().iter().map(|c| c.node()).collect();
+            for n in children {
+                if !below.iter().any(|b| Arc::ptr_eq(b, &n)) {
+                    below.push(n);
+                }
+            }
+            i += 1;
+        }
+        let from_below = |e: &Arc<Child>| match e.parent() {
+            Parent::Node(p) => below.iter().any(|b| b.name() == p),
+            _ => false,
+        };
+        let edges: Vec<Arc<Child>> = self
+            .working
+            .nodes
+            .values()
+            .flat_map(|n| n.children().iter().cloned())
+            .chain(self.working.external_edges().cloned())
+            .filter(|e| Arc::ptr_eq(&e.node(), old) && !from_below(e))
+            .collect();
+        for edge in edges {
+            let previous = edge.replace(new.clone());
+            self.undo.push(Undo::Edge(edge, previous));
+        }
+    }
+
+    /// The node `name` of the graph being built.
+    pub(crate) fn find(&self, name: &str) -> Result<Arc<Node>, Error> {
+        self.node(name)
+    }
+
+    /// Gives a bitmap frozen for a job its bits back if the transaction is
+    /// rolled back.
+    pub(crate) fn on_rollback_unfreeze(&mut self, bitmap: Arc<DirtyBitmap>, bits: Vec<u64>) {
+        self.undo.push(Undo::Unfreeze(bitmap, bits));
+    }
+
+    /// Takes job `id`'s edges out (it ended).
+    pub fn detach_job(&mut self, id: &str) {
+        self.working.jobs.remove(id);
+    }
+
     /// Detaches export `id`.
     pub fn detach_export(&mut self, id: &str) -> Result<(), Error> {
         self.working
@@ -449,6 +596,12 @@ impl<'g> Transaction<'g> {
             }
         }
         close_nodes(left);
+        for job in std::mem::take(&mut self.new_jobs) {
+            self.owner.register_job(job.clone());
+            if let Err(e) = job.start() {
+                log::error!("{e}");
+            }
+        }
         Ok(())
     }
 }
@@ -465,6 +618,10 @@ impl Drop for Transaction<'_> {
                 }
                 Undo::BitmapAdded(node, bitmap) => node.remove_bitmap(&bitmap),
                 Undo::BitmapChanged(bitmap, saved) => bitmap.roll_back(&saved),
+                Undo::Unfreeze(bitmap, bits) => {
+                    bitmap.merge_words(&bits);
+                    bitmap.set_busy(false);
+                }
             }
         }
         self.working = State::default();

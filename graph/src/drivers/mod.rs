@@ -1,7 +1,7 @@
 //! The driver table: every driver blkgraph has. Adding a driver is one new
 //! module here plus one entry in [`DRIVERS`].
 
-mod copy_before_write;
+pub(crate) mod copy_before_write;
 mod file;
 mod null;
 mod qcow2;

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use crate::bitset::{Bitset, OutOfMemory};
 use crate::buffer::IoBuffer;
 use crate::driver::WriteFlags;
+use crate::job::Side;
 use crate::node::Child;
 
 /// Largest single copy, as QEMU's block-copy tasks.
@@ -55,12 +56,25 @@ impl State {
 }
 
 /// The copy state between a source and a target.
-pub(super) struct BlockCopy {
+pub(crate) struct BlockCopy {
     pub(super) file: Arc<Child>,
     pub(super) target: Arc<Child>,
-    pub(super) cluster: u64,
-    pub(super) size: u64,
+    pub(crate) cluster: u64,
+    pub(crate) size: u64,
     state: Mutex<State>,
+}
+
+/// A failed copy: which side, and why.
+#[derive(Debug)]
+pub(crate) struct CopyError {
+    pub(crate) side: Side,
+    pub(crate) error: io::Error,
+}
+
+impl From<CopyError> for io::Error {
+    fn from(e: CopyError) -> io::Error {
+        e.error
+    }
 }
 
 /// What the state looks like, for queries.
@@ -104,30 +118,67 @@ impl BlockCopy {
         })
     }
 
+    /// How many clusters the state covers.
+    pub(crate) fn cluster_count(&self) -> usize {
+        self.size.div_ceil(self.cluster) as usize
+    }
+
+    /// How many clusters are still to be copied.
+    pub(crate) fn to_copy(&self) -> usize {
+        self.state.lock().copy.count_ones()
+    }
+
+    /// How many clusters were copied, by anyone.
+    pub(crate) fn copied(&self) -> u64 {
+        self.state.lock().clusters_copied
+    }
+
+    /// Whether cluster `c` was copied.
+    pub(crate) fn is_copied(&self, c: usize) -> bool {
+        self.state.lock().done.get(c)
+    }
+
+    /// Clusters that need no copy after all (not allocated in the top
+    /// layer, for a backup of the top only).
+    pub(crate) fn skip(&self, clusters: Range<usize>) {
+        let mut s = self.state.lock();
+        for c in clusters {
+            s.copy.set(c, false);
+        }
+    }
+
     /// The clusters `[offset, offset + len)` touches.
-    pub(super) fn clusters(&self, offset: u64, len: u64) -> Range<usize> {
+    pub(crate) fn clusters(&self, offset: u64, len: u64) -> Range<usize> {
         let end = (offset + len).min(self.size);
         (offset / self.cluster) as usize..end.div_ceil(self.cluster) as usize
     }
 
     /// Copies clusters `run` from `file` to `target` in one read and one
     /// write.
-    async fn copy_clusters(&self, run: Range<usize>) -> io::Result<()> {
+    async fn copy_clusters(&self, run: Range<usize>) -> Result<(), CopyError> {
         let start = run.start as u64 * self.cluster;
         let end = (run.end as u64 * self.cluster).min(self.size);
         let len = (end - start) as usize;
-        let buf = IoBuffer::aligned(len, 4096)?;
-        self.file.node().read(start, &buf).await?;
+        let source = |error| CopyError {
+            side: Side::Source,
+            error,
+        };
+        let buf = IoBuffer::aligned(len, 4096).map_err(source)?;
+        self.file.node().read(start, &buf).await.map_err(source)?;
         self.target
             .node()
             .write(start, &buf, WriteFlags::default())
             .await
+            .map_err(|error| CopyError {
+                side: Side::Target,
+                error,
+            })
     }
 
     /// Copies every cluster of the range still to copy, in runs of up to
     /// 1 MiB; a cluster being copied by another request is waited for (and
     /// copied again here if that copy failed).
-    pub(super) async fn copy_range(&self, clusters: Range<usize>) -> io::Result<()> {
+    pub(crate) async fn copy_range(&self, clusters: Range<usize>) -> Result<(), CopyError> {
         let max_run = (MAX_COPY / self.cluster).max(1) as usize;
         let mut c = clusters.start;
         while c < clusters.end {

@@ -9,7 +9,7 @@
 //! its guest write goes on in the background, and the driver's drain
 //! waits for it), the snapshot-broken event and the driver's operations.
 
-mod block_copy;
+pub(crate) mod block_copy;
 
 use std::io;
 use std::sync::Arc;
@@ -141,6 +141,33 @@ fn open(
     }))
 }
 
+/// A copy-before-write filter for a backup job: over `file`, copying to
+/// `target` the clusters set in `copy` (`cluster` bytes each) before guest
+/// writes change them; the job copies the rest through the same engine.
+pub(crate) fn backup_filter(
+    file: Arc<Child>,
+    target: Arc<Child>,
+    cluster: u64,
+    copy: Bitset,
+    node_name: &str,
+) -> Result<(Box<dyn BlockDriver>, Arc<BlockCopy>), Error> {
+    let size = file.node().size();
+    let engine = BlockCopy::new(file, target, cluster, size, copy)
+        .map_err(|e| Error::OpenFailed(format!("Cannot create block-copy-state: {e}")))?;
+    let engine = Arc::new(engine);
+    let driver = CopyBeforeWrite {
+        engine: engine.clone(),
+        on_error: OnCbwError::BreakGuestWrite,
+        timeout: Duration::ZERO,
+        events: None,
+        node_name: node_name.to_string(),
+    };
+    Ok((Box::new(driver), engine))
+}
+
+/// The smallest cluster the block-copy engine copies.
+pub(crate) const BLOCK_COPY_CLUSTER: u64 = MIN_CLUSTER;
+
 impl CopyBeforeWrite {
     /// The copy-before-write operation for a guest change of the range.
     async fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -148,13 +175,18 @@ impl CopyBeforeWrite {
         if !engine.invalid() {
             let clusters = engine.clusters(offset, len);
             let result = if self.timeout.is_zero() {
-                engine.copy_range(clusters).await
+                engine.copy_range(clusters).await.map_err(io::Error::from)
             } else {
                 // The copy cannot be stopped halfway: on timeout it goes on
                 // in the background and the guest request moves on.
                 let running = Detached::start(engine);
-                let copy =
-                    spawn_detached(async move { running.engine().copy_range(clusters).await });
+                let copy = spawn_detached(async move {
+                    running
+                        .engine()
+                        .copy_range(clusters)
+                        .await
+                        .map_err(io::Error::from)
+                });
                 match copy {
                     Ok(copy) => match race(copy, sleep(self.timeout)).await {
                         Either::Left(r) => r,
