@@ -153,7 +153,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             Ok((options, fd))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let graph = Arc::new(Graph::new());
+    let graph = Graph::shared();
     for mut options in config.objects.drain(..) {
         add_object(&graph, &mut options)?;
     }

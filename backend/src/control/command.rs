@@ -8,7 +8,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::args::{generic, no_arguments, parse, NodeName};
-use super::transaction::{parse_transaction, Action, BitmapAction, Replace};
+use super::jobs::{parse_backup, JobCommand};
+use super::transaction::{parse_transaction, Action, Actions, BitmapAction, Replace};
 use crate::nbd::NbdServerOptions;
 
 /// The commands, in query-commands order.
@@ -41,8 +42,11 @@ pub(crate) enum Command {
     /// query-version.
     QueryVersion,
     /// transaction, and the commands that are a transaction of one action
-    /// (blockdev-add, blockdev-del, x-blockdev-replace, the bitmap ones).
-    Transaction(Vec<Action>),
+    /// (blockdev-add, blockdev-del, x-blockdev-replace, the bitmap ones,
+    /// blockdev-backup).
+    Transaction(Actions),
+    /// A job command.
+    Job(JobCommand),
     /// query-named-block-nodes.
     QueryNamedBlockNodes,
     /// x-debug-query-block-graph.
@@ -118,17 +122,17 @@ impl Command {
                 no_arguments(args)?;
                 Command::QueryVersion
             }
-            "blockdev-add" => Command::Transaction(vec![Action::Add(
+            "blockdev-add" => Command::Transaction(Actions::one(Action::Add(
                 Options::from_json(Value::Object(args)).map_err(generic)?,
-            )]),
+            ))),
             "blockdev-del" => {
                 let NodeName { node_name } = parse(args)?;
-                Command::Transaction(vec![Action::Del(node_name)])
+                Command::Transaction(Actions::one(Action::Del(node_name)))
             }
             "x-blockdev-replace" => {
                 let r: Replace = parse(args)?;
                 r.parent()?;
-                Command::Transaction(vec![Action::Replace(r)])
+                Command::Transaction(Actions::one(Action::Replace(r)))
             }
             "transaction" => Command::Transaction(parse_transaction(args)?),
             "query-named-block-nodes" => {
@@ -188,13 +192,19 @@ impl Command {
             bitmap if bitmap.starts_with("block-dirty-bitmap-") => {
                 let action = BitmapAction::parse(bitmap, args)
                     .unwrap_or_else(|| Err(QmpError::command_not_found(bitmap)))?;
-                Command::Transaction(vec![Action::Bitmap(action)])
+                Command::Transaction(Actions::one(Action::Bitmap(action)))
             }
             "quit" => {
                 no_arguments(args)?;
                 Command::Quit
             }
-            other => return Err(QmpError::command_not_found(other)),
+            "blockdev-backup" => {
+                Command::Transaction(Actions::one(Action::Backup(parse_backup(args)?)))
+            }
+            other => match JobCommand::parse(other, args) {
+                Some(job) => Command::Job(job?),
+                None => return Err(QmpError::command_not_found(other)),
+            },
         })
     }
 }

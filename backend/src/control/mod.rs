@@ -4,6 +4,7 @@
 
 mod args;
 mod command;
+mod jobs;
 mod query;
 mod transaction;
 
@@ -61,6 +62,7 @@ impl Control {
         match command {
             Command::QueryVersion => return Ok(version()),
             Command::Transaction(actions) => transaction::run(&self.graph, actions)?,
+            Command::Job(job) => return job.run(&self.graph),
             Command::QueryNamedBlockNodes => {
                 return Ok(Value::Array(
                     self.graph
@@ -99,7 +101,11 @@ impl Control {
 
 impl Dispatcher for Control {
     fn commands(&self) -> Vec<String> {
-        COMMANDS.iter().map(|c| c.to_string()).collect()
+        COMMANDS
+            .iter()
+            .chain(jobs::JOB_COMMANDS)
+            .map(|c| c.to_string())
+            .collect()
     }
 
     fn execute(

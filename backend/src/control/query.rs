@@ -108,8 +108,9 @@ fn image_info(node: &Node) -> Value {
     image
 }
 
-/// x-debug-query-block-graph: exports and nodes with stable ids (exports by
-/// id, then nodes by name), and every edge with its permissions.
+/// x-debug-query-block-graph: exports, jobs and nodes with stable ids
+/// (exports and jobs by id, then nodes by name), and every edge with its
+/// permissions.
 pub(super) fn block_graph(graph: &Graph) -> Value {
     let view = graph.view();
     let mut ids = std::collections::HashMap::new();
@@ -118,6 +119,10 @@ pub(super) fn block_graph(graph: &Graph) -> Value {
         ids.insert(format!("export:{id}"), nodes.len());
         nodes.push(json!({"id": nodes.len(), "type": "block-export", "name": id}));
     }
+    for (id, _) in &view.jobs {
+        ids.insert(format!("job:{id}"), nodes.len());
+        nodes.push(json!({"id": nodes.len(), "type": "block-job", "name": id}));
+    }
     for node in &view.nodes {
         ids.insert(format!("node:{}", node.name()), nodes.len());
         nodes.push(json!({"id": nodes.len(), "type": "block-driver", "name": node.name(), "driver": node.driver_name()}));
@@ -125,12 +130,14 @@ pub(super) fn block_graph(graph: &Graph) -> Value {
     let key = |p: &Parent| match p {
         Parent::Node(n) => format!("node:{n}"),
         Parent::Export(e) => format!("export:{e}"),
+        Parent::Job(j) => format!("job:{j}"),
     };
     let mut edges = Vec::new();
     let all = view
         .exports
         .iter()
         .map(|(_, c)| c.clone())
+        .chain(view.jobs.iter().flat_map(|(_, edges)| edges.clone()))
         .chain(view.nodes.iter().flat_map(|n| n.children().to_vec()));
     for edge in all {
         let (perm, shared) = edge.permissions();

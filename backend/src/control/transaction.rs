@@ -3,11 +3,13 @@
 //! are parsed, and how they run on the graph.
 
 use blkgraph_ctl::QmpError;
+use blkgraph_graph::job::{BackupOptions, JobTxn};
 use blkgraph_graph::{BitmapOptions, BitmapRef, Graph, Options, ReplaceParent, Transaction};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::args::{generic, parse, NodeName};
+use super::jobs::parse_backup;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -109,6 +111,18 @@ pub(super) enum BitmapAction {
 }
 
 impl BitmapAction {
+    /// The action's type, as QMP names it.
+    fn kind(&self) -> &'static str {
+        match self {
+            BitmapAction::Add(_) => "block-dirty-bitmap-add",
+            BitmapAction::Remove(_) => "block-dirty-bitmap-remove",
+            BitmapAction::Clear(_) => "block-dirty-bitmap-clear",
+            BitmapAction::Enable(_) => "block-dirty-bitmap-enable",
+            BitmapAction::Disable(_) => "block-dirty-bitmap-disable",
+            BitmapAction::Merge(_) => "block-dirty-bitmap-merge",
+        }
+    }
+
     /// Parses the arguments of `kind` (block-dirty-bitmap-...), or `None`
     /// if `kind` is not a bitmap action.
     pub(super) fn parse(
@@ -177,7 +191,25 @@ pub(super) enum Action {
     Del(String),
     Replace(Replace),
     Bitmap(BitmapAction),
+    Backup(BackupOptions),
     Abort,
+}
+
+/// A transaction: its actions, and whether the jobs they make complete
+/// together (`completion-mode: grouped`).
+pub(super) struct Actions {
+    pub(super) list: Vec<Action>,
+    pub(super) grouped: bool,
+}
+
+impl Actions {
+    /// A transaction of one action (a command that is also an action).
+    pub(super) fn one(action: Action) -> Self {
+        Actions {
+            list: vec![action],
+            grouped: false,
+        }
+    }
 }
 
 impl Action {
@@ -209,12 +241,25 @@ impl Action {
                 parse::<Map<String, Value>>(data).map_err(prefix)?;
                 Ok(Action::Abort)
             }
+            "blockdev-backup" => parse_backup(data).map(Action::Backup).map_err(prefix),
             other => match BitmapAction::parse(other, data) {
                 Some(action) => action.map(Action::Bitmap).map_err(prefix),
                 None => Err(generic(format!(
                     "actions[{index}]: Parameter 'type' does not accept value '{other}'"
                 ))),
             },
+        }
+    }
+
+    /// The action's type, as QMP names it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Action::Add(_) => "blockdev-add",
+            Action::Del(_) => "blockdev-del",
+            Action::Replace(_) => "x-blockdev-replace",
+            Action::Bitmap(b) => b.kind(),
+            Action::Backup(_) => "blockdev-backup",
+            Action::Abort => "abort",
         }
     }
 
@@ -226,11 +271,13 @@ impl Action {
 }
 
 /// Parses the `transaction` command's arguments.
-pub(super) fn parse_transaction(args: Map<String, Value>) -> Result<Vec<Action>, QmpError> {
+pub(super) fn parse_transaction(args: Map<String, Value>) -> Result<Actions, QmpError> {
     let args: TransactionArgs = parse(args)?;
+    let mut grouped = false;
     if let Some(props) = args.properties {
         let ok = props.as_object().is_some_and(|p| {
             p.iter().all(|(k, v)| {
+                grouped |= v.as_str() == Some("grouped");
                 k == "completion-mode" && matches!(v.as_str(), Some("individual") | Some("grouped"))
             })
         });
@@ -238,29 +285,43 @@ pub(super) fn parse_transaction(args: Map<String, Value>) -> Result<Vec<Action>,
             return Err(generic("Invalid parameter 'properties'"));
         }
     }
-    args.actions
+    let list: Vec<Action> = args
+        .actions
         .into_iter()
         .enumerate()
         .map(|(i, a)| Action::parse(a, i))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    if grouped {
+        // As QEMU: only the actions that make jobs complete together.
+        if let Some(other) = list.iter().find(|a| !matches!(a, Action::Backup(_))) {
+            return Err(generic(format!(
+                "Action '{}' does not support transaction property completion-mode = grouped",
+                other.kind()
+            )));
+        }
+    }
+    Ok(Actions { list, grouped })
 }
 
 /// Runs actions as one transaction: all are prepared in order, the
 /// permissions are checked once at the end, and a failure anywhere rolls
 /// every action back. Actions that change what requests see run in a
 /// drained graph.
-pub(super) fn run(graph: &Graph, actions: Vec<Action>) -> Result<(), QmpError> {
-    let mut tx = if actions.iter().any(Action::needs_drain) {
+pub(super) fn run(graph: &Graph, actions: Actions) -> Result<(), QmpError> {
+    let Actions { list, grouped } = actions;
+    let mut tx = if list.iter().any(Action::needs_drain) {
         graph.drained_transaction()
     } else {
         graph.transaction()
     };
-    for action in actions {
+    let txn = grouped.then(JobTxn::new);
+    for action in list {
         match action {
             Action::Add(options) => tx.add(options).map(|_| ()),
             Action::Del(name) => tx.remove(&name),
             Action::Replace(r) => tx.replace(r.parent()?, &r.new_child),
             Action::Bitmap(b) => b.apply(&mut tx),
+            Action::Backup(o) => tx.blockdev_backup(&o, txn.clone()).map(|_| ()),
             Action::Abort => return Err(generic("Transaction aborted using Abort action")),
         }
         .map_err(generic)?;

@@ -1,0 +1,265 @@
+//! The job commands: query-jobs and query-block-jobs, the job-* and
+//! block-job-* verbs, and the arguments of the commands that make jobs
+//! (blockdev-backup), which are also transaction actions.
+
+use blkgraph_ctl::{ErrorClass, QmpError};
+use blkgraph_graph::job::{BackupOptions, BitmapMode, Job, JobOptions, OnError, SyncMode};
+use blkgraph_graph::Graph;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::args::{generic, no_arguments, parse};
+
+/// A job command with checked arguments.
+pub(crate) enum JobCommand {
+    QueryJobs,
+    QueryBlockJobs,
+    /// job-pause, block-job-pause.
+    Pause {
+        id: String,
+        block: bool,
+    },
+    /// job-resume, block-job-resume.
+    Resume {
+        id: String,
+        block: bool,
+    },
+    /// job-cancel, block-job-cancel (with `force`).
+    Cancel {
+        id: String,
+        block: bool,
+        force: bool,
+    },
+    /// job-complete, block-job-complete.
+    Complete {
+        id: String,
+        block: bool,
+    },
+    /// job-finalize, block-job-finalize.
+    Finalize {
+        id: String,
+        block: bool,
+    },
+    /// job-dismiss, block-job-dismiss.
+    Dismiss {
+        id: String,
+        block: bool,
+    },
+    /// block-job-set-speed.
+    SetSpeed {
+        id: String,
+        speed: u64,
+    },
+}
+
+/// The job commands, for query-commands.
+pub(crate) const JOB_COMMANDS: &[&str] = &[
+    "query-jobs",
+    "query-block-jobs",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-finalize",
+    "job-dismiss",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-cancel",
+    "block-job-complete",
+    "block-job-finalize",
+    "block-job-dismiss",
+    "block-job-set-speed",
+    "blockdev-backup",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobId {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Device {
+    device: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockJobCancel {
+    device: String,
+    #[serde(default)]
+    force: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetSpeed {
+    device: String,
+    speed: i64,
+}
+
+impl JobCommand {
+    /// Parses job command `name`; `None` if it is not one.
+    pub(crate) fn parse(name: &str, args: Map<String, Value>) -> Option<Result<Self, QmpError>> {
+        let job = |args| parse::<JobId>(args).map(|a| a.id);
+        let block = |args| parse::<Device>(args).map(|a| a.device);
+        Some(match name {
+            "query-jobs" => no_arguments(args).map(|()| JobCommand::QueryJobs),
+            "query-block-jobs" => no_arguments(args).map(|()| JobCommand::QueryBlockJobs),
+            "job-pause" => job(args).map(|id| JobCommand::Pause { id, block: false }),
+            "job-resume" => job(args).map(|id| JobCommand::Resume { id, block: false }),
+            "job-cancel" => job(args).map(|id| JobCommand::Cancel {
+                id,
+                block: false,
+                force: true,
+            }),
+            "job-complete" => job(args).map(|id| JobCommand::Complete { id, block: false }),
+            "job-finalize" => job(args).map(|id| JobCommand::Finalize { id, block: false }),
+            "job-dismiss" => job(args).map(|id| JobCommand::Dismiss { id, block: false }),
+            "block-job-pause" => block(args).map(|id| JobCommand::Pause { id, block: true }),
+            "block-job-resume" => block(args).map(|id| JobCommand::Resume { id, block: true }),
+            "block-job-cancel" => parse::<BlockJobCancel>(args).map(|a| JobCommand::Cancel {
+                id: a.device,
+                block: true,
+                force: a.force.unwrap_or(false),
+            }),
+            "block-job-complete" => block(args).map(|id| JobCommand::Complete { id, block: true }),
+            "block-job-finalize" => parse::<JobId>(args).map(|a| JobCommand::Finalize {
+                id: a.id,
+                block: true,
+            }),
+            "block-job-dismiss" => parse::<JobId>(args).map(|a| JobCommand::Dismiss {
+                id: a.id,
+                block: true,
+            }),
+            "block-job-set-speed" => parse::<SetSpeed>(args).and_then(|a| {
+                let speed = u64::try_from(a.speed)
+                    .map_err(|_| generic("Parameter 'speed' expects a non-negative value"))?;
+                Ok(JobCommand::SetSpeed {
+                    id: a.device,
+                    speed,
+                })
+            }),
+            _ => return None,
+        })
+    }
+
+    /// Runs the command.
+    pub(crate) fn run(self, graph: &Graph) -> Result<Value, QmpError> {
+        let find = |id: &str, block: bool| -> Result<std::sync::Arc<Job>, QmpError> {
+            graph.job(id).ok_or_else(|| {
+                if block {
+                    QmpError {
+                        class: ErrorClass::DeviceNotActive,
+                        desc: format!("Block job '{id}' not found"),
+                    }
+                } else {
+                    generic("Job not found")
+                }
+            })
+        };
+        let done = |r: Result<(), blkgraph_graph::Error>| r.map(|()| json!({})).map_err(generic);
+        match self {
+            JobCommand::QueryJobs => Ok(Value::Array(
+                graph.jobs().iter().map(|j| j.info()).collect(),
+            )),
+            JobCommand::QueryBlockJobs => Ok(Value::Array(
+                graph.jobs().iter().map(|j| j.block_info()).collect(),
+            )),
+            JobCommand::Pause { id, block } => done(find(&id, block)?.pause()),
+            JobCommand::Resume { id, block } => done(find(&id, block)?.resume()),
+            JobCommand::Cancel { id, block, force } => done(find(&id, block)?.cancel(force)),
+            JobCommand::Complete { id, block } => done(find(&id, block)?.complete()),
+            JobCommand::Finalize { id, block } => done(find(&id, block)?.finalize()),
+            JobCommand::Dismiss { id, block } => done(find(&id, block)?.dismiss()),
+            JobCommand::SetSpeed { id, speed } => done(find(&id, true)?.set_speed(speed)),
+        }
+    }
+}
+
+/// The job options of a block job command; the id defaults to the
+/// device's name, as QEMU's.
+fn job_options(
+    job_id: Option<String>,
+    device: &str,
+    speed: Option<i64>,
+    on_source_error: Option<OnError>,
+    on_target_error: Option<OnError>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+) -> Result<JobOptions, QmpError> {
+    let speed = u64::try_from(speed.unwrap_or(0))
+        .map_err(|_| generic("Parameter 'speed' expects a non-negative value"))?;
+    Ok(JobOptions {
+        id: job_id.unwrap_or_else(|| device.to_string()),
+        speed,
+        auto_finalize: auto_finalize.unwrap_or(true),
+        auto_dismiss: auto_dismiss.unwrap_or(true),
+        on_source_error: on_source_error.unwrap_or_default(),
+        on_target_error: on_target_error.unwrap_or_default(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockdevBackup {
+    #[serde(default)]
+    job_id: Option<String>,
+    #[serde(default)]
+    speed: Option<i64>,
+    #[serde(default)]
+    on_source_error: Option<OnError>,
+    #[serde(default)]
+    on_target_error: Option<OnError>,
+    #[serde(default)]
+    auto_finalize: Option<bool>,
+    #[serde(default)]
+    auto_dismiss: Option<bool>,
+    device: String,
+    target: String,
+    sync: SyncMode,
+    #[serde(default)]
+    bitmap: Option<String>,
+    #[serde(default)]
+    bitmap_mode: Option<BitmapMode>,
+    #[serde(default)]
+    compress: Option<bool>,
+    #[serde(default)]
+    filter_node_name: Option<String>,
+    #[serde(default)]
+    x_perf: Option<Value>,
+    #[serde(default)]
+    discard_source: Option<bool>,
+}
+
+/// Parses blockdev-backup's arguments.
+pub(crate) fn parse_backup(args: Map<String, Value>) -> Result<BackupOptions, QmpError> {
+    let a: BlockdevBackup = parse(args)?;
+    if a.compress == Some(true) {
+        return Err(generic(
+            "Compression is not supported for this drive's target",
+        ));
+    }
+    if a.discard_source == Some(true) {
+        return Err(generic("Parameter 'discard-source' is not supported"));
+    }
+    let _tuning = a.x_perf;
+    Ok(BackupOptions {
+        job: job_options(
+            a.job_id,
+            &a.device,
+            a.speed,
+            a.on_source_error,
+            a.on_target_error,
+            a.auto_finalize,
+            a.auto_dismiss,
+        )?,
+        device: a.device,
+        target: a.target,
+        sync: a.sync,
+        bitmap: a.bitmap,
+        bitmap_mode: a.bitmap_mode,
+        filter_node_name: a.filter_node_name,
+    })
+}
