@@ -7,30 +7,23 @@ use std::sync::{Arc, PoisonError};
 
 use blkgraph_graph::{Child, Node};
 use parking_lot::Mutex;
-use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
-
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
-use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vm_memory::GuestMemoryAtomic;
 
 use super::config::{BlkConfig, WCE_OFFSET};
+use super::inflight::QueueInflight;
 use super::request::{DeviceLimits, GuestMemory};
 use super::worker::{QueueContext, QueueSource, QueueWorker, Vring};
 use crate::export::{PauseGate, Source};
 
 /// Largest queue a driver may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
-
-/// Memory regions a frontend may map: what vhost-user-backend answers to
-/// GET_MAX_MEM_SLOTS (its own limit is not public).
-const MAX_MEM_SLOTS: usize = 509;
 
 /// What an export asks of its device.
 #[derive(Clone, Debug)]
@@ -60,11 +53,9 @@ pub struct VhostUserBlkDevice {
     acked_features: AtomicU64,
     event_idx: AtomicBool,
     memory: GuestMemoryAtomic<GuestMemory>,
-    /// The memory map last accepted, to put back over a refused one.
-    accepted_memory: Mutex<Arc<GuestMemory>>,
     workers: Vec<Arc<QueueSource>>,
-    /// Per queue thread, the eventfd that ends it, kept across sessions.
-    exit_events: Vec<EventFd>,
+    /// The frontend's backend-request channel, for config-change messages.
+    backend: Mutex<Option<Backend>>,
 }
 
 impl VhostUserBlkDevice {
@@ -82,9 +73,6 @@ impl VhostUserBlkDevice {
         for w in &workers {
             gate.add_source(w.clone() as Arc<dyn Source>);
         }
-        let exit_events = (0..options.num_queues)
-            .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC))
-            .collect::<io::Result<_>>()?;
         Ok(VhostUserBlkDevice {
             options,
             root,
@@ -93,9 +81,8 @@ impl VhostUserBlkDevice {
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             memory: GuestMemoryAtomic::new(GuestMemory::new()),
-            accepted_memory: Mutex::new(Arc::new(GuestMemory::new())),
             workers,
-            exit_events,
+            backend: Mutex::new(None),
         })
     }
 
@@ -104,9 +91,9 @@ impl VhostUserBlkDevice {
         self.memory.clone()
     }
 
-    /// The id of the epoll event for queue `thread`'s completions.
-    pub fn completion_event(&self) -> u64 {
-        self.options.num_queues as u64 + 1
+    /// The number of queues.
+    pub fn num_queues(&self) -> usize {
+        self.options.num_queues
     }
 
     /// The completion eventfd of queue `queue`.
@@ -144,8 +131,8 @@ impl VhostUserBlkDevice {
     }
 
     /// Handles a kick or a completion event of one queue.
-    fn serve(&self, worker: &mut QueueWorker, vring: &Vring, device_event: u16) -> io::Result<()> {
-        if u64::from(device_event) == self.completion_event() {
+    fn serve(&self, worker: &mut QueueWorker, vring: &Vring, completion: bool) -> io::Result<()> {
+        if completion {
             worker.process_completions(vring)?;
         }
         let ready = {
@@ -189,26 +176,14 @@ impl VhostUserBlkDevice {
         // The next frontend maps its own memory; the regions of this one
         // would overlap them.
         self.replace_memory(GuestMemory::new());
-        *self.accepted_memory.lock() = Arc::new(GuestMemory::new());
+        *self.backend.lock() = None;
         self.acked_features.store(0, Ordering::Relaxed);
         self.event_idx.store(false, Ordering::Relaxed);
         self.config.lock().0.wce = 1;
     }
-}
 
-impl VhostUserBackend for VhostUserBlkDevice {
-    type Bitmap = ();
-    type Vring = Vring;
-
-    fn num_queues(&self) -> usize {
-        self.options.num_queues
-    }
-
-    fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
+    /// The virtio features offered.
+    pub fn features(&self) -> u64 {
         let mut f = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -228,29 +203,33 @@ impl VhostUserBackend for VhostUserBlkDevice {
         f
     }
 
-    fn acked_features(&self, features: u64) {
+    /// The features the frontend acked (SET_FEATURES).
+    pub fn set_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        self.event_idx.store(event_idx, Ordering::Relaxed);
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+    /// The vhost-user protocol features offered.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    /// `size` bytes of the configuration space from `offset`.
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut config = *self.config.lock();
         config.0.capacity = (self.root.node().size() >> 9).to_le();
         config.read(offset, size)
     }
 
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // Only the writeback flag is writable, and only with CONFIG_WCE.
+    /// Writes the configuration space: only the writeback flag is
+    /// writable, and only with CONFIG_WCE.
+    pub fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         let wce_acked =
             self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
         if offset as usize != WCE_OFFSET || buf.len() != 1 || !wce_acked {
@@ -260,103 +239,54 @@ impl VhostUserBackend for VhostUserBlkDevice {
         Ok(())
     }
 
-    /// The daemon has installed a new map in the GuestMemoryAtomic this
-    /// device shares: it is checked, and put back to the last accepted one
-    /// if a region reaches past the end of its file (a descriptor there
-    /// would fault the daemon) or there are more regions than slots. (The
-    /// new map is visible to the queues between its installation and this
-    /// check: vhost-user-backend offers no earlier hook.)
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        let new = mem.memory().into_inner();
-        let mut accepted = self.accepted_memory.lock();
-        match check_memory(&new) {
-            Ok(()) => {
-                *accepted = new;
-                Ok(())
-            }
-            Err(e) => {
-                log::warn!("export {}: memory map refused: {e}", self.options.id);
-                self.replace_memory((**accepted).clone());
-                Err(e)
+    /// Keeps (or forgets) the frontend's backend-request channel.
+    pub fn set_backend(&self, backend: Option<Backend>) {
+        *self.backend.lock() = backend;
+    }
+
+    /// Tells a connected frontend that the configuration space changed
+    /// (the capacity, after a resize); without a backend-request channel the
+    /// driver sees it at its next configuration read.
+    pub fn config_changed(&self) {
+        if let Some(backend) = self.backend.lock().as_ref() {
+            if let Err(e) = backend.handle_config_change() {
+                log::warn!(
+                    "export {}: cannot send the config-change message: {e}",
+                    self.options.id
+                );
             }
         }
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.options.num_queues).map(|i| 1 << i).collect()
+    /// Returns once queue `index` has no request in flight (the ring was
+    /// stopped before).
+    pub fn stop_queue(&self, index: usize) {
+        if let Some(worker) = self.workers.get(index) {
+            worker.requests.wait_idle();
+        }
     }
 
-    /// The thread's persistent eventfd: vhost-user-backend 0.24 turns the
-    /// consumer into a raw descriptor for its epoll and never closes it, so
-    /// a new eventfd per session leaked one descriptor per queue and
-    /// connection. The notifier is a duplicate, which the session closes.
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let event = self.exit_events.get(thread_index)?;
-        // An exit request of the previous session must not end this one.
-        let _ = event.read();
-        let notifier = event.try_clone().ok()?;
-        // SAFETY: the descriptor stays open for the device's lifetime; the
-        // crate (pinned to 0.24.0) converts this consumer into a raw
-        // descriptor without closing it, so it is never closed twice.
-        let consumer = unsafe { EventConsumer::from_raw_fd(event.as_raw_fd()) };
-        // SAFETY: `notifier` is a duplicate owned by nothing else.
-        let notifier = unsafe { EventNotifier::from_raw_fd(notifier.into_raw_fd()) };
-        Some((consumer, notifier))
+    /// Sets up the inflight tracking of queue `index` as it starts, with
+    /// the heads a previous backend left in flight.
+    pub fn track_inflight(&self, index: usize, tracking: QueueInflight, resubmit: Vec<u16>) {
+        if let Some(worker) = self.workers.get(index) {
+            worker.requests.lock().track_inflight(tracking, resubmit);
+        }
     }
 
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let worker = self
-            .workers
-            .get(queue_index as usize)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        worker.requests.wait_idle();
-        Ok(())
-    }
-
-    fn handle_event(
+    /// Handles a kick (or a wake-up) or a completion event of queue
+    /// `queue`, on that queue's thread.
+    pub fn handle_queue_event(
         &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
+        queue: usize,
+        vring: &Vring,
+        completion: bool,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let vring = &vrings[0];
-        let source = &self.workers[thread_id];
+        let source = &self.workers[queue];
         let mut worker = source.requests.lock();
         worker.set_vring(vring);
-        let result = self.serve(&mut worker, vring, device_event);
+        let result = self.serve(&mut worker, vring, completion);
         source.requests.notify_if_idle(&worker);
         result
     }
-}
-
-/// Checks a frontend's memory map: at most [`MAX_MEM_SLOTS`] regions, each
-/// inside the file that backs it.
-fn check_memory(memory: &GuestMemory) -> io::Result<()> {
-    let invalid = |text: String| io::Error::new(io::ErrorKind::InvalidInput, text);
-    let regions = memory.num_regions();
-    if regions > MAX_MEM_SLOTS {
-        return Err(invalid(format!(
-            "{regions} memory regions, more than the {MAX_MEM_SLOTS} slots"
-        )));
-    }
-    for region in memory.iter() {
-        let Some(backing) = region.file_offset() else {
-            continue;
-        };
-        let file_len = backing.file().metadata()?.len();
-        let end = backing.start().checked_add(region.len());
-        if end.is_none_or(|end| end > file_len) {
-            return Err(invalid(format!(
-                "the region at {:#x} of {:#x} bytes reaches past the end of its file ({file_len} bytes, from offset {})",
-                region.start_addr().0,
-                region.len(),
-                backing.start()
-            )));
-        }
-    }
-    Ok(())
 }

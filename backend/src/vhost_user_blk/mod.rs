@@ -4,6 +4,8 @@
 mod config;
 mod device;
 mod export;
+mod handler;
+mod inflight;
 mod request;
 mod server;
 mod worker;

@@ -2,18 +2,19 @@
 //! and the next one after it disconnects, until the export is deleted.
 
 use std::io;
+use std::net::Shutdown;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vmm_sys_util::epoll::EventSet;
+use vhost::vhost_user::{BackendListener, Error as VhostError, Listener};
 
 use super::device::VhostUserBlkDevice;
+use super::handler::Handler;
 
 /// Binds the socket at `path` with mode 0600, replacing a stale one (see
 /// [`blkgraph_ctl::bind_unix_socket`]). The listener does not remove the
@@ -25,7 +26,8 @@ pub fn bind(path: &Path) -> io::Result<Listener> {
 #[derive(Default)]
 struct Shared {
     stopping: AtomicBool,
-    session: Mutex<Option<ShutdownHandle>>,
+    /// The connection of the current session, to shut it down.
+    session: Mutex<Option<UnixStream>>,
 }
 
 /// A running export server.
@@ -47,8 +49,8 @@ impl Server {
         {
             let session = self.shared.session.lock();
             self.shared.stopping.store(true, Ordering::SeqCst);
-            if let Some(handle) = session.as_ref() {
-                handle.shutdown();
+            if let Some(conn) = session.as_ref() {
+                let _ = conn.shutdown(Shutdown::Both);
             }
         }
         // SAFETY: shutdown on the listening socket this server owns; it makes
@@ -80,7 +82,6 @@ pub fn spawn(
                     log::error!("export {id}: {e}");
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }
-                device.disconnected();
             }
         })?;
     Ok(Server {
@@ -96,37 +97,40 @@ fn serve_one(
     id: &str,
     shared: &Shared,
 ) -> io::Result<()> {
-    let mut daemon = VhostUserDaemon::new(
-        format!("vhost-user-blk-{id}"),
-        device.clone(),
-        device.memory(),
-    )
-    .map_err(|e| io::Error::other(format!("cannot create the vhost-user daemon: {e}")))?;
-    for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        handler.register_listener(
-            device.completion_fd(queue),
-            EventSet::IN,
-            device.completion_event(),
-        )?;
-    }
-    daemon
-        .start(listener)
-        .map_err(|e| io::Error::other(format!("accept failed: {e}")))?;
+    let handler = Handler::new(device.clone())?;
+    let handler = Arc::new(std::sync::Mutex::new(handler));
+    let mut backend_listener = BackendListener::new(listener, handler)
+        .map_err(|e| io::Error::other(format!("cannot listen: {e}")))?;
+    let mut conn = loop {
+        match backend_listener.accept() {
+            Ok(Some(conn)) => break conn,
+            Ok(None) => continue,
+            Err(e) => return Err(io::Error::other(format!("accept failed: {e}"))),
+        }
+    };
     {
         let mut session = shared.session.lock();
+        let stream = conn.try_clone_connection()?;
         if shared.stopping.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
+            let _ = stream.shutdown(Shutdown::Both);
         }
-        *session = daemon.shutdown_handle();
+        *session = Some(stream);
     }
     log::info!("export {id}: frontend connected");
-    let result = daemon.wait();
+    let result = loop {
+        if let Err(e) = conn.handle_request() {
+            break e;
+        }
+    };
     *shared.session.lock() = None;
     match result {
-        Ok(()) => {}
-        Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {}
-        Err(e) => log::warn!("export {id}: frontend session ended: {e}"),
+        VhostError::Disconnected | VhostError::PartialMessage | VhostError::SocketBroken(_) => {}
+        e if shared.stopping.load(Ordering::SeqCst) => log::debug!("export {id}: {e}"),
+        e => log::warn!("export {id}: frontend session ended: {e}"),
     }
+    // The handler goes with the connection: its queue threads end, and the
+    // device forgets the session.
+    drop(conn);
     log::info!("export {id}: frontend disconnected");
     Ok(())
 }

@@ -10,14 +10,23 @@ use blkgraph_graph::aio::{Executor, Notifier};
 use blkgraph_graph::Node;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryRegion, GuestRegionMmap,
+};
 
+use super::device::MAX_QUEUE_SIZE;
+use super::inflight::QueueInflight;
 use super::request::{Completion, DeviceLimits, GuestMemory, Request};
 use crate::export::{InFlight, PauseGate, Requests, Source};
 
 /// A vring of this device.
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
+/// A descriptor chain popped from a vring.
+type Chain = DescriptorChain<Arc<GuestMemory>>;
 
 /// What a queue worker needs to start requests.
 pub struct QueueContext<'a> {
@@ -46,6 +55,11 @@ pub struct QueueWorker {
     /// The queue's vring in the current frontend session, for the control
     /// paths that complete what a departing frontend left.
     vring: Option<Vring>,
+    /// The queue's inflight tracking, when the frontend set it up.
+    inflight: Option<QueueInflight>,
+    /// Heads a previous backend left inflight, oldest first: started before
+    /// any new chain.
+    resubmit: Vec<u16>,
 }
 
 impl InFlight for QueueWorker {
@@ -93,7 +107,19 @@ impl QueueWorker {
             executor: Executor::new()?,
             done: Vec::new(),
             vring: None,
+            inflight: None,
+            resubmit: Vec::new(),
         })
+    }
+
+    /// Sets up the inflight tracking of a queue that starts, and the heads
+    /// to resubmit first.
+    pub fn track_inflight(&mut self, inflight: QueueInflight, resubmit: Vec<u16>) {
+        if !resubmit.is_empty() {
+            log::info!("resubmitting {} requests left in flight", resubmit.len());
+        }
+        self.inflight = Some(inflight);
+        self.resubmit = resubmit;
     }
 
     /// Remembers the queue's vring of the current session.
@@ -132,20 +158,44 @@ impl QueueWorker {
 
     fn pop_and_start(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
         let memory = queue.memory.memory().into_inner();
+        if !self.resubmit.is_empty() {
+            let heads = std::mem::take(&mut self.resubmit);
+            let (desc_table, size) = {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                (q.desc_table(), q.size())
+            };
+            match chains_at(&memory, desc_table, size, &heads) {
+                // Still marked inflight, under their first counters.
+                Ok((memory, chains)) => {
+                    for chain in chains {
+                        self.start(chain, &memory, queue);
+                    }
+                }
+                Err(e) => log::error!("cannot resubmit the requests left in flight: {e}"),
+            }
+        }
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
             std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone())).collect()
         };
         for chain in chains {
-            let req = Request::parse(chain, &memory, &queue.limits, queue.serial);
-            if req.is_done() {
-                self.done.push(req.complete(0));
-            } else {
-                self.executor.spawn(req.execute(queue.root.clone()));
+            if let Some(inflight) = &mut self.inflight {
+                inflight.mark(chain.head_index());
             }
+            self.start(chain, &memory, queue);
         }
         self.run(vring)
+    }
+
+    fn start(&mut self, chain: Chain, memory: &Arc<GuestMemory>, queue: &QueueContext<'_>) {
+        let req = Request::parse(chain, memory, &queue.limits, queue.serial);
+        if req.is_done() {
+            self.done.push(req.complete(0));
+        } else {
+            self.executor.spawn(req.execute(queue.root.clone()));
+        }
     }
 
     /// Busy-polls the available ring and the executor until `queue.poll`
@@ -185,11 +235,18 @@ impl QueueWorker {
         if self.done.is_empty() {
             return Ok(());
         }
+        let mut state = vring.get_mut();
         for c in self.done.drain(..) {
-            vring.add_used(c.head, c.len).map_err(queue_error)?;
+            if let Some(inflight) = &self.inflight {
+                inflight.before_used(c.head);
+            }
+            state.add_used(c.head, c.len).map_err(queue_error)?;
+            if let Some(inflight) = &self.inflight {
+                inflight.after_used(c.head, state.get_queue().next_used());
+            }
         }
-        if vring.needs_notification().map_err(queue_error)? {
-            vring.signal_used_queue()?;
+        if state.needs_notification().map_err(queue_error)? {
+            state.signal_used_queue()?;
         }
         Ok(())
     }
@@ -200,6 +257,10 @@ impl QueueWorker {
         self.executor.run_until_idle(|_| ());
         self.done.clear();
         self.vring = None;
+        // Still marked inflight in the region: the frontend resubmits them
+        // to the next backend session, which sets up tracking anew.
+        self.inflight = None;
+        self.resubmit.clear();
     }
 
     /// Fails every request waiting in the ring with IOERR and puts it on
@@ -234,4 +295,63 @@ impl QueueWorker {
             log::warn!("failing the requests left in a queue: {e}");
         }
     }
+}
+
+/// The descriptor chains that start at `heads` in the descriptor table at
+/// `desc_table` of a queue of `size`, with the guest memory they use.
+///
+/// virtio-queue builds chains only from available-ring entries, and the
+/// slots that once held these heads may hold others by now. So the heads go
+/// into a private available ring, in a small anonymous region mapped above
+/// the guest's memory, and a queue over the guest's descriptor table and
+/// that ring pops them: the chains are walked and checked (indirect tables,
+/// loops, lengths) by virtio-queue as any other. The returned memory holds
+/// the extra region; the guest cannot reach it but through descriptors,
+/// like any memory of its own.
+fn chains_at(
+    memory: &Arc<GuestMemory>,
+    desc_table: u64,
+    size: u16,
+    heads: &[u16],
+) -> io::Result<(Arc<GuestMemory>, Vec<Chain>)> {
+    let other = |e: &dyn std::fmt::Display| io::Error::other(e.to_string());
+    let count = u16::try_from(heads.len())
+        .ok()
+        .filter(|&n| n <= size)
+        .ok_or_else(|| other(&format!("{} heads for a queue of {size}", heads.len())))?;
+    let top = memory.iter().map(|r| r.last_addr().raw_value()).max();
+    let ring = top
+        .map_or(Some(0), |t| t.checked_add(1))
+        .and_then(|a| a.checked_next_multiple_of(4096))
+        .map(GuestAddress)
+        .ok_or_else(|| other(&"no guest address is left above the guest's memory"))?;
+    let ring_len = 4 + 2 * usize::from(size);
+    let region = MmapRegion::new(ring_len).map_err(|e| other(&e))?;
+    let region = GuestRegionMmap::new(region, ring)
+        .ok_or_else(|| other(&"the private ring does not fit the address space"))?;
+    let memory = Arc::new(
+        memory
+            .insert_region(Arc::new(region))
+            .map_err(|e| other(&e))?,
+    );
+    let write = |value: u16, offset: u64| {
+        memory
+            .write_obj(value.to_le(), ring.unchecked_add(offset))
+            .map_err(|e| other(&e))
+    };
+    write(count, 2)?;
+    for (i, &head) in heads.iter().enumerate() {
+        write(head, 4 + 2 * i as u64)?;
+    }
+    let mut queue = Queue::new(MAX_QUEUE_SIZE as u16).map_err(|e| other(&e))?;
+    queue.try_set_size(size).map_err(|e| other(&e))?;
+    queue
+        .try_set_desc_table_address(GuestAddress(desc_table))
+        .map_err(|e| other(&e))?;
+    queue
+        .try_set_avail_ring_address(ring)
+        .map_err(|e| other(&e))?;
+    queue.set_ready(true);
+    let chains = std::iter::from_fn(|| queue.pop_descriptor_chain(memory.clone())).collect();
+    Ok((memory, chains))
 }
