@@ -176,6 +176,8 @@ class Guest:
     cpus: vCPUs, num_queues by default.
     name: prefix of the files the guest leaves in workdir (NAME.console.log,
         NAME.results, NAME.qemu.log).
+    reconnect_ms: QEMU reconnects to the socket this many milliseconds
+        after the backend went away (None: it does not).
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class Guest:
         memory_mb=1024,
         name="guest",
         extra_args=(),
+        reconnect_ms=None,
     ):
         self.images = guest_images.ensure_built()
         self.workdir = Path(_check_plain(workdir))
@@ -210,6 +213,7 @@ class Guest:
         self.accel = accel
         self.memory_mb = memory_mb
         self.extra_args = list(extra_args)
+        self.reconnect_ms = reconnect_ms
         self.console_path = self.workdir / f"{name}.console.log"
         self.results_path = self.workdir / f"{name}.results"
         self.qemu_log = self.workdir / f"{name}.qemu.log"
@@ -244,6 +248,8 @@ class Guest:
         # fmt: on
         if self.socket is not None:
             chardev = f"socket,id=vub0,path={_check_plain(self.socket)}"
+            if self.reconnect_ms is not None:
+                chardev += f",reconnect-ms={self.reconnect_ms}"
             device = f"vhost-user-blk-pci,chardev=vub0,num-queues={self.num_queues}"
             cmd += ["-chardev", chardev, "-device", device]
         if self.fio_job is not None:

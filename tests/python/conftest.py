@@ -59,6 +59,7 @@ class StorageDaemon:
         fmt="raw",
         file_opts="",
         format_opts="",
+        throttle_iops=None,
     ):
         self.binary = binary
         self.pass_fds = tuple(pass_fds)
@@ -66,8 +67,9 @@ class StorageDaemon:
         self.pidfile = workdir / f"{name}.pid"
         self.log = workdir / f"{name}.daemon.log"
         self.qmp = workdir / f"{name}.qmp" if qmp else None
+        root = "disk0" if throttle_iops is None else "thr0"
         export = (
-            "type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,"
+            f"type=vhost-user-blk,id=vub0,node-name={root},addr.type=unix,"
             f"addr.path={self.socket},writable=on,num-queues={num_queues},logical-block-size=512"
         )
         # fmt: off
@@ -75,6 +77,13 @@ class StorageDaemon:
             binary,
             "--blockdev", f"driver=file,node-name=f0,filename={image}{file_opts}",
             "--blockdev", f"driver={fmt},node-name=disk0,file=f0{format_opts}",
+        ]
+        if throttle_iops is not None:
+            self.args += [
+                "--object", f"throttle-group,id=tg0,limits.iops-total={throttle_iops}",
+                "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=disk0",
+            ]
+        self.args += [
             "--export", export,
             "--pidfile", str(self.pidfile),
         ]
@@ -166,8 +175,9 @@ def start_daemon(daemon_bin, workdir):
     """Return a function that starts the daemon under test on an image.
 
     start_daemon(image, num_queues=1, name="vub0", qmp=False, extra_args=(), pass_fds=(),
-                 fmt="raw", file_opts="", format_opts="")
-    returns a started StorageDaemon, which inherits the descriptors pass_fds;
+                 fmt="raw", file_opts="", format_opts="", throttle_iops=None)
+    returns a started StorageDaemon, which inherits the descriptors pass_fds
+    and, with throttle_iops, exports a throttle node over the disk;
     daemons still running at teardown are stopped with SIGTERM.
     """
     daemons = []

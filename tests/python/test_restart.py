@@ -1,0 +1,165 @@
+"""Restarting and upgrading the daemon under a running guest.
+
+The guest runs fio randwrite with crc32c verification interleaved with the
+writes (verify_backlog) on a disk exported through a throttle node whose
+limit is far below what the guest submits, so the queue is always full and
+requests are in flight whenever the daemon goes.  QEMU's chardev reconnects
+(reconnect-ms) to the daemon started again with the same command line.
+
+- kill -9, three times: the new process resubmits what was in flight
+  (inflight tracking, VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD); its log must
+  say it did.
+- SIGTERM, three times, alternating two different builds of the daemon (the
+  release and the debug binary by default): the old process finishes what
+  is in flight and leaves what is queued in the ring; the new one has
+  nothing to resubmit and takes the queued requests.
+
+Either way fio must end without an error or a verification failure, and the
+guest must log no I/O error.  The test prints the guest-visible stall (fio's
+largest completion latency) and each restart's time from start to serving.
+
+qemu-storage-daemon does not offer inflight tracking (QEMU then rewinds the
+ring to the last used entry) and completes queued requests with an error
+on SIGTERM; run with BLKGRAPH_TEST_QSD=1 to see it fail these tests.
+"""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from guest import Guest, fio_errors
+
+SIZE = 32 << 20  # the region fio writes and verifies
+IMAGE_SIZE = 2 * SIZE
+RESTARTS = 3
+THROTTLE_IOPS = 400  # the guest submits several thousand under TCG
+FIO_SETTLE = 3  # seconds of fio before the first restart
+RESTART_EVERY = 4  # seconds between restarts
+RECONNECT_MS = 200
+FIO_RUNTIME = FIO_SETTLE + RESTARTS * RESTART_EVERY + 6
+
+FIO_JOB = f"""\
+[global]
+filename=${{DISK}}
+direct=1
+ioengine=libaio
+iodepth=32
+rw=randwrite
+bs=4k
+size={SIZE}
+verify=crc32c
+verify_fatal=1
+do_verify=1
+verify_backlog=64
+time_based=1
+runtime={FIO_RUNTIME}
+
+[restart]
+"""
+
+VERIFY_FAILURES = ("verify failed", "bad magic header", "bad header", "verify type mismatch")
+RESUBMITTED = re.compile(r"resubmitting (\d+) requests left in flight")
+
+
+def other_binary(daemon_kind, daemon_bin) -> str:
+    """The second build to alternate with: BLKGRAPH_OTHER_BIN, by default
+    the debug build of blkgraph (the release one is the default daemon)."""
+    if daemon_kind == "qsd":
+        return daemon_bin
+    repo = Path(__file__).resolve().parents[2]
+    path = Path(os.environ.get("BLKGRAPH_OTHER_BIN", "target/debug/blkgraph"))
+    path = path if path.is_absolute() else repo / path
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: run cargo build, or set BLKGRAPH_OTHER_BIN")
+    if path.resolve() == Path(daemon_bin).resolve():
+        pytest.fail(f"{path} is the daemon under test itself: set BLKGRAPH_OTHER_BIN")
+    return str(path)
+
+
+def restart(daemon, binary: str, how: str, generation: int) -> float:
+    """Stop the daemon (SIGKILL or SIGTERM) and start `binary` with the same
+    arguments; return the seconds from the start to a listening socket."""
+    if how == "kill":
+        daemon.kill()
+    else:
+        assert daemon.stop() == 0, daemon.log.read_text(errors="replace")[-3000:]
+    daemon.args[0] = daemon.binary = binary
+    daemon.log = daemon.log.with_name(f"vub0.daemon.{generation}.log")
+    start = time.monotonic()
+    daemon.start()
+    return time.monotonic() - start
+
+
+def wait_connected(daemon, timeout=30) -> float:
+    """Seconds until the frontend has reconnected to the daemon (blkgraph
+    logs it; for QSD, a short grace period)."""
+    start = time.monotonic()
+    if daemon.binary.endswith("qemu-storage-daemon"):
+        time.sleep(1)
+        return 0.0
+    while "frontend connected" not in daemon.log.read_text(errors="replace"):
+        assert time.monotonic() - start < timeout, "the guest did not reconnect"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_restart_under_fio(daemon_kind, daemon_bin, start_daemon, workdir, monkeypatch, how):
+    monkeypatch.setenv("BLKGRAPH_LOG", "info")
+    binaries = [daemon_bin, other_binary(daemon_kind, daemon_bin) if how == "term" else daemon_bin]
+    image = workdir / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    daemon = start_daemon(image, throttle_iops=THROTTLE_IOPS)
+    guest = Guest(
+        daemon.socket,
+        workdir,
+        "fio",
+        fio_job=FIO_JOB,
+        reconnect_ms=RECONNECT_MS,
+        timeout=FIO_RUNTIME + 120,
+    ).start()
+    timings = []
+    logs = []
+    try:
+        guest.wait_console("== fio")
+        time.sleep(FIO_SETTLE)
+        for i in range(RESTARTS):
+            logs.append(daemon.log)
+            started = restart(daemon, binaries[(i + 1) % 2], how, i + 1)
+            timings.append((started, wait_connected(daemon)))
+            time.sleep(RESTART_EVERY)
+        result = guest.wait()
+    finally:
+        guest.kill()
+    logs.append(daemon.log)
+
+    fio = result["fio"]
+    assert fio.rc == 0, result.console[-4000:]
+    report = fio.json()
+    assert fio_errors(report) == 0
+    console = result.console
+    assert "I/O error" not in console, console[-4000:]
+    assert not [m for m in VERIFY_FAILURES if m in console], console[-4000:]
+    job = report["jobs"][0]
+    assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+
+    resubmitted = [
+        sum(int(n) for n in RESUBMITTED.findall(log.read_text(errors="replace"))) for log in logs
+    ]
+    stall_ms = job["write"]["clat_ns"]["max"] / 1e6
+    print(
+        f"\n{daemon_kind} {how}: largest write completion latency {stall_ms:.0f} ms; "
+        + "; ".join(f"started in {s * 1000:.0f} ms, reconnected after {c * 1000:.0f} ms" for s, c in timings)
+        + f"; resubmitted per process: {resubmitted}"
+    )
+    if daemon_kind == "blkgraph":
+        if how == "kill":
+            # Each kill hit requests in flight, and the next process took them.
+            assert all(n > 0 for n in resubmitted[1:]), resubmitted
+        else:
+            # SIGTERM finishes what is in flight: nothing to resubmit.
+            assert sum(resubmitted) == 0, resubmitted
