@@ -1,5 +1,7 @@
 //! The `raw` format driver: a window (`offset`, `size`) onto its `file` child.
 
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -29,7 +31,9 @@ struct RawOptions {
 struct Raw {
     file: Arc<Child>,
     offset: u64,
-    size: u64,
+    size: AtomicU64,
+    /// Whether the size was given (`size`): such a window is not resized.
+    fixed_size: bool,
 }
 
 fn open(
@@ -60,13 +64,34 @@ fn open(
     Ok(Box::new(Raw {
         file,
         offset: opts.offset,
-        size,
+        size: AtomicU64::new(size),
+        fixed_size: opts.size.is_some(),
     }))
 }
 
 impl BlockDriver for Raw {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// As QEMU's raw: resizes the file to `offset + size`, unless the
+    /// window has a fixed size.
+    fn resize(&self, size: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            if self.fixed_size {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "Cannot resize fixed-size raw disks",
+                ));
+            }
+            let end = self
+                .offset
+                .checked_add(size)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            self.file.node().resize(end).await?;
+            self.size.store(size, Ordering::Release);
+            Ok(())
+        })
     }
 
     fn limits(&self) -> BlockLimits {
