@@ -177,6 +177,14 @@ impl Exports {
         )
     }
 
+    /// Tells every export that a node was resized.
+    pub fn resized(&self) {
+        let exports: Vec<_> = self.exports.lock().values().cloned().collect();
+        for export in exports {
+            export.resized();
+        }
+    }
+
     /// The socket paths to remove at exit.
     pub fn socket_paths(&self) -> Vec<std::path::PathBuf> {
         let exports = self.exports.lock();

@@ -28,6 +28,7 @@ pub const COMMANDS: &[&str] = &[
     "nbd-server-stop",
     "object-add",
     "object-del",
+    "block_resize",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
@@ -76,6 +77,13 @@ pub(crate) enum Command {
     },
     /// object-del.
     ObjectDel(String),
+    /// block_resize.
+    BlockResize {
+        /// The node to resize.
+        node_name: String,
+        /// Its new size in bytes.
+        size: u64,
+    },
     /// quit.
     Quit,
 }
@@ -95,6 +103,17 @@ struct ObjectAdd {
     id: String,
     #[serde(default)]
     limits: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockResize {
+    /// A BlockBackend name in QEMU; blkgraph has none.
+    #[serde(default)]
+    device: Option<String>,
+    #[serde(default)]
+    node_name: Option<String>,
+    size: i64,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +207,27 @@ impl Command {
             "object-del" => {
                 let ObjectDel { id } = parse(args)?;
                 Command::ObjectDel(id)
+            }
+            "block_resize" => {
+                let a: BlockResize = parse(args)?;
+                let node_name = match (a.device, a.node_name) {
+                    (None, Some(node)) => node,
+                    (Some(device), None) => {
+                        return Err(generic(format!(
+                            "Cannot find device='{device}' nor node-name=''"
+                        )))
+                    }
+                    (device, node) => {
+                        return Err(generic(format!(
+                            "Cannot find device='{}' nor node-name='{}'",
+                            device.unwrap_or_default(),
+                            node.unwrap_or_default()
+                        )))
+                    }
+                };
+                let size = u64::try_from(a.size)
+                    .map_err(|_| generic("Parameter 'size' expects a >0 size"))?;
+                Command::BlockResize { node_name, size }
             }
             bitmap if bitmap.starts_with("block-dirty-bitmap-") => {
                 let action = BitmapAction::parse(bitmap, args)

@@ -11,7 +11,7 @@ mod transaction;
 use std::sync::Arc;
 
 use blkgraph_ctl::{Dispatcher, Events, NamedFds, QmpError};
-use blkgraph_graph::Graph;
+use blkgraph_graph::{aio, Graph, Permission};
 use serde_json::{json, Map, Value};
 
 use crate::exports::Exports;
@@ -93,6 +93,10 @@ impl Control {
                 .add_throttle_group(&id, limits)
                 .map_err(generic)?,
             Command::ObjectDel(id) => self.graph.remove_throttle_group(&id).map_err(generic)?,
+            Command::BlockResize { node_name, size } => {
+                resize(&self.graph, &node_name, size)?;
+                self.exports.resized();
+            }
             Command::Quit => (self.quit)(),
         }
         Ok(json!({}))
@@ -117,6 +121,33 @@ impl Dispatcher for Control {
         let command = Command::parse(command, args)?;
         self.run(command, fds)
     }
+}
+
+/// The graph export id under which block_resize holds its node; not an
+/// identifier, so no export can have it.
+const RESIZE_PARENT: &str = "#block_resize";
+
+/// block_resize: resizes a node through a temporary parent that takes the
+/// resize permission (refused if another parent does not share it).
+fn resize(graph: &Graph, node_name: &str, size: u64) -> Result<(), QmpError> {
+    let gate = crate::export::PauseGate::new();
+    let edge = graph
+        .attach_export(
+            RESIZE_PARENT,
+            node_name,
+            Permission::RESIZE,
+            Permission::ALL,
+            gate,
+        )
+        .map_err(generic)?;
+    let node = edge.node();
+    let result = aio::block_on(node.resize(size));
+    drop(node);
+    drop(edge);
+    if let Err(e) = graph.detach_export(RESIZE_PARENT) {
+        log::error!("block_resize: cannot detach its parent: {e}");
+    }
+    result.and_then(|r| r).map_err(generic)
 }
 
 /// Forwards export events to the QMP clients.

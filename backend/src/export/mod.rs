@@ -36,6 +36,10 @@ pub trait Export: Send + Sync {
 
     /// The unix socket path to remove when the export goes, if any.
     fn socket_path(&self) -> Option<&Path>;
+
+    /// A node was resized (block_resize): tell the connected frontends,
+    /// where the protocol can (NBD clients see the size when they connect).
+    fn resized(&self) {}
 }
 
 /// Why an export could not start or stop.

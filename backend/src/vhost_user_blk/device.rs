@@ -2,13 +2,13 @@
 //! vhost-user-backend callbacks.
 
 use std::io;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 
 use blkgraph_graph::{Child, Node};
 use parking_lot::Mutex;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -16,6 +16,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
 
+use super::channel::send_config_change;
 use super::config::{BlkConfig, WCE_OFFSET};
 use super::inflight::QueueInflight;
 use super::request::{DeviceLimits, GuestMemory};
@@ -55,7 +56,7 @@ pub struct VhostUserBlkDevice {
     memory: GuestMemoryAtomic<GuestMemory>,
     workers: Vec<Arc<QueueSource>>,
     /// The frontend's backend-request channel, for config-change messages.
-    backend: Mutex<Option<Backend>>,
+    channel: Mutex<Option<UnixStream>>,
 }
 
 impl VhostUserBlkDevice {
@@ -82,7 +83,7 @@ impl VhostUserBlkDevice {
             event_idx: AtomicBool::new(false),
             memory: GuestMemoryAtomic::new(GuestMemory::new()),
             workers,
-            backend: Mutex::new(None),
+            channel: Mutex::new(None),
         })
     }
 
@@ -176,7 +177,7 @@ impl VhostUserBlkDevice {
         // The next frontend maps its own memory; the regions of this one
         // would overlap them.
         self.replace_memory(GuestMemory::new());
-        *self.backend.lock() = None;
+        *self.channel.lock() = None;
         self.acked_features.store(0, Ordering::Relaxed);
         self.event_idx.store(false, Ordering::Relaxed);
         self.config.lock().0.wce = 1;
@@ -239,17 +240,17 @@ impl VhostUserBlkDevice {
         Ok(())
     }
 
-    /// Keeps (or forgets) the frontend's backend-request channel.
-    pub fn set_backend(&self, backend: Option<Backend>) {
-        *self.backend.lock() = backend;
+    /// Keeps the frontend's backend-request channel.
+    pub fn set_channel(&self, channel: UnixStream) {
+        *self.channel.lock() = Some(channel);
     }
 
     /// Tells a connected frontend that the configuration space changed
     /// (the capacity, after a resize); without a backend-request channel the
     /// driver sees it at its next configuration read.
     pub fn config_changed(&self) {
-        if let Some(backend) = self.backend.lock().as_ref() {
-            if let Err(e) = backend.handle_config_change() {
+        if let Some(channel) = self.channel.lock().as_mut() {
+            if let Err(e) = send_config_change(channel) {
                 log::warn!(
                     "export {}: cannot send the config-change message: {e}",
                     self.options.id

@@ -103,6 +103,11 @@ impl Export for VhostUserBlkExport {
     fn socket_path(&self) -> Option<&Path> {
         self.socket_path.as_deref()
     }
+
+    /// Sends the config-change message: the guest reads the new capacity.
+    fn resized(&self) {
+        self.device.config_changed();
+    }
 }
 
 fn invalid(text: impl Into<String>) -> ExportError {

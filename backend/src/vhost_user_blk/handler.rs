@@ -20,7 +20,7 @@ use vhost::vhost_user::message::{
     VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
     VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{Backend, Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
+use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -468,13 +468,6 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_config(&mut self, offset: u32, buf: &[u8], _: VhostUserConfigFlags) -> Result<()> {
         self.device.set_config(offset, buf).map_err(handler_error)
-    }
-
-    fn set_backend_req_fd(&mut self, backend: Backend) {
-        if self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0 {
-            backend.set_reply_ack_flag(true);
-        }
-        self.device.set_backend(Some(backend));
     }
 
     fn set_gpu_socket(&mut self, _: GpuBackend) -> Result<()> {

@@ -1,6 +1,7 @@
 //! The vhost-user-blk export: a virtio-blk device served over a vhost-user
 //! socket, straight from a graph node.
 
+mod channel;
 mod config;
 mod device;
 mod export;

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use parking_lot::Mutex;
 use vhost::vhost_user::{BackendListener, Error as VhostError, Listener};
 
+use super::channel;
 use super::device::VhostUserBlkDevice;
 use super::handler::Handler;
 
@@ -118,6 +119,11 @@ fn serve_one(
     }
     log::info!("export {id}: frontend connected");
     let result = loop {
+        match channel::peek(conn.as_raw_fd()) {
+            Ok(Some(channel)) => device.set_channel(channel),
+            Ok(None) => {}
+            Err(e) => break VhostError::SocketBroken(e),
+        }
         if let Err(e) = conn.handle_request() {
             break e;
         }
