@@ -10,6 +10,9 @@
 #       fio         the fio job file passed as fw_cfg opt/blkgraph/fio
 #                   (the disk is ${DISK} in it)
 #       md5         md5 of the first bg.size bytes of the disk (O_DIRECT)
+#       resize-wait print "== resize-wait", wait up to 60 s for the disk's
+#                   size to change, then write and read back its last MiB;
+#                   the result has before=SECTORS and after=SECTORS lines
 #       none        nothing: boot and power off
 #   bg.size=N[kmg]   region for fio-verify and md5 (default 64M); fio-bench:
 #                    whole disk unless given
@@ -160,6 +163,28 @@ job_fio() {
 	run_fio fio /tmp/fio.fio
 }
 
+job_resize_wait() {
+	q=/sys/block/${DISK#/dev/}
+	before=$(cat "$q/size")
+	echo "== resize-wait"
+	i=0
+	while [ "$(cat "$q/size")" = "$before" ] && [ $i -lt 600 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	after=$(cat "$q/size")
+	rc=1
+	if [ "$after" != "$before" ]; then
+		last=$((after / 2048 - 1))
+		dd if=/dev/urandom of=/tmp/tail bs=1M count=1 2>/dev/null &&
+			dd if=/tmp/tail of="$DISK" bs=1M seek=$last oflag=direct conv=notrunc 2>/dev/null &&
+			dd if="$DISK" of=/tmp/back bs=1M skip=$last count=1 iflag=direct 2>/dev/null &&
+			cmp /tmp/tail /tmp/back && rc=0
+	fi
+	printf 'before=%s\nafter=%s\n' "$before" "$after" >/tmp/resize
+	emit resize-wait $rc /tmp/resize
+}
+
 while read -r mod; do
 	insmod "/lib/modules/$mod"
 done </lib/modules/load.order
@@ -192,6 +217,7 @@ for job in $(echo "$p_job" | tr , ' '); do
 	fio-bench) job_fio_bench ;;
 	fio) job_fio ;;
 	md5) job_md5 ;;
+	resize-wait) job_resize_wait ;;
 	none) ;;
 	*)
 		echo "unknown job $job" >/tmp/unknown
