@@ -571,3 +571,75 @@ fn memory_regions_must_fit_their_file_and_the_slot_count() {
     drop(d);
     assert_serving(&mut Driver::connect(t.socket(), 1, true));
 }
+
+/// A frontend that negotiated INFLIGHT_SHMFD (with REPLY_ACK), nothing more.
+fn inflight_frontend(socket: &Path) -> vhost::vhost_user::Frontend {
+    use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures as P};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+    let mut f = Frontend::connect(socket, 1).expect("connect");
+    let offered = f.get_features().unwrap();
+    f.set_owner().unwrap();
+    let proto = f.get_protocol_features().unwrap();
+    assert!(proto.contains(P::INFLIGHT_SHMFD), "{proto:?}");
+    f.set_protocol_features(P::INFLIGHT_SHMFD | P::REPLY_ACK)
+        .unwrap();
+    f.set_features(offered).unwrap();
+    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    f
+}
+
+#[test]
+fn inflight_regions_from_a_frontend_are_checked() {
+    use std::os::unix::io::AsRawFd;
+    use vhost::vhost_user::message::VhostUserInflight;
+    use vhost::vhost_user::VhostUserFrontend;
+    let t = export(|_| {});
+    // The device's region: its size follows the layout, and it is sealed
+    // so that nobody can shrink it under the other side's mapping.
+    let mut f = inflight_frontend(t.socket());
+    let (region, file) = f
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, 256))
+        .expect("get_inflight_fd");
+    assert_eq!(region.mmap_size, 16 + 16 * 256 + 48);
+    assert_eq!(file.metadata().unwrap().len(), region.mmap_size);
+    // SAFETY: fcntl on a descriptor this test owns.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    assert!(seals & libc::F_SEAL_SHRINK != 0, "seals {seals:#x}");
+    f.set_inflight_fd(&region, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    drop(f);
+    // Bad shapes and bad regions: each refused (the session ends, as on any
+    // failed request), and the device goes on.
+    let bad_gets = [(0, 256), (2, 256), (1, 0), (1, 2048)];
+    for (queues, size) in bad_gets {
+        let mut f = inflight_frontend(t.socket());
+        let r = f.get_inflight_fd(&VhostUserInflight::new(0, 0, queues, size));
+        assert!(r.is_err(), "{queues} queues of {size} accepted");
+    }
+    let unsealed = tempfile::tempfile().unwrap();
+    unsealed.set_len(1 << 20).unwrap();
+    let sealed = {
+        let mut f = inflight_frontend(t.socket());
+        f.get_inflight_fd(&VhostUserInflight::new(0, 0, 1, 256))
+            .unwrap()
+            .1
+    };
+    let bad_sets = [
+        (VhostUserInflight::new(1 << 20, 0, 1, 256), &unsealed),
+        (VhostUserInflight::new(64, 0, 1, 256), &sealed),
+        (
+            VhostUserInflight::new(region.mmap_size, 4096, 1, 256),
+            &sealed,
+        ),
+        (VhostUserInflight::new(region.mmap_size, 1, 1, 256), &sealed),
+        (VhostUserInflight::new(u64::MAX, 0, 1, 256), &sealed),
+        (VhostUserInflight::new(region.mmap_size, 0, 9, 256), &sealed),
+    ];
+    for (msg, file) in bad_sets {
+        let mut f = inflight_frontend(t.socket());
+        let r = f.set_inflight_fd(&msg, file.as_raw_fd());
+        assert!(r.is_err(), "a bad region was accepted: {}", msg.mmap_size);
+    }
+    assert_serving(&mut Driver::connect(t.socket(), 1, true));
+}

@@ -144,7 +144,7 @@ impl InflightRegion {
         let file_len = file.metadata()?.len();
         if msg
             .mmap_offset
-            .checked_add(need as u64)
+            .checked_add(msg.mmap_size)
             .is_none_or(|end| end > file_len)
         {
             return Err(invalid(format!(
