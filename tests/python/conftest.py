@@ -80,7 +80,7 @@ class StorageDaemon:
         ]
         if throttle_iops is not None:
             self.args += [
-                "--object", f"throttle-group,id=tg0,limits.iops-total={throttle_iops}",
+                "--object", f"throttle-group,id=tg0,limits.iops-write={throttle_iops}",
                 "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=disk0",
             ]
         self.args += [
@@ -177,7 +177,8 @@ def start_daemon(daemon_bin, workdir):
     start_daemon(image, num_queues=1, name="vub0", qmp=False, extra_args=(), pass_fds=(),
                  fmt="raw", file_opts="", format_opts="", throttle_iops=None)
     returns a started StorageDaemon, which inherits the descriptors pass_fds
-    and, with throttle_iops, exports a throttle node over the disk;
+    and, with throttle_iops, exports a throttle node over the disk that
+    limits writes (not reads) to that rate;
     daemons still running at teardown are stopped with SIGTERM.
     """
     daemons = []

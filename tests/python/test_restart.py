@@ -1,9 +1,11 @@
 """Restarting and upgrading the daemon under a running guest.
 
-The guest runs fio randwrite with crc32c verification interleaved with the
-writes (verify_backlog) on a disk exported through a throttle node whose
-limit is far below what the guest submits, so the queue is always full and
-requests are in flight whenever the daemon goes.  QEMU's chardev reconnects
+The guest runs fio randwrite with crc32c verification on a disk exported
+through a throttle node whose write limit is far below what the guest
+submits, so the queue is always full of writes in flight whenever the
+daemon goes; a second fio job reads another region, unthrottled, so its
+reads complete before the writes queued ahead of them: requests complete
+out of order, as they do without a throttle.  QEMU's chardev reconnects
 (reconnect-ms) to the daemon started again with the same command line.
 
 - kill -9, three times: the new process resubmits what was in flight
@@ -32,32 +34,43 @@ import pytest
 
 from guest import Guest, fio_errors
 
-SIZE = 32 << 20  # the region fio writes and verifies
+SIZE = 48 << 20  # the region fio writes and verifies
 IMAGE_SIZE = 2 * SIZE
 RESTARTS = 3
-THROTTLE_IOPS = 400  # the guest submits several thousand under TCG
-FIO_SETTLE = 3  # seconds of fio before the first restart
+THROTTLE_IOPS = 400  # writes; the guest submits several thousand under TCG
+WRITING = 2 << 20  # bytes on the image before the first restart: the writes flow
 RESTART_EVERY = 4  # seconds between restarts
 RECONNECT_MS = 200
-FIO_RUNTIME = FIO_SETTLE + RESTARTS * RESTART_EVERY + 6
+# The writes last this long at the throttle's rate: well past the restarts.
+assert SIZE // 4096 / THROTTLE_IOPS > RESTARTS * RESTART_EVERY + 10
 
+# Two jobs on the one queue: the writes, throttled, keep the queue full for
+# the whole run and are verified (crc32c) once all are written; the reads,
+# not throttled, keep overtaking them, so requests complete out of order,
+# until the writes job ends (exitall).
 FIO_JOB = f"""\
 [global]
 filename=${{DISK}}
 direct=1
 ioengine=libaio
-iodepth=32
-rw=randwrite
 bs=4k
+exitall=1
+
+[writes]
+rw=randwrite
+iodepth=32
 size={SIZE}
 verify=crc32c
 verify_fatal=1
 do_verify=1
-verify_backlog=64
-time_based=1
-runtime={FIO_RUNTIME}
 
-[restart]
+[reads]
+rw=randread
+iodepth=8
+offset={SIZE}
+size={SIZE}
+time_based=1
+runtime=600
 """
 
 VERIFY_FAILURES = ("verify failed", "bad magic header", "bad header", "verify type mismatch")
@@ -77,6 +90,15 @@ def other_binary(daemon_kind, daemon_bin) -> str:
     if path.resolve() == Path(daemon_bin).resolve():
         pytest.fail(f"{path} is the daemon under test itself: set BLKGRAPH_OTHER_BIN")
     return str(path)
+
+
+def wait_writing(image: Path, guest, timeout=120) -> None:
+    """Wait until the guest's writes reach the (sparse) image."""
+    deadline = time.monotonic() + timeout
+    while image.stat().st_blocks * 512 < WRITING:
+        assert guest.running(), "the guest ended before it wrote"
+        assert time.monotonic() < deadline, "the guest did not write"
+        time.sleep(0.1)
 
 
 def restart(daemon, binary: str, how: str, generation: int) -> float:
@@ -120,13 +142,13 @@ def test_restart_under_fio(daemon_kind, daemon_bin, start_daemon, workdir, monke
         "fio",
         fio_job=FIO_JOB,
         reconnect_ms=RECONNECT_MS,
-        timeout=FIO_RUNTIME + 120,
+        timeout=SIZE // 4096 // THROTTLE_IOPS + 180,
     ).start()
     timings = []
     logs = []
     try:
         guest.wait_console("== fio")
-        time.sleep(FIO_SETTLE)
+        wait_writing(image, guest)
         for i in range(RESTARTS):
             logs.append(daemon.log)
             started = restart(daemon, binaries[(i + 1) % 2], how, i + 1)
@@ -144,8 +166,8 @@ def test_restart_under_fio(daemon_kind, daemon_bin, start_daemon, workdir, monke
     console = result.console
     assert "I/O error" not in console, console[-4000:]
     assert not [m for m in VERIFY_FAILURES if m in console], console[-4000:]
-    job = report["jobs"][0]
-    assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+    job = next(j for j in report["jobs"] if j["jobname"] == "writes")
+    assert job["write"]["io_bytes"] == SIZE and job["read"]["io_bytes"] == SIZE
 
     resubmitted = [
         sum(int(n) for n in RESUBMITTED.findall(log.read_text(errors="replace"))) for log in logs

@@ -240,6 +240,10 @@ impl Handler {
             let resubmit = tracking.recover(used).map_err(handler_error)?;
             // Every chain popped before is used or still inflight.
             vring.set_queue_next_avail(used.wrapping_add(resubmit.len() as u16));
+            log::info!(
+                "queue {index} starts at used index {used}, {} requests in flight",
+                resubmit.len()
+            );
             self.device.track_inflight(index, tracking, resubmit);
         }
         vring.set_queue_ready(true);
@@ -493,6 +497,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
     fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> Result<()> {
         let region = InflightRegion::open(msg, &file, self.vrings.len(), MAX_QUEUE_SIZE)
             .map_err(handler_error)?;
+        log::info!(
+            "inflight region of {} queues of {} set",
+            msg.num_queues,
+            msg.queue_size
+        );
         self.inflight = Some(region);
         Ok(())
     }
