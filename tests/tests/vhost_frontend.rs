@@ -617,7 +617,11 @@ fn inflight_regions_from_a_frontend_are_checked() {
         let r = f.get_inflight_fd(&VhostUserInflight::new(0, 0, queues, size));
         assert!(r.is_err(), "{queues} queues of {size} accepted");
     }
-    let unsealed = tempfile::tempfile().unwrap();
+    // SAFETY: a plain memfd_create with a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0);
+    // SAFETY: fd was just created and is owned by nothing else.
+    let unsealed = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
     unsealed.set_len(1 << 20).unwrap();
     let sealed = {
         let mut f = inflight_frontend(t.socket());

@@ -414,7 +414,15 @@ mod tests {
         assert!(open(with(&|m| m.queue_size = 16)).is_err()); // too small a region
         assert!(open(with(&|m| m.mmap_offset = !4095)).is_err());
         assert!(open(msg).is_ok());
-        // A file that can shrink under the mapping is refused.
+        // A file that can shrink under the mapping is refused: a memfd
+        // without seals, and a file that cannot have any.
+        // SAFETY: a plain memfd_create with a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0);
+        // SAFETY: fd was just created and is owned by nothing else.
+        let unsealed = unsafe { File::from_raw_fd(fd) };
+        unsealed.set_len(msg.mmap_size).unwrap();
+        assert!(InflightRegion::open(&msg, &unsealed, 8, 1024).is_err());
         let plain = tempfile::tempfile().unwrap();
         plain.set_len(msg.mmap_size).unwrap();
         assert!(InflightRegion::open(&msg, &plain, 8, 1024).is_err());
