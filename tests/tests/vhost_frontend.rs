@@ -450,7 +450,12 @@ fn traced_calls(pid: u32, log: &Path, request: impl FnOnce()) -> Vec<String> {
     std::fs::read_to_string(log)
         .expect("strace log")
         .lines()
-        .map(|l| l.split_once(' ').map_or(l, |(_, call)| call).to_string())
+        // strace pads the thread id to five columns: "123   call(...)".
+        .map(|l| {
+            l.split_once(' ')
+                .map_or(l, |(_, call)| call.trim_start())
+                .to_string()
+        })
         .filter(|call| !call.starts_with("<..."))
         .collect()
 }
@@ -487,9 +492,12 @@ fn write_zeroes_are_stable_without_a_write_cache() {
     let t = export(|o| o.aio = "threads".into());
     let mut d = Driver::connect(t.socket(), 1, true);
     let calls = write_zeroes_traced(&t, &mut d, 0, 0);
-    assert!(calls
-        .iter()
-        .any(|c| c.starts_with("fallocate(") || c.starts_with("pwrite")));
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("fallocate(") || c.starts_with("pwrite")),
+        "no write seen: {calls:#?}"
+    );
     assert!(!calls.iter().any(|c| syncs(c)), "writeback: {calls:#?}");
 
     d.set_wce(false);
