@@ -6,6 +6,7 @@ mod file;
 mod null;
 mod qcow2;
 mod raw;
+mod rbd;
 mod snapshot_access;
 mod throttle;
 
@@ -20,4 +21,5 @@ pub const DRIVERS: &[DriverEntry] = &[
     throttle::ENTRY,
     copy_before_write::ENTRY,
     snapshot_access::ENTRY,
+    rbd::ENTRY,
 ];
