@@ -38,6 +38,8 @@ pub(crate) enum Keepalive {
     Buffer(IoBuffer),
     /// A timeout's duration.
     Timespec(Box<types::Timespec>),
+    /// Anything else, e.g. a buffer and the socket it is written to.
+    Other(Box<dyn std::any::Any + Send>),
 }
 
 enum OpState {

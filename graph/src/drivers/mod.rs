@@ -3,6 +3,7 @@
 
 pub(crate) mod copy_before_write;
 mod file;
+mod nbd;
 mod null;
 mod qcow2;
 mod raw;
@@ -22,4 +23,5 @@ pub const DRIVERS: &[DriverEntry] = &[
     copy_before_write::ENTRY,
     snapshot_access::ENTRY,
     rbd::ENTRY,
+    nbd::ENTRY,
 ];

@@ -1,0 +1,1038 @@
+//! The `nbd` protocol driver: a client of an NBD server (qemu-nbd, nbdkit,
+//! qemu-storage-daemon, blkgraph), QEMU's `driver=nbd`.
+//!
+//! One connection per node carries many requests at once. A request is
+//! sent by the task that makes it, on its own executor's io_uring, under an
+//! async lock that keeps messages whole; each node has one connection
+//! thread that reads replies (structured or simple) with blocking reads,
+//! copies read data straight into the request's buffer, and wakes the
+//! request's future. The table of requests in flight holds a clone of each
+//! read's buffer, so a dropped future leaves its memory valid until the
+//! reply was read.
+//!
+//! When the connection fails, the thread puts every request in flight back
+//! to wait for a new connection and reconnects (first after 100 ms, then
+//! backing off to 2 s between attempts). Requests wait at most
+//! `reconnect-delay` seconds from the failure and are sent again on the new
+//! connection, so a server restart within the delay is a pause for the
+//! node's users. After the delay (at once with `reconnect-delay=0`, the
+//! default, where requests in flight fail too) a request asks for one
+//! immediate attempt and fails with EIO if it does not connect; this is
+//! QEMU's behaviour.
+
+mod proto;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+use parking_lot::{Condvar, Mutex};
+use serde::Deserialize;
+
+use self::proto::ExportInfo;
+use crate::aio::{run_blocking, sleep, submit, AsyncMutex, Keepalive};
+use crate::buffer::IoBuffer;
+use crate::driver::{BlockDriver, BlockLimits, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::error::Error;
+use crate::open::{DriverEntry, OpenContext};
+use crate::options::Options;
+
+/// The table entry.
+pub const ENTRY: DriverEntry = DriverEntry { name: "nbd", open };
+
+/// Longest a connect or a handshake may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First and longest pause between reconnect attempts.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Largest discard or write-zeroes request sent at once.
+const MAX_ZERO_REQUEST: u64 = 1 << 30;
+/// Largest structured reply payload that is not read data.
+const MAX_CHUNK: u32 = 1 << 20;
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum Server {
+    Unix { path: String },
+    Inet { host: String, port: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct NbdOptions {
+    server: Server,
+    #[serde(default)]
+    export: Option<String>,
+    #[serde(default)]
+    reconnect_delay: Option<u32>,
+    #[serde(default)]
+    open_timeout: Option<u32>,
+    #[serde(default)]
+    tls_creds: Option<String>,
+    #[serde(default)]
+    tls_hostname: Option<String>,
+    #[serde(default)]
+    x_dirty_bitmap: Option<String>,
+}
+
+/// A connected stream socket.
+enum Sock {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Sock {
+    fn connect(server: &Server) -> io::Result<Sock> {
+        match server {
+            Server::Unix { path } => Ok(Sock::Unix(UnixStream::connect(path)?)),
+            Server::Inet { host, port } => {
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad port"))?;
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+                for addr in (host.as_str(), port).to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(Sock::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Sock::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(Shutdown::Both),
+            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl AsRawFd for Sock {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Sock::Unix(s) => s.as_raw_fd(),
+            Sock::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(buf),
+            Sock::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(buf),
+            Sock::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects and negotiates; the socket is blocking, without timeouts.
+fn connect(server: &Server, export: &str) -> io::Result<(Sock, ExportInfo)> {
+    let mut sock = Sock::connect(server)?;
+    sock.set_timeout(Some(CONNECT_TIMEOUT))?;
+    let info = proto::handshake(&mut sock, export)?;
+    sock.set_timeout(None)?;
+    Ok((sock, info))
+}
+
+/// What a request waits for.
+enum Outcome {
+    Pending(Option<Waker>),
+    /// The reply: a block status for NBD_CMD_BLOCK_STATUS.
+    Done(Result<Option<BlockStatus>, i32>),
+    /// The connection failed first: send again on the next one.
+    Retry,
+}
+
+/// A request whose reply has not been read.
+struct Inflight {
+    kind: u16,
+    offset: u64,
+    len: u32,
+    /// Where a read's data goes.
+    buf: Option<IoBuffer>,
+    outcome: Arc<Mutex<Outcome>>,
+    /// The first error chunk of a structured reply.
+    error: Option<i32>,
+    status: Option<BlockStatus>,
+}
+
+enum Conn {
+    /// Connected: the socket requests are written to.
+    Up(Arc<Sock>),
+    /// Reconnecting; requests wait until the deadline.
+    Reconnecting(Instant),
+    /// Requests fail (reconnect-delay is over, or 0).
+    Down,
+    Closed,
+}
+
+struct State {
+    conn: Conn,
+    inflight: HashMap<u64, Inflight>,
+    /// Requests waiting for a connection.
+    waiters: Vec<Waker>,
+    /// Reconnect attempts made so far.
+    attempts: u64,
+    /// A request in state `Down` asks for an attempt now.
+    attempt_wanted: bool,
+}
+
+struct Shared {
+    node: String,
+    server: Server,
+    export: String,
+    reconnect_delay: Duration,
+    info: ExportInfo,
+    state: Mutex<State>,
+    /// Wakes the connection thread's pauses on close.
+    closing: Condvar,
+    cookie: AtomicU64,
+    send_lock: AsyncMutex<()>,
+}
+
+/// A node's connection to its NBD server.
+pub struct Nbd {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn BlockDriver>, Error> {
+    let opts: NbdOptions = options.parse("")?;
+    if opts.tls_creds.is_some() || opts.tls_hostname.is_some() {
+        return Err(Error::OpenFailed(
+            "TLS is not supported by blkgraph's NBD client (tls-creds, tls-hostname)".into(),
+        ));
+    }
+    if opts.x_dirty_bitmap.is_some() {
+        return Err(Error::InvalidOptions(
+            "Parameter 'x-dirty-bitmap' is not supported".into(),
+        ));
+    }
+    let export = opts.export.clone().unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(opts.open_timeout.unwrap_or(0).into());
+    let describe = match &opts.server {
+        Server::Unix { path } => format!("unix:{path}"),
+        Server::Inet { host, port } => format!("{host}:{port}"),
+    };
+    let mut pause = RECONNECT_MIN;
+    let (sock, info) = loop {
+        match connect(&opts.server, &export) {
+            Ok(c) => break c,
+            // A refusal by a server that answered is final.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(Error::OpenFailed(format!(
+                    "Could not open NBD export '{export}' at {describe}: {e}"
+                )))
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(Error::OpenFailed(format!(
+                    "Failed to connect to '{describe}': {e}"
+                )))
+            }
+            Err(_) => {
+                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                pause = (pause * 2).min(RECONNECT_MAX);
+            }
+        }
+    };
+    if info.flags & proto::FLAG_READ_ONLY != 0 && !ctx.common.is_read_only() {
+        return Err(Error::OpenFailed("NBD export is read-only".into()));
+    }
+    let reader = sock
+        .try_clone()
+        .map_err(|e| Error::OpenFailed(format!("NBD socket: {e}")))?;
+    let shared = Arc::new(Shared {
+        node: ctx.node_name().to_string(),
+        server: opts.server,
+        export,
+        reconnect_delay: Duration::from_secs(opts.reconnect_delay.unwrap_or(0).into()),
+        info,
+        state: Mutex::new(State {
+            conn: Conn::Up(Arc::new(sock)),
+            inflight: HashMap::new(),
+            waiters: Vec::new(),
+            attempts: 0,
+            attempt_wanted: false,
+        }),
+        closing: Condvar::new(),
+        cookie: AtomicU64::new(1),
+        send_lock: AsyncMutex::new(()),
+    });
+    let theirs = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("nbd-{}", shared.node))
+        .spawn(move || connection_thread(theirs, reader))
+        .map_err(|e| Error::OpenFailed(format!("cannot start the NBD thread: {e}")))?;
+    Ok(Box::new(Nbd {
+        shared,
+        thread: Mutex::new(Some(thread)),
+    }))
+}
+
+/// Completes a request with `result` and forgets it.
+fn complete(state: &mut State, cookie: u64, result: Result<Option<BlockStatus>, i32>) {
+    if let Some(req) = state.inflight.remove(&cookie) {
+        let waker = match std::mem::replace(&mut *req.outcome.lock(), Outcome::Done(result)) {
+            Outcome::Pending(w) => w,
+            _ => None,
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+fn protocol_error(text: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, text.to_string())
+}
+
+/// Reads `len` bytes into `buf` (blocking).
+fn read_into(sock: &mut Sock, buf: &IoBuffer) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = buf.slice(done, buf.len() - done);
+        let segs = rest.segments();
+        let n = segs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: the segments point to memory that `rest` keeps valid
+        // and that is only written through system calls.
+        let ret = unsafe { libc::readv(sock.as_raw_fd(), segs.as_ptr(), n) };
+        match ret {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    Ok(())
+}
+
+fn skip(sock: &mut Sock, mut len: u64) -> io::Result<()> {
+    let mut scratch = [0u8; 4096];
+    while len > 0 {
+        let n = len.min(scratch.len() as u64) as usize;
+        sock.read_exact(&mut scratch[..n])?;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Reads replies until the connection fails; returns why.
+fn receive(shared: &Shared, sock: &mut Sock) -> io::Error {
+    loop {
+        if let Err(e) = receive_one(shared, sock) {
+            return e;
+        }
+    }
+}
+
+/// Looks a request up: its kind, offset, length and buffer.
+fn lookup(shared: &Shared, cookie: u64) -> io::Result<(u16, u64, u32, Option<IoBuffer>)> {
+    let state = shared.state.lock();
+    let req = state
+        .inflight
+        .get(&cookie)
+        .ok_or_else(|| protocol_error("the server replied to an unknown request"))?;
+    Ok((req.kind, req.offset, req.len, req.buf.clone()))
+}
+
+fn receive_one(shared: &Shared, sock: &mut Sock) -> io::Result<()> {
+    let magic = proto::read_u32(sock)?;
+    match magic {
+        proto::SIMPLE_REPLY_MAGIC => {
+            let error = proto::read_u32(sock)?;
+            let cookie = proto::read_u64(sock)?;
+            let (kind, _, _, buf) = lookup(shared, cookie)?;
+            if kind == proto::CMD_BLOCK_STATUS
+                || (kind == proto::CMD_READ && shared.info.structured)
+            {
+                return Err(protocol_error("the server sent a simple reply to a read"));
+            }
+            if kind == proto::CMD_READ && error == 0 {
+                if let Some(buf) = &buf {
+                    read_into(sock, buf)?;
+                }
+            }
+            let result = if error == 0 {
+                Ok(None)
+            } else {
+                Err(proto::errno(error))
+            };
+            complete(&mut shared.state.lock(), cookie, result);
+            Ok(())
+        }
+        proto::STRUCTURED_REPLY_MAGIC => {
+            let flags = proto::read_u16(sock)?;
+            let chunk = proto::read_u16(sock)?;
+            let cookie = proto::read_u64(sock)?;
+            let length = proto::read_u32(sock)?;
+            let (kind, offset, len, buf) = lookup(shared, cookie)?;
+            let mut error = None;
+            let mut status = None;
+            match chunk {
+                proto::REPLY_TYPE_NONE if length == 0 => {}
+                proto::REPLY_TYPE_OFFSET_DATA | proto::REPLY_TYPE_OFFSET_HOLE
+                    if kind == proto::CMD_READ && length >= 8 =>
+                {
+                    let at = proto::read_u64(sock)?;
+                    let n = if chunk == proto::REPLY_TYPE_OFFSET_DATA {
+                        u64::from(length - 8)
+                    } else if length == 12 {
+                        u64::from(proto::read_u32(sock)?)
+                    } else {
+                        return Err(protocol_error("bad hole chunk"));
+                    };
+                    if at < offset || at + n > offset + u64::from(len) {
+                        return Err(protocol_error("the server sent data outside the read"));
+                    }
+                    let buf = buf.ok_or_else(|| protocol_error("read without a buffer"))?;
+                    let part = buf.slice((at - offset) as usize, n as usize);
+                    if chunk == proto::REPLY_TYPE_OFFSET_DATA {
+                        read_into(sock, &part)?;
+                    } else {
+                        part.fill_zero(0, part.len());
+                    }
+                }
+                proto::REPLY_TYPE_BLOCK_STATUS
+                    if kind == proto::CMD_BLOCK_STATUS && (12..=MAX_CHUNK).contains(&length) =>
+                {
+                    let id = proto::read_u32(sock)?;
+                    let ext_len = proto::read_u32(sock)?;
+                    let ext_flags = proto::read_u32(sock)?;
+                    skip(sock, u64::from(length - 12))?;
+                    if Some(id) == shared.info.base_allocation {
+                        if ext_len == 0 {
+                            error = Some(libc::EIO);
+                        } else {
+                            status = Some(BlockStatus {
+                                len: u64::from(ext_len.min(len)),
+                                data: ext_flags & proto::STATE_HOLE == 0,
+                                zero: ext_flags & proto::STATE_ZERO != 0,
+                                depth: 1,
+                            });
+                        }
+                    }
+                }
+                t if t & proto::REPLY_TYPE_ERROR_BIT != 0 && (6..=MAX_CHUNK).contains(&length) => {
+                    let code = proto::read_u32(sock)?;
+                    let msg_len = proto::read_u16(sock)?;
+                    if u32::from(msg_len) > length - 6 {
+                        return Err(protocol_error("bad error chunk"));
+                    }
+                    let mut msg = vec![0; msg_len as usize];
+                    sock.read_exact(&mut msg)?;
+                    skip(sock, u64::from(length - 6 - u32::from(msg_len)))?;
+                    log::debug!(
+                        "nbd node {}: server error {code}: {}",
+                        shared.node,
+                        String::from_utf8_lossy(&msg)
+                    );
+                    error = Some(if code == 0 {
+                        libc::EINVAL
+                    } else {
+                        proto::errno(code)
+                    });
+                }
+                _ => return Err(protocol_error("the server sent an unexpected reply chunk")),
+            }
+            let mut state = shared.state.lock();
+            if let Some(req) = state.inflight.get_mut(&cookie) {
+                if req.error.is_none() {
+                    req.error = error;
+                }
+                if req.status.is_none() {
+                    req.status = status;
+                }
+                if flags & proto::REPLY_FLAG_DONE != 0 {
+                    let result = match (req.error, req.status) {
+                        (Some(e), _) => Err(e),
+                        (None, None) if kind == proto::CMD_BLOCK_STATUS => Err(libc::EIO),
+                        (None, status) => Ok(status),
+                    };
+                    complete(&mut state, cookie, result);
+                }
+            }
+            Ok(())
+        }
+        _ => Err(protocol_error("the server sent a bad reply magic")),
+    }
+}
+
+/// Marks the connection lost: requests in flight wait for the next one
+/// (or fail at once with `reconnect-delay=0`). False once the node closed.
+fn connection_lost(shared: &Shared) -> bool {
+    let mut state = shared.state.lock();
+    if let Conn::Up(sock) = &state.conn {
+        sock.shutdown();
+    }
+    let closed = matches!(state.conn, Conn::Closed);
+    let wait = !closed && !shared.reconnect_delay.is_zero();
+    if !closed {
+        state.conn = if wait {
+            Conn::Reconnecting(Instant::now() + shared.reconnect_delay)
+        } else {
+            Conn::Down
+        };
+    }
+    let mut wakers: Vec<Waker> = state.waiters.drain(..).collect();
+    for (_, req) in state.inflight.drain() {
+        let new = if wait {
+            Outcome::Retry
+        } else {
+            Outcome::Done(Err(libc::EIO))
+        };
+        if let Outcome::Pending(Some(w)) = std::mem::replace(&mut *req.outcome.lock(), new) {
+            wakers.push(w);
+        }
+    }
+    drop(state);
+    wakers.into_iter().for_each(Waker::wake);
+    !closed
+}
+
+fn connection_thread(shared: Arc<Shared>, mut sock: Sock) {
+    loop {
+        let why = receive(&shared, &mut sock);
+        drop(sock);
+        if !connection_lost(&shared) {
+            return;
+        }
+        log::warn!(
+            "nbd node {}: connection lost ({why}); reconnecting",
+            shared.node
+        );
+        match reconnect(&shared) {
+            Some(s) => sock = s,
+            None => return,
+        }
+    }
+}
+
+/// Reconnects until it succeeds (returns the reading half) or the node is
+/// closed (returns None). Once reconnect-delay is over, waiting requests
+/// fail; from then on a new request asks for an attempt at once and fails
+/// if it does not connect (QEMU's behaviour, also with a delay of 0).
+fn reconnect(shared: &Shared) -> Option<Sock> {
+    let mut pause = RECONNECT_MIN;
+    loop {
+        {
+            let mut state = shared.state.lock();
+            let deadline = match state.conn {
+                Conn::Closed => return None,
+                Conn::Reconnecting(deadline) => Some(deadline),
+                _ => None,
+            };
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                state.conn = Conn::Down;
+                let wakers: Vec<Waker> = state.waiters.drain(..).collect();
+                drop(state);
+                log::warn!(
+                    "nbd node {}: reconnect-delay expired; requests fail until the server is back",
+                    shared.node
+                );
+                wakers.into_iter().for_each(Waker::wake);
+                continue;
+            }
+            if !state.attempt_wanted {
+                let wait = left.map_or(pause, |l| l.min(pause));
+                shared.closing.wait_for(&mut state, wait);
+            }
+            if matches!(state.conn, Conn::Closed) {
+                return None;
+            }
+            state.attempt_wanted = false;
+        }
+        pause = (pause * 2).min(RECONNECT_MAX);
+        let attempt = connect(&shared.server, &shared.export).and_then(|(sock, info)| {
+            let old = &shared.info;
+            if info.size != old.size
+                || info.structured != old.structured
+                || info.base_allocation.is_some() != old.base_allocation.is_some()
+                || (info.flags & proto::FLAG_READ_ONLY) > (old.flags & proto::FLAG_READ_ONLY)
+            {
+                return Err(io::Error::other(format!(
+                    "the server's export changed ({info:?} instead of {old:?})"
+                )));
+            }
+            let reader = sock.try_clone()?;
+            Ok((sock, reader))
+        });
+        let mut state = shared.state.lock();
+        state.attempts += 1;
+        let wakers: Vec<Waker> = state.waiters.drain(..).collect();
+        let result = match attempt {
+            Err(e) => {
+                log::debug!("nbd node {}: reconnect failed: {e}", shared.node);
+                None
+            }
+            Ok(_) if matches!(state.conn, Conn::Closed) => return None,
+            Ok((sock, reader)) => {
+                state.conn = Conn::Up(Arc::new(sock));
+                log::warn!("nbd node {}: reconnected", shared.node);
+                Some(reader)
+            }
+        };
+        drop(state);
+        wakers.into_iter().for_each(Waker::wake);
+        if result.is_some() {
+            return result;
+        }
+    }
+}
+
+/// Shuts the socket down if a send stopped half-way (its future was
+/// dropped): the stream would be out of step.
+struct SendGuard(Option<Arc<Sock>>);
+
+impl Drop for SendGuard {
+    fn drop(&mut self) {
+        if let Some(sock) = self.0.take() {
+            sock.shutdown();
+        }
+    }
+}
+
+/// A request registered on a connection: the socket to send it on, its
+/// cookie and where its outcome arrives.
+type Started = (Arc<Sock>, u64, Arc<Mutex<Outcome>>);
+
+/// Waits for the outcome of a request.
+struct Reply(Arc<Mutex<Outcome>>);
+
+impl Future for Reply {
+    type Output = Option<Result<Option<BlockStatus>, i32>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut outcome = self.0.lock();
+        match &mut *outcome {
+            Outcome::Pending(w) => {
+                *w = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Outcome::Done(r) => Poll::Ready(Some(*r)),
+            Outcome::Retry => Poll::Ready(None),
+        }
+    }
+}
+
+impl Nbd {
+    /// Waits for a connection; registers the request in its table.
+    fn start(
+        &self,
+        cx: &mut Context<'_>,
+        asked: &mut Option<u64>,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        buf: Option<&IoBuffer>,
+    ) -> Poll<io::Result<Started>> {
+        let mut state = self.shared.state.lock();
+        match &state.conn {
+            // Registered under the lock that `connection_lost` empties the
+            // table under: a request is either in the table when its
+            // connection fails (and is sent again) or sees the new state.
+            Conn::Up(sock) => {
+                let sock = sock.clone();
+                let cookie = self.shared.cookie.fetch_add(1, Ordering::Relaxed);
+                let outcome = Arc::new(Mutex::new(Outcome::Pending(None)));
+                state.inflight.insert(
+                    cookie,
+                    Inflight {
+                        kind,
+                        offset,
+                        len,
+                        buf: buf.cloned(),
+                        outcome: outcome.clone(),
+                        error: None,
+                        status: None,
+                    },
+                );
+                Poll::Ready(Ok((sock, cookie, outcome)))
+            }
+            Conn::Reconnecting(_) => {
+                state.waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+            // Not connected and not waiting: one attempt, now, for this
+            // request; it fails if that does not connect.
+            Conn::Down => match *asked {
+                Some(n) if state.attempts > n => Poll::Ready(Err(errno(libc::EIO))),
+                Some(_) => {
+                    state.waiters.push(cx.waker().clone());
+                    Poll::Pending
+                }
+                None => {
+                    *asked = Some(state.attempts);
+                    state.attempt_wanted = true;
+                    state.waiters.push(cx.waker().clone());
+                    self.shared.closing.notify_all();
+                    Poll::Pending
+                }
+            },
+            Conn::Closed => Poll::Ready(Err(errno(libc::EIO))),
+        }
+    }
+
+    /// Writes `msg` to the socket on this executor's io_uring.
+    async fn send(&self, sock: &Arc<Sock>, msg: IoBuffer) -> io::Result<()> {
+        let _lock = self.shared.send_lock.lock().await;
+        let mut guard = SendGuard(Some(sock.clone()));
+        let mut done = 0;
+        while done < msg.len() {
+            let rest = msg.slice(done, msg.len() - done);
+            let segs = rest.segments();
+            let n = segs.len().min(libc::UIO_MAXIOV as usize) as u32;
+            let entry = opcode::Writev::new(types::Fd(sock.as_raw_fd()), segs.as_ptr(), n).build();
+            let keep = Keepalive::Other(Box::new((rest.clone(), sock.clone())));
+            // SAFETY: the entry points to `rest`'s iovec array and memory
+            // and to the socket, all kept in the reactor until completion.
+            let written = unsafe { submit(entry, keep) }?.await?;
+            if written == 0 {
+                return Err(errno(libc::EPIPE));
+            }
+            done += written as usize;
+        }
+        guard.0 = None;
+        Ok(())
+    }
+
+    /// One request, sent again after reconnects; at most `max_block`
+    /// bytes for reads and writes.
+    async fn request(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&IoBuffer>,
+    ) -> io::Result<Option<BlockStatus>> {
+        loop {
+            let read_buf = if kind == proto::CMD_READ { data } else { None };
+            let mut asked = None;
+            let (sock, cookie, outcome) =
+                std::future::poll_fn(|cx| self.start(cx, &mut asked, kind, offset, len, read_buf))
+                    .await?;
+            let header =
+                IoBuffer::from_vec(proto::request(flags, kind, cookie, offset, len).to_vec());
+            let msg = match data {
+                Some(d) if kind == proto::CMD_WRITE => IoBuffer::concat(&[header, d.clone()]),
+                _ => header,
+            };
+            if let Err(e) = self.send(&sock, msg).await {
+                log::debug!("nbd node {}: send failed: {e}", self.shared.node);
+                // The connection thread sees the failure and retries or
+                // fails the request.
+                sock.shutdown();
+            }
+            match Reply(outcome).await {
+                Some(Ok(status)) => return Ok(status),
+                Some(Err(e)) => return Err(errno(e)),
+                None => continue,
+            }
+        }
+    }
+
+    fn has(&self, flag: u16) -> bool {
+        self.shared.info.flags & flag != 0
+    }
+
+    fn max_block(&self) -> u64 {
+        u64::from(self.shared.info.max_block)
+    }
+
+    /// Splits `[offset, offset + len)` into pieces of at most `max` bytes
+    /// and runs `f` on each, in order.
+    async fn split<'a, F, Fut>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        max: u64,
+        mut f: F,
+    ) -> io::Result<()>
+    where
+        F: FnMut(u64, u64) -> Fut,
+        Fut: Future<Output = io::Result<()>> + 'a,
+    {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(max);
+            f(offset + done, n).await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn rw(&self, offset: u64, buf: &IoBuffer, write: bool, fua: bool) -> io::Result<()> {
+        let max = self.max_block();
+        let fua_flag = if fua && self.has(proto::FLAG_SEND_FUA) {
+            proto::CMD_FLAG_FUA
+        } else {
+            0
+        };
+        let kind = if write {
+            proto::CMD_WRITE
+        } else {
+            proto::CMD_READ
+        };
+        let mut done = 0u64;
+        let len = buf.len() as u64;
+        while done < len {
+            let n = (len - done).min(max);
+            let part = buf.slice(done as usize, n as usize);
+            self.request(kind, fua_flag, offset + done, n as u32, Some(&part))
+                .await?;
+            done += n;
+        }
+        if fua && fua_flag == 0 {
+            self.flush_now().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_now(&self) -> io::Result<()> {
+        if !self.has(proto::FLAG_SEND_FLUSH) {
+            return Ok(());
+        }
+        self.request(proto::CMD_FLUSH, 0, 0, 0, None)
+            .await
+            .map(|_| ())
+    }
+
+    async fn write_zero_buffers(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let chunk = self.max_block().min(len).min(1 << 20) as usize;
+        let zeroes = IoBuffer::from_vec(vec![0; chunk]);
+        self.split(offset, len, chunk as u64, |off, n| {
+            let part = zeroes.slice(0, n as usize);
+            async move { self.rw(off, &part, true, fua).await }
+        })
+        .await
+    }
+}
+
+impl BlockDriver for Nbd {
+    fn size(&self) -> u64 {
+        self.shared.info.size
+    }
+
+    fn limits(&self) -> BlockLimits {
+        BlockLimits {
+            request_alignment: u64::from(self.shared.info.min_block),
+            max_transfer: Some(self.max_block()),
+            ..BlockLimits::default()
+        }
+    }
+
+    fn filename(&self) -> Option<String> {
+        let export = &self.shared.export;
+        Some(match &self.shared.server {
+            Server::Unix { path } => format!("nbd+unix:///{export}?socket={path}"),
+            Server::Inet { host, port } => format!("nbd://{host}:{port}/{export}"),
+        })
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
+        Box::pin(self.rw(offset, buf, false, false))
+    }
+
+    fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
+        Box::pin(self.rw(offset, buf, true, flags.fua))
+    }
+
+    fn flush(&self) -> IoFuture<'_> {
+        Box::pin(self.flush_now())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            if !self.has(proto::FLAG_SEND_TRIM) {
+                return Ok(()); // advisory
+            }
+            self.split(offset, len, MAX_ZERO_REQUEST, |off, n| async move {
+                self.request(proto::CMD_TRIM, 0, off, n as u32, None)
+                    .await
+                    .map(|_| ())
+            })
+            .await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_> {
+        Box::pin(async move {
+            if !self.has(proto::FLAG_SEND_WRITE_ZEROES) {
+                return self.write_zero_buffers(offset, len, flags.fua).await;
+            }
+            let mut f = 0;
+            if !flags.may_unmap {
+                f |= proto::CMD_FLAG_NO_HOLE;
+            }
+            if flags.fua && self.has(proto::FLAG_SEND_FUA) {
+                f |= proto::CMD_FLAG_FUA;
+            }
+            self.split(offset, len, MAX_ZERO_REQUEST, |off, n| async move {
+                self.request(proto::CMD_WRITE_ZEROES, f, off, n as u32, None)
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
+            if flags.fua && !self.has(proto::FLAG_SEND_FUA) {
+                self.flush_now().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        Box::pin(async move {
+            let len = len.min(self.size().saturating_sub(offset));
+            if self.shared.info.base_allocation.is_none() || len == 0 {
+                return Ok(BlockStatus {
+                    len,
+                    data: true,
+                    zero: false,
+                    depth: 1,
+                });
+            }
+            let min = u64::from(self.shared.info.min_block);
+            let n = len.min(MAX_ZERO_REQUEST).max(len.min(min));
+            let status = self
+                .request(
+                    proto::CMD_BLOCK_STATUS,
+                    proto::CMD_FLAG_REQ_ONE,
+                    offset,
+                    n as u32,
+                    None,
+                )
+                .await?;
+            status.ok_or_else(|| errno(libc::EIO))
+        })
+    }
+
+    fn drain(&self) -> IoFuture<'_> {
+        Box::pin(async move {
+            // Replies to requests whose futures were dropped.
+            loop {
+                {
+                    let state = self.shared.state.lock();
+                    if state.inflight.is_empty() || !matches!(state.conn, Conn::Up(_)) {
+                        return Ok(());
+                    }
+                }
+                sleep(Duration::from_millis(1)).await?;
+            }
+        })
+    }
+
+    fn close(&self) -> IoFuture<'_> {
+        Box::pin(async move {
+            self.stop(true);
+            let thread = self.thread.lock().take();
+            if let Some(thread) = thread {
+                run_blocking(move || {
+                    let _ = thread.join();
+                    Ok(0)
+                })
+                .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Nbd {
+    /// Ends the connection (with NBD_CMD_DISC if `polite`) and stops the
+    /// connection thread.
+    fn stop(&self, polite: bool) {
+        let mut state = self.shared.state.lock();
+        if let Conn::Up(sock) = &state.conn {
+            if polite {
+                let cookie = self.shared.cookie.fetch_add(1, Ordering::Relaxed);
+                let msg = proto::request(0, proto::CMD_DISC, cookie, 0, 0);
+                // A short blocking write; the server may be gone already.
+                let mut s: &Sock = sock;
+                let _ = s.write_all(&msg);
+            }
+            sock.shutdown();
+        }
+        state.conn = Conn::Closed;
+        let wakers: Vec<Waker> = state.waiters.drain(..).collect();
+        drop(state);
+        self.shared.closing.notify_all();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Write for &Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => (&*s).write(buf),
+            Sock::Tcp(s) => (&*s).write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        self.stop(false);
+        if let Some(thread) = self.thread.get_mut().take() {
+            let _ = thread.join();
+        }
+    }
+}
