@@ -60,6 +60,7 @@ class StorageDaemon:
         file_opts="",
         format_opts="",
         throttle_iops=None,
+        blockdevs=None,
     ):
         self.binary = binary
         self.pass_fds = tuple(pass_fds)
@@ -72,22 +73,22 @@ class StorageDaemon:
             f"type=vhost-user-blk,id=vub0,node-name={root},addr.type=unix,"
             f"addr.path={self.socket},writable=on,num-queues={num_queues},logical-block-size=512"
         )
-        # fmt: off
-        self.args = [
-            binary,
-            "--blockdev", f"driver=file,node-name=f0,filename={image}{file_opts}",
-            "--blockdev", f"driver={fmt},node-name=disk0,file=f0{format_opts}",
-        ]
+        if blockdevs is None:
+            blockdevs = [
+                f"driver=file,node-name=f0,filename={image}{file_opts}",
+                f"driver={fmt},node-name=disk0,file=f0{format_opts}",
+            ]
+        self.args = [binary]
+        for blockdev in blockdevs:
+            self.args += ["--blockdev", blockdev]
         if throttle_iops is not None:
+            # fmt: off
             self.args += [
                 "--object", f"throttle-group,id=tg0,limits.iops-write={throttle_iops}",
                 "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=disk0",
             ]
-        self.args += [
-            "--export", export,
-            "--pidfile", str(self.pidfile),
-        ]
-        # fmt: on
+            # fmt: on
+        self.args += ["--export", export, "--pidfile", str(self.pidfile)]
         if qmp:
             chardev = f"socket,id=qmp0,path={self.qmp},server=on,wait=off"
             self.args += ["--chardev", chardev, "--monitor", "chardev=qmp0"]
@@ -175,16 +176,17 @@ def start_daemon(daemon_bin, workdir):
     """Return a function that starts the daemon under test on an image.
 
     start_daemon(image, num_queues=1, name="vub0", qmp=False, extra_args=(), pass_fds=(),
-                 fmt="raw", file_opts="", format_opts="", throttle_iops=None)
+                 fmt="raw", file_opts="", format_opts="", throttle_iops=None, blockdevs=None)
     returns a started StorageDaemon, which inherits the descriptors pass_fds
     and, with throttle_iops, exports a throttle node over the disk that
-    limits writes (not reads) to that rate;
+    limits writes (not reads) to that rate; blockdevs replaces the default
+    --blockdev options (file f0, FMT disk0) and must define the node disk0;
     daemons still running at teardown are stopped with SIGTERM.
     """
     daemons = []
 
     def start(image, **kwargs) -> StorageDaemon:
-        daemon = StorageDaemon(daemon_bin, workdir, Path(image), **kwargs)
+        daemon = StorageDaemon(daemon_bin, workdir, image and Path(image), **kwargs)
         daemons.append(daemon)
         return daemon.start()
 
