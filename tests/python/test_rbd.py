@@ -141,6 +141,10 @@ def test_guest_fio_verify_on_rbd(daemon_kind, start_daemon, ceph, workdir):
     assert sum(job["write"]["io_bytes"] for job in report["jobs"]) == size
     assert all(result.interrupts), f"a queue was not used: {result.interrupts}"
     assert daemon.stop() == 0
+    # A clean stop closes the image: no watcher and no exclusive lock stay
+    # behind for the next client to wait out.
+    status = json.loads(ceph.rbd("status", "--format", "json", f"{ceph.pool}/{image}").stdout)
+    assert status["watchers"] == [], status
     out = workdir / "export.raw"
     ceph.export(image, out)
     assert md5_of(out, size) == result.md5

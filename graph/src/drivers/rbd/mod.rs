@@ -77,6 +77,9 @@ struct Handles {
     rados: ffi::Rados,
     ioctx: ffi::IoCtx,
     image: ffi::Image,
+    /// Set once the handles were closed (by the driver's `close`, or on
+    /// drop).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: librados and librbd handles may be used from any thread: the
@@ -85,13 +88,19 @@ unsafe impl Send for Handles {}
 // SAFETY: see the `Send` implementation above.
 unsafe impl Sync for Handles {}
 
-impl Drop for Handles {
-    fn drop(&mut self) {
+impl Handles {
+    /// Closes the image (releasing its exclusive lock and header watch, so
+    /// the next client need not wait for them to time out), the io context
+    /// and the cluster connection, once. Blocks.
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         // SAFETY: each handle was created by the matching librados/librbd
-        // call, is closed exactly once, and nothing uses it afterwards (the
-        // driver is gone, and no completion is pending: the graph drains
-        // and flushes a node before it drops it; librbd also waits for its
-        // own in-flight I/O in rbd_close).
+        // call and is closed exactly once (the flag); nothing uses it
+        // afterwards: `close` runs when the node leaves the graph, after
+        // it was drained and flushed, and requests never follow; librbd
+        // also waits for its own in-flight I/O in rbd_close.
         unsafe {
             if !self.image.is_null() {
                 (self.lib.rbd_close)(self.image);
@@ -103,6 +112,12 @@ impl Drop for Handles {
                 (self.lib.rados_shutdown)(self.rados);
             }
         }
+    }
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -185,6 +200,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
         rados: std::ptr::null_mut(),
         ioctx: std::ptr::null_mut(),
         image: std::ptr::null_mut(),
+        closed: std::sync::atomic::AtomicBool::new(false),
     };
     let fail = |what: &str, ret: c_int| Error::OpenFailed(format!("{what}: {}", strerror(ret)));
     let cluster_name = c"ceph";
@@ -592,6 +608,18 @@ impl BlockDriver for Rbd {
             .await?;
             let status = out.lock().take();
             status.unwrap_or_else(|| Err(os_error(-libc::EIO)))
+        })
+    }
+
+    fn close(&self) -> IoFuture<'_> {
+        let handles = self.handles.clone();
+        Box::pin(async move {
+            run_blocking(move || {
+                handles.close();
+                Ok(0)
+            })
+            .await
+            .map(|_| ())
         })
     }
 
