@@ -335,6 +335,17 @@ impl Node {
         if !self.granted().contains(Permission::RESIZE) || size > MAX_LENGTH {
             return ready(Err(io::Error::from_raw_os_error(libc::EPERM)));
         }
+        // A dirty bitmap covers the size it was made for: writes past it
+        // would go unrecorded, and an incremental backup would miss them.
+        if size != self.size() && !self.bitmaps.load().is_empty() {
+            return ready(Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "Cannot resize node '{}': its dirty bitmaps cannot change size",
+                    self.name()
+                ),
+            )));
+        }
         self.driver.resize(size)
     }
 

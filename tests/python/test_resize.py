@@ -10,6 +10,7 @@ fixed-size raw window, is refused and changes nothing.
 """
 
 import asyncio
+import json
 import subprocess
 
 import pytest
@@ -116,3 +117,66 @@ def test_nbd_clients_see_the_new_size(daemon_kind, start_daemon, workdir):
         assert "Cannot resize fixed-size raw disks" in str(results[5])
     assert image.stat().st_size == NEW_SIZE
     assert other.stat().st_size == SIZE
+
+
+def test_qcow2_grows_under_nbd_clients(daemon_kind, start_daemon, workdir):
+    """block_resize on a qcow2 node: a larger L1 table, data written past the
+    old end through NBD, and an image that qemu-img checks clean and reads
+    back. Shrinking is refused; so is resizing a node with a dirty bitmap,
+    whose bits could not cover the new end (blkgraph only: QEMU grows them)."""
+    if daemon_kind == "qsd":
+        pytest.skip("qemu-storage-daemon exits on this block_resize")
+    image = workdir / "disk.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, str(SIZE)],
+        check=True,
+    )
+    daemon = start_daemon(image, qmp=True, fmt="qcow2")
+    nbd = workdir / "nbd.sock"
+    bitmap = {"node": "disk0", "name": "b0"}
+    results = asyncio.run(
+        qmp_session(
+            daemon.qmp,
+            [
+                ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd)}}}),
+                ("block_resize", {"node-name": "disk0", "size": 4 << 30}),
+                ("block_resize", {"node-name": "disk0", "size": SIZE}),
+                ("block-dirty-bitmap-add", bitmap),
+                ("block_resize", {"node-name": "disk0", "size": (4 << 30) + (1 << 20)}),
+                ("block-dirty-bitmap-remove", bitmap),
+                (
+                    "block-export-add",
+                    {"type": "nbd", "id": "n0", "node-name": "disk0", "writable": True},
+                ),
+            ],
+        )
+    )
+    assert [results[i] for i in (0, 1, 3, 5, 6)] == [{}] * 5, results
+    assert "doesn't support shrinking" in str(results[2]), results
+    assert "dirty bitmaps cannot change size" in str(results[4]), results
+    new_size = 4 << 30
+    uri = f"nbd+unix:///disk0?socket={nbd}"
+    size = subprocess.run(
+        ["nbdinfo", "--size", uri], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert int(size) == new_size
+    end = new_size - (1 << 20)
+    io = ["qemu-io", "-f", "raw", uri, "-c"]
+    subprocess.run(io + [f"write -P 0x5a {end} 1M"], check=True, capture_output=True)
+    subprocess.run(io + [f"write -P 0x33 {SIZE - 4096} 8k"], check=True, capture_output=True)
+    daemon.stop()
+    subprocess.run(["qemu-img", "check", image], check=True, capture_output=True)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", image], check=True, capture_output=True
+        ).stdout
+    )
+    assert info["virtual-size"] == new_size
+    for check in [f"read -P 0x5a {end} 1M", f"read -P 0x33 {SIZE - 4096} 8k"]:
+        out = subprocess.run(
+            ["qemu-io", "-f", "qcow2", image, "-c", check],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert "Pattern verification failed" not in out, out

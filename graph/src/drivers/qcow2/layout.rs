@@ -19,6 +19,8 @@ pub const SUBCLUSTERS: u64 = 32;
 pub const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// An extended L2 entry's bitmap with every subcluster reading as zero.
 pub const ALL_ZERO: u64 = 0xffff_ffff << 32;
+/// The most entries an L1 table may have (32 MiB of them, QEMU's limit).
+pub const MAX_L1_ENTRIES: u64 = 1 << 22;
 
 /// Sizes derived from the header.
 #[derive(Clone, Copy, Debug)]

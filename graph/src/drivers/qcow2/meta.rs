@@ -22,7 +22,7 @@ use super::cache::TableCache;
 use super::header::{Header, INCOMPAT_DIRTY};
 use super::layout::{
     get_be64, get_refcount, put_be64, set_refcount, Corrupt, Extent, Geometry, L2Entry, COPIED,
-    OFFSET_MASK,
+    MAX_L1_ENTRIES, OFFSET_MASK,
 };
 use crate::buffer::IoBuffer;
 use crate::driver::WriteFlags;
@@ -620,6 +620,49 @@ impl Meta {
         self.write_header(f, header).await?;
         self.refcount_table = table;
         self.pending_frees.push(old);
+        Ok(())
+    }
+
+    /// Grows the virtual size to `size` (block_resize): a larger L1 table,
+    /// if one is needed, is written and stable (with its refcounts) before
+    /// the header points to it with the new size; the old table is freed
+    /// at the next flush.
+    pub async fn grow(&mut self, f: &File<'_>, size: u64) -> io::Result<()> {
+        let entries = self.g.l1_entries_for(size);
+        if entries > MAX_L1_ENTRIES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "The new size is too big for this image's cluster size",
+            ));
+        }
+        let cs = self.g.cluster_size;
+        let mut header = self.header.clone();
+        let mut grown = None;
+        if entries > self.l1.len() as u64 {
+            let bytes = (entries * 8).next_multiple_of(cs);
+            let at = self.alloc_clusters(f, bytes / cs).await?;
+            self.write_refblocks(f).await?;
+            let mut l1 = self.l1.clone();
+            l1.resize(entries as usize, 0);
+            let mut data = vec![0u8; bytes as usize];
+            for (i, e) in l1.iter().enumerate() {
+                put_be64(&mut data, i * 8, *e);
+            }
+            f.write(at, data).await?;
+            f.flush().await?;
+            let old_bytes = (u64::from(header.l1_size) * 8).next_multiple_of(cs);
+            grown = Some((l1, (header.l1_table_offset, old_bytes)));
+            header.l1_table_offset = at;
+            header.l1_size = entries as u32;
+        }
+        header.size = size;
+        self.write_header(f, header).await?;
+        f.flush().await?;
+        if let Some((l1, (old, old_bytes))) = grown {
+            self.l1 = l1;
+            self.free_later(old, old_bytes);
+        }
+        self.g = Geometry::new(&self.header);
         Ok(())
     }
 

@@ -26,6 +26,7 @@ mod repair;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -141,6 +142,9 @@ pub(crate) struct Qcow2 {
     meta: AsyncMutex<Meta>,
     ranges: RangeLocks,
     g: Geometry,
+    /// The virtual size, which block_resize grows (`g.size` is the size
+    /// at open).
+    size: AtomicU64,
     /// The file's request alignment.
     align: u64,
     writable: bool,
@@ -253,6 +257,7 @@ fn open(
         stored_bitmaps: meta.published_bitmaps(),
         meta: AsyncMutex::new(meta),
         ranges: RangeLocks::default(),
+        size: AtomicU64::new(g.size),
         g,
         align,
         writable,
@@ -469,7 +474,35 @@ fn probe_format(path: &Path) -> std::io::Result<String> {
 
 impl BlockDriver for Qcow2 {
     fn size(&self) -> u64 {
-        self.g.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the image, as QEMU's qcow2 does for block_resize; shrinking
+    /// is refused (it would drop guest data and persistent bitmaps).
+    fn resize(&self, size: u64) -> IoFuture<'_> {
+        Box::pin(async move {
+            if size < self.size() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "qcow2 doesn't support shrinking images yet",
+                ));
+            }
+            if !size.is_multiple_of(512) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "The new size must be a multiple of 512",
+                ));
+            }
+            let node = self.file.node();
+            let f = File {
+                node: &node,
+                align: self.align,
+            };
+            let mut m = self.meta.lock().await;
+            m.grow(&f, size).await?;
+            self.size.store(size, Ordering::Release);
+            Ok(())
+        })
     }
 
     fn limits(&self) -> BlockLimits {
@@ -545,7 +578,7 @@ impl BlockDriver for Qcow2 {
 
     fn can_store_bitmap(&self, node: &str, name: &str, granularity: u64) -> Result<(), String> {
         let version = self.header.lock().version;
-        bitmaps::can_store(version, self.g.size, self.g.cluster_size, name, granularity)
+        bitmaps::can_store(version, self.size(), self.g.cluster_size, name, granularity)
             .map_err(|e| format!("Can't make bitmap '{name}' persistent in '{node}': {e}"))
     }
 
