@@ -24,6 +24,7 @@ mod node;
 mod open;
 pub mod options;
 mod permission;
+mod range_lock;
 mod state;
 mod throttle_group;
 mod transaction;

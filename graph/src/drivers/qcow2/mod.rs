@@ -21,7 +21,6 @@ mod header;
 mod io;
 mod layout;
 mod meta;
-mod ranges;
 mod repair;
 
 use std::fmt;
@@ -37,7 +36,6 @@ use self::header::{
 };
 use self::layout::Geometry;
 use self::meta::{read_table, CacheSizes, File, Meta, Policy, StoredBitmap};
-use self::ranges::RangeLocks;
 use crate::aio::{block_on, AsyncMutex};
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
@@ -49,6 +47,7 @@ use crate::node::{Child, DiscardMode, Node};
 use crate::open::{DriverEntry, OpenContext};
 use crate::options::Options;
 use crate::permission::Permission;
+use crate::range_lock::RangeLocks;
 
 /// The table entry.
 pub const ENTRY: DriverEntry = DriverEntry {

@@ -1,7 +1,9 @@
-//! Guest cluster ranges held by requests in flight: writes in place share
-//! them; allocating writes, zeroing and discards hold them alone, so two
-//! requests never allocate the same cluster and a cluster is never freed
-//! under a write that uses it.
+//! Byte ranges held by requests in flight, shared or alone. qcow2's
+//! writes in place share guest clusters while allocating writes, zeroing
+//! and discards hold them alone (two requests never allocate the same
+//! cluster, a cluster is never freed under a write that uses it); a
+//! mirror's copies hold what they copy alone, and so do the guest writes
+//! that a write-blocking mirror passes to its target.
 
 use std::future::Future;
 use std::pin::Pin;
