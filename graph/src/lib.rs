@@ -12,6 +12,7 @@
 pub mod aio;
 mod bitmap;
 mod bitset;
+mod blueprint;
 mod buffer;
 mod check;
 mod drain;

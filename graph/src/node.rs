@@ -15,6 +15,7 @@ use crate::buffer::IoBuffer;
 use crate::driver::{
     BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
 };
+use crate::options::Options;
 use crate::permission::{Parent, Permission};
 
 /// The largest size of a node, in bytes: QEMU's `BDRV_MAX_LENGTH`, the
@@ -120,6 +121,8 @@ pub struct Node {
     direct: bool,
     children: Vec<Arc<Child>>,
     implicit: bool,
+    /// The options the node was opened with, without its children's.
+    given: Option<Options>,
     bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
     /// The union of what the node's parents hold, set when a graph change
     /// commits.
@@ -140,7 +143,9 @@ fn ready<'a, T: Send + 'a>(r: io::Result<T>) -> IoFuture<'a, T> {
 }
 
 impl Node {
-    /// Creates a node; `children` are the edges its driver holds.
+    /// Creates a node; `children` are the edges its driver holds, `given`
+    /// the options it was opened with (without its children's), or `None`
+    /// for a node a job made.
     pub(crate) fn new(
         name: String,
         driver_name: &'static str,
@@ -148,6 +153,7 @@ impl Node {
         common: &CommonOptions,
         children: Vec<Arc<Child>>,
         implicit: bool,
+        given: Option<Options>,
     ) -> Self {
         Node {
             name,
@@ -159,6 +165,7 @@ impl Node {
             direct: common.direct(),
             children,
             implicit,
+            given,
             bitmaps: ArcSwap::from_pointee(Vec::new()),
             granted: AtomicU8::new(0),
         }
@@ -244,6 +251,12 @@ impl Node {
     /// Whether the node was created inline in another node's options.
     pub fn is_implicit(&self) -> bool {
         self.implicit
+    }
+
+    /// The options the node was opened with, without those of its
+    /// children; `None` for a node that a job made (a job's filter).
+    pub fn given_options(&self) -> Option<&Options> {
+        self.given.as_ref()
     }
 
     /// Size in bytes.

@@ -52,6 +52,7 @@ impl Staging<'_> {
         mut options: Options,
         parent: Option<&CommonOptions>,
     ) -> Result<Arc<Node>, Error> {
+        let mut given = options.clone();
         let mut common: CommonOptions = options.split_off(COMMON_KEYS).parse("")?;
         if let Some(parent) = parent {
             common.inherit(parent);
@@ -106,6 +107,9 @@ impl Staging<'_> {
             bitmaps,
             ..
         } = ctx;
+        for child in &children {
+            given.map.remove(child.role().as_str());
+        }
         let node = Arc::new(Node::new(
             name,
             entry.name,
@@ -113,6 +117,7 @@ impl Staging<'_> {
             &common,
             children,
             parent.is_some(),
+            Some(given),
         ));
         for bitmap in bitmaps {
             node.add_bitmap(bitmap);

@@ -483,6 +483,7 @@ impl<'g> Transaction<'g> {
             &common,
             children,
             false,
+            None,
         ));
         self.working.nodes.insert(name, node.clone());
         self.opened.push(node.clone());
