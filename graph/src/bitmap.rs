@@ -283,6 +283,41 @@ impl DirtyBitmap {
         set_bits(&self.words, self.bits(offset, len));
     }
 
+    /// Marks the granules of `[offset, offset + len)` clean.
+    pub(crate) fn reset_range(&self, offset: u64, len: u64) {
+        for bit in self.bits(offset, len) {
+            self.words[(bit / 64) as usize].fetch_and(!(1 << (bit % 64)), Ordering::SeqCst);
+        }
+    }
+
+    /// The first dirty granule at or after `offset` and the dirty run from
+    /// its start, at most `max` bytes: (offset, length).
+    pub(crate) fn next_dirty_run(&self, offset: u64, max: u64) -> Option<(u64, u64)> {
+        let bits = self.size.div_ceil(self.granularity);
+        let mut bit = offset / self.granularity;
+        while bit < bits {
+            let word = self.words[(bit / 64) as usize].load(Ordering::Acquire) >> (bit % 64);
+            if word == 0 {
+                bit = (bit / 64 + 1) * 64;
+                continue;
+            }
+            bit += u64::from(word.trailing_zeros());
+            break;
+        }
+        if bit >= bits {
+            return None;
+        }
+        let start = bit * self.granularity;
+        let limit = start
+            .saturating_add(max.max(self.granularity))
+            .min(self.size);
+        let mut end = start;
+        while end < limit && self.get(end / self.granularity) {
+            end = ((end / self.granularity + 1) * self.granularity).min(self.size);
+        }
+        Some((start, end.min(limit) - start))
+    }
+
     /// Marks every granule clean.
     pub fn clear(&self) {
         for w in &self.words {
@@ -444,6 +479,27 @@ mod tests {
         assert_eq!(b.count(), 0);
         b.roll_back(&saved);
         assert_eq!(b.count(), 65536 * 3);
+    }
+
+    #[test]
+    fn dirty_runs_and_resets() {
+        let g = 65536;
+        let b = DirtyBitmap::new("b", 200 * g + 100, g, true).unwrap();
+        assert_eq!(b.next_dirty_run(0, u64::MAX), None);
+        b.set_range(70 * g, 3 * g);
+        b.set_range(200 * g, 1);
+        assert_eq!(b.next_dirty_run(0, u64::MAX), Some((70 * g, 3 * g)));
+        assert_eq!(
+            b.next_dirty_run(71 * g + 5, u64::MAX),
+            Some((71 * g, 2 * g))
+        );
+        assert_eq!(b.next_dirty_run(0, 2 * g), Some((70 * g, 2 * g)));
+        assert_eq!(b.next_dirty_run(73 * g, u64::MAX), Some((200 * g, 100)));
+        b.reset_range(70 * g, 2 * g);
+        assert_eq!(b.next_dirty_run(0, u64::MAX), Some((72 * g, g)));
+        b.reset_range(72 * g, g);
+        b.reset_range(200 * g, 100);
+        assert_eq!(b.count(), 0);
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub enum SyncMode {
 }
 
 impl SyncMode {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SyncMode::Top => "top",
             SyncMode::Full => "full",

@@ -12,6 +12,7 @@
 
 mod backup;
 mod control;
+mod mirror;
 mod status;
 
 use std::fmt;
@@ -30,6 +31,7 @@ use crate::graph::Graph;
 use crate::EventSink;
 
 pub use backup::{BackupOptions, BitmapMode, SyncMode};
+pub use mirror::{CopyMode, MirrorOptions};
 pub use status::{JobStatus, Verb};
 
 /// What a job does with an I/O error (QAPI's BlockdevOnError).
@@ -764,6 +766,11 @@ impl Job {
         }
         self.driver.clean(&graph, self);
         let mut s = self.state.lock();
+        if s.auto_dismiss {
+            // As in QEMU, where a job ends in one main loop iteration: a
+            // client that sees the end event no longer finds the job.
+            graph.forget_job(&self.id);
+        }
         let mut data = self.block_event_data(&s);
         if cancelled {
             self.event("BLOCK_JOB_CANCELLED", data);
