@@ -1,9 +1,11 @@
 //! The job commands: query-jobs and query-block-jobs, the job-* and
-//! block-job-* verbs, and the arguments of the commands that make jobs
-//! (blockdev-backup), which are also transaction actions.
+//! block-job-* verbs, blockdev-mirror, and the arguments of
+//! blockdev-backup, which is also a transaction action.
 
 use blkgraph_ctl::{ErrorClass, QmpError};
-use blkgraph_graph::job::{BackupOptions, BitmapMode, Job, JobOptions, OnError, SyncMode};
+use blkgraph_graph::job::{
+    BackupOptions, BitmapMode, CopyMode, Job, JobOptions, MirrorOptions, OnError, SyncMode,
+};
 use blkgraph_graph::Graph;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -50,6 +52,8 @@ pub(crate) enum JobCommand {
         id: String,
         speed: u64,
     },
+    /// blockdev-mirror.
+    Mirror(Box<MirrorOptions>),
 }
 
 /// The job commands, for query-commands.
@@ -70,6 +74,7 @@ pub(crate) const JOB_COMMANDS: &[&str] = &[
     "block-job-dismiss",
     "block-job-set-speed",
     "blockdev-backup",
+    "blockdev-mirror",
 ];
 
 #[derive(Deserialize)]
@@ -141,6 +146,7 @@ impl JobCommand {
                     speed,
                 })
             }),
+            "blockdev-mirror" => parse_mirror(args).map(|o| JobCommand::Mirror(Box::new(o))),
             _ => return None,
         })
     }
@@ -174,6 +180,11 @@ impl JobCommand {
             JobCommand::Finalize { id, block } => done(find(&id, block)?.finalize()),
             JobCommand::Dismiss { id, block } => done(find(&id, block)?.dismiss()),
             JobCommand::SetSpeed { id, speed } => done(find(&id, true)?.set_speed(speed)),
+            JobCommand::Mirror(o) => {
+                let mut tx = graph.drained_transaction();
+                tx.blockdev_mirror(&o, None).map_err(generic)?;
+                done(tx.commit())
+            }
         }
     }
 }
@@ -260,6 +271,71 @@ pub(crate) fn parse_backup(args: Map<String, Value>) -> Result<BackupOptions, Qm
         sync: a.sync,
         bitmap: a.bitmap,
         bitmap_mode: a.bitmap_mode,
+        filter_node_name: a.filter_node_name,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockdevMirror {
+    #[serde(default)]
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    #[serde(default)]
+    replaces: Option<String>,
+    sync: SyncMode,
+    #[serde(default)]
+    speed: Option<i64>,
+    #[serde(default)]
+    granularity: Option<u64>,
+    #[serde(default)]
+    buf_size: Option<i64>,
+    #[serde(default)]
+    on_source_error: Option<OnError>,
+    #[serde(default)]
+    on_target_error: Option<OnError>,
+    #[serde(default)]
+    filter_node_name: Option<String>,
+    #[serde(default)]
+    copy_mode: Option<CopyMode>,
+    #[serde(default)]
+    auto_finalize: Option<bool>,
+    #[serde(default)]
+    auto_dismiss: Option<bool>,
+}
+
+/// Parses blockdev-mirror's arguments.
+fn parse_mirror(args: Map<String, Value>) -> Result<MirrorOptions, QmpError> {
+    let a: BlockdevMirror = parse(args)?;
+    if a.replaces.is_some() {
+        return Err(generic("Parameter 'replaces' is not supported"));
+    }
+    let buf_size = match a.buf_size {
+        Some(n) => Some(
+            u64::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| generic("Parameter 'buf-size' expects a positive value"))?,
+        ),
+        None => None,
+    };
+    Ok(MirrorOptions {
+        job: job_options(
+            a.job_id,
+            &a.device,
+            a.speed,
+            a.on_source_error,
+            a.on_target_error,
+            a.auto_finalize,
+            a.auto_dismiss,
+        )?,
+        device: a.device,
+        target: a.target,
+        sync: a.sync,
+        granularity: a.granularity,
+        buf_size,
+        copy_mode: a.copy_mode.unwrap_or_default(),
         filter_node_name: a.filter_node_name,
     })
 }
