@@ -5,7 +5,7 @@ pub(crate) mod copy_before_write;
 mod file;
 mod nbd;
 mod null;
-mod qcow2;
+pub(crate) mod qcow2;
 mod raw;
 mod rbd;
 mod snapshot_access;

@@ -12,6 +12,7 @@
 
 mod backup;
 mod control;
+mod create;
 mod mirror;
 mod status;
 
@@ -30,7 +31,9 @@ use crate::error::Error;
 use crate::graph::Graph;
 use crate::EventSink;
 
+pub use crate::drivers::qcow2::create::{Compression, Qcow2CreateOptions};
 pub use backup::{BackupOptions, BitmapMode, SyncMode};
+pub use create::CreateOptions;
 pub use mirror::{CopyMode, MirrorOptions};
 pub use status::{JobStatus, Verb};
 
@@ -111,6 +114,12 @@ pub trait JobDriver: Send + Sync + 'static {
 
     /// The job's work; returns when it is done or the job was cancelled.
     fn run<'a>(&'a self, job: &'a Job) -> IoFuture<'a>;
+
+    /// Whether the job is a block job, with QEMU's BLOCK_JOB_* events and
+    /// a place in query-block-jobs (all but blockdev-create's).
+    fn is_block_job(&self) -> bool {
+        true
+    }
 
     /// Whether job-complete applies (a mirror, an active commit).
     fn completes_on_request(&self) -> bool {
@@ -257,6 +266,11 @@ impl Job {
     /// The job id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether it is a block job (query-block-jobs, BLOCK_JOB_* events).
+    pub fn is_block_job(&self) -> bool {
+        self.driver.is_block_job()
     }
 
     /// QAPI's JobType.
@@ -707,7 +721,7 @@ impl Job {
             let mut s = job.state.lock();
             if s.status == JobStatus::Waiting {
                 job.transition(&mut s, JobStatus::Pending);
-                if !s.auto_finalize {
+                if !s.auto_finalize && job.is_block_job() {
                     let data = json!({"type": job.job_type(), "id": job.id});
                     job.event("BLOCK_JOB_PENDING", data);
                 }
@@ -772,9 +786,9 @@ impl Job {
             graph.forget_job(&self.id);
         }
         let mut data = self.block_event_data(&s);
-        if cancelled {
+        if cancelled && self.is_block_job() {
             self.event("BLOCK_JOB_CANCELLED", data);
-        } else {
+        } else if self.is_block_job() {
             if let Some(Err(e)) = &s.result {
                 data["error"] = json!(e);
             }

@@ -136,6 +136,32 @@ const V3_MIN_LENGTH: usize = 104;
 const V3_KNOWN_LENGTH: usize = 112;
 
 impl Header {
+    /// The header of a new image: no tables yet, no features, zlib
+    /// compression, 16-bit refcounts.
+    pub fn new(version: u32, cluster_bits: u32, size: u64) -> Header {
+        Header {
+            version,
+            backing_file: None,
+            cluster_bits,
+            size,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            compression: Compression::Zlib,
+            backing_format: None,
+            bitmaps: None,
+            other_extensions: Vec::new(),
+            unknown_fields: Vec::new(),
+        }
+    }
+
     /// Parses the header in `cluster`, the image's first cluster (or more
     /// of the file, if the image is smaller).
     pub fn parse(cluster: &[u8]) -> Result<Header, HeaderError> {

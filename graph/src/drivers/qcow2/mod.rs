@@ -17,6 +17,7 @@
 mod bitmaps;
 mod cache;
 mod compress;
+pub(crate) mod create;
 mod header;
 mod io;
 mod layout;
