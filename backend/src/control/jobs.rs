@@ -1,10 +1,11 @@
 //! The job commands: query-jobs and query-block-jobs, the job-* and
-//! block-job-* verbs, blockdev-mirror, and the arguments of
-//! blockdev-backup, which is also a transaction action.
+//! block-job-* verbs, blockdev-mirror, blockdev-create, and the arguments
+//! of blockdev-backup, which is also a transaction action.
 
 use blkgraph_ctl::{ErrorClass, QmpError};
 use blkgraph_graph::job::{
-    BackupOptions, BitmapMode, CopyMode, Job, JobOptions, MirrorOptions, OnError, SyncMode,
+    BackupOptions, BitmapMode, Compression, CopyMode, CreateOptions, Job, JobOptions,
+    MirrorOptions, OnError, Qcow2CreateOptions, SyncMode,
 };
 use blkgraph_graph::Graph;
 use serde::Deserialize;
@@ -54,6 +55,11 @@ pub(crate) enum JobCommand {
     },
     /// blockdev-mirror.
     Mirror(Box<MirrorOptions>),
+    /// blockdev-create.
+    Create {
+        job: JobOptions,
+        options: CreateOptions,
+    },
 }
 
 /// The job commands, for query-commands.
@@ -75,6 +81,7 @@ pub(crate) const JOB_COMMANDS: &[&str] = &[
     "block-job-set-speed",
     "blockdev-backup",
     "blockdev-mirror",
+    "blockdev-create",
 ];
 
 #[derive(Deserialize)]
@@ -147,6 +154,7 @@ impl JobCommand {
                 })
             }),
             "blockdev-mirror" => parse_mirror(args).map(|o| JobCommand::Mirror(Box::new(o))),
+            "blockdev-create" => parse_create(args),
             _ => return None,
         })
     }
@@ -171,7 +179,12 @@ impl JobCommand {
                 graph.jobs().iter().map(|j| j.info()).collect(),
             )),
             JobCommand::QueryBlockJobs => Ok(Value::Array(
-                graph.jobs().iter().map(|j| j.block_info()).collect(),
+                graph
+                    .jobs()
+                    .iter()
+                    .filter(|j| j.is_block_job())
+                    .map(|j| j.block_info())
+                    .collect(),
             )),
             JobCommand::Pause { id, block } => done(find(&id, block)?.pause()),
             JobCommand::Resume { id, block } => done(find(&id, block)?.resume()),
@@ -183,6 +196,11 @@ impl JobCommand {
             JobCommand::Mirror(o) => {
                 let mut tx = graph.drained_transaction();
                 tx.blockdev_mirror(&o, None).map_err(generic)?;
+                done(tx.commit())
+            }
+            JobCommand::Create { job, options } => {
+                let mut tx = graph.transaction();
+                tx.blockdev_create(&job, options).map_err(generic)?;
                 done(tx.commit())
             }
         }
@@ -338,4 +356,154 @@ fn parse_mirror(args: Map<String, Value>) -> Result<MirrorOptions, QmpError> {
         copy_mode: a.copy_mode.unwrap_or_default(),
         filter_node_name: a.filter_node_name,
     })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockdevCreate {
+    job_id: String,
+    options: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct CreateFile {
+    filename: String,
+    size: u64,
+    #[serde(default)]
+    preallocation: Option<String>,
+    #[serde(default)]
+    nocow: Option<bool>,
+    #[serde(default)]
+    extent_size_hint: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct CreateRaw {
+    file: String,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct CreateQcow2 {
+    file: Value,
+    size: u64,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    backing_file: Option<String>,
+    #[serde(default)]
+    backing_fmt: Option<String>,
+    #[serde(default)]
+    encrypt: Option<Value>,
+    #[serde(default)]
+    cluster_size: Option<u64>,
+    #[serde(default)]
+    preallocation: Option<String>,
+    #[serde(default)]
+    lazy_refcounts: Option<bool>,
+    #[serde(default)]
+    refcount_bits: Option<u32>,
+    #[serde(default)]
+    compression_type: Option<String>,
+    #[serde(default)]
+    extended_l2: Option<bool>,
+    #[serde(default)]
+    data_file: Option<Value>,
+    #[serde(default)]
+    data_file_raw: Option<bool>,
+}
+
+fn preallocation_off(mode: Option<String>) -> Result<(), QmpError> {
+    match mode.as_deref() {
+        None | Some("off") => Ok(()),
+        Some(other) => Err(generic(format!("Unsupported preallocation mode '{other}'"))),
+    }
+}
+
+/// Parses blockdev-create's arguments: the job is not a block job and
+/// must be dismissed, as QEMU's.
+fn parse_create(args: Map<String, Value>) -> Result<JobCommand, QmpError> {
+    let a: BlockdevCreate = parse(args)?;
+    let mut options = a.options;
+    let driver = match options.remove("driver") {
+        Some(Value::String(d)) => d,
+        _ => return Err(generic("Parameter 'driver' is missing")),
+    };
+    let options = match driver.as_str() {
+        "file" => {
+            let o: CreateFile = parse(options)?;
+            preallocation_off(o.preallocation)?;
+            let _accepted = (o.nocow, o.extent_size_hint);
+            CreateOptions::File {
+                filename: o.filename.into(),
+                size: o.size,
+            }
+        }
+        "raw" => {
+            let o: CreateRaw = parse(options)?;
+            CreateOptions::Raw {
+                file: o.file,
+                size: o.size,
+            }
+        }
+        "qcow2" => {
+            let o: CreateQcow2 = parse(options)?;
+            preallocation_off(o.preallocation)?;
+            if o.encrypt.is_some() {
+                return Err(generic(
+                    "Encryption is not supported by blkgraph's qcow2 driver",
+                ));
+            }
+            if o.data_file.is_some() || o.data_file_raw.is_some() {
+                return Err(generic(
+                    "External data files are not supported by blkgraph's qcow2 driver",
+                ));
+            }
+            let Value::String(file) = o.file else {
+                return Err(generic(
+                    "Parameter 'file' must be the node-name of an open file node",
+                ));
+            };
+            let mut image = Qcow2CreateOptions::new(o.size);
+            image.version = match o.version.as_deref() {
+                None | Some("v3") => 3,
+                Some("v2") => 2,
+                Some(other) => {
+                    return Err(generic(format!(
+                        "Parameter 'version' does not accept value '{other}'"
+                    )))
+                }
+            };
+            image.compression = match o.compression_type.as_deref() {
+                None | Some("zlib") => Compression::Zlib,
+                Some("zstd") => Compression::Zstd,
+                Some(other) => {
+                    return Err(generic(format!(
+                        "Parameter 'compression-type' does not accept value '{other}'"
+                    )))
+                }
+            };
+            image.cluster_size = o.cluster_size.unwrap_or(image.cluster_size);
+            image.refcount_bits = o.refcount_bits.unwrap_or(image.refcount_bits);
+            image.lazy_refcounts = o.lazy_refcounts.unwrap_or(false);
+            image.extended_l2 = o.extended_l2.unwrap_or(false);
+            image.backing_file = o.backing_file;
+            image.backing_fmt = o.backing_fmt;
+            CreateOptions::Qcow2 {
+                file,
+                options: image,
+            }
+        }
+        other => {
+            return Err(generic(format!(
+                "Driver '{other}' does not support blockdev-create"
+            )))
+        }
+    };
+    let mut job = JobOptions::new(&a.job_id);
+    job.auto_dismiss = false;
+    Ok(JobCommand::Create { job, options })
 }
