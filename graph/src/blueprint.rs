@@ -57,7 +57,7 @@ fn add_with_children(node: &Arc<Node>, done: &mut BTreeSet<String>, out: &mut Ve
         return;
     }
     done.insert(node.name().to_string());
-    for child in node.children() {
+    for child in node.children().iter() {
         let child = through_job_nodes(child.node());
         add_with_children(&child, done, out);
     }
@@ -70,7 +70,7 @@ fn add_with_children(node: &Arc<Node>, done: &mut BTreeSet<String>, out: &mut Ve
 /// nested, the others by name.
 fn options_with_children(node: &Node) -> Option<Options> {
     let mut options = node.given_options()?.clone();
-    for edge in node.children() {
+    for edge in node.children().iter() {
         let child = through_job_nodes(edge.node());
         let value = if child.is_implicit() {
             match options_with_children(&child) {

@@ -33,7 +33,7 @@ pub(crate) fn check_permissions(state: &State) -> Result<Checked, Error> {
     let mut incoming: HashMap<&str, Vec<Incoming>> = HashMap::new();
     let mut pending: HashMap<&str, usize> = state.nodes.keys().map(|n| (n.as_str(), 0)).collect();
     for node in state.nodes.values() {
-        for edge in node.children() {
+        for edge in node.children().iter() {
             let child = edge.node();
             match pending.get_mut(child.name()) {
                 Some(count) => *count += 1,
@@ -79,7 +79,7 @@ pub(crate) fn check_permissions(state: &State) -> Result<Checked, Error> {
                 result.edges.push((p.edge, p.perm, p.shared));
             }
         }
-        for edge in node.children() {
+        for edge in node.children().iter() {
             let (cperm, cshared) = node.child_perm(edge.role(), perm, shared);
             let child = edge.node();
             // Every child is in the graph: the first loop checked it.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
+use crate::error::Error;
 use crate::node::Child;
 use crate::permission::Permission;
 
@@ -235,6 +236,15 @@ pub trait BlockDriver: Send + Sync {
     /// that the parents allow it.
     fn resize(&self, _size: u64) -> IoFuture<'_> {
         unsupported()
+    }
+
+    /// Takes `backing` as the node's backing child (blockdev-snapshot,
+    /// stream and commit change it); only format drivers with backing
+    /// files can.
+    fn set_backing(&self, _backing: Option<Arc<Child>>) -> Result<(), Error> {
+        Err(Error::OpenFailed(
+            "The node does not support backing images".into(),
+        ))
     }
 
     /// Whether a write past the end extends the node (a host file does),

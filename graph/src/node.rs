@@ -15,6 +15,7 @@ use crate::buffer::IoBuffer;
 use crate::driver::{
     BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
 };
+use crate::error::Error;
 use crate::options::Options;
 use crate::permission::{Parent, Permission};
 
@@ -119,7 +120,7 @@ pub struct Node {
     discard: DiscardMode,
     no_flush: bool,
     direct: bool,
-    children: Vec<Arc<Child>>,
+    children: ArcSwap<Vec<Arc<Child>>>,
     implicit: bool,
     /// The options the node was opened with, without its children's.
     given: Option<Options>,
@@ -163,7 +164,7 @@ impl Node {
             discard: common.discard.unwrap_or_default(),
             no_flush: common.cache.and_then(|c| c.no_flush).unwrap_or(false),
             direct: common.direct(),
-            children,
+            children: ArcSwap::from_pointee(children),
             implicit,
             given,
             bitmaps: ArcSwap::from_pointee(Vec::new()),
@@ -244,8 +245,37 @@ impl Node {
     }
 
     /// The child edges.
-    pub fn children(&self) -> &[Arc<Child>] {
-        &self.children
+    pub fn children(&self) -> Arc<Vec<Arc<Child>>> {
+        self.children.load_full()
+    }
+
+    /// The node's backing child, if it has one.
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.children
+            .load()
+            .iter()
+            .find(|c| c.role() == ChildRole::Backing)
+            .map(|c| c.node())
+    }
+
+    /// Gives the node a new backing child (or none): QEMU's
+    /// bdrv_set_backing_hd, for drivers that have backing files. The
+    /// caller (a transaction) checks the permissions and undoes it if
+    /// they conflict.
+    pub(crate) fn set_backing(&self, backing: Option<Arc<Node>>) -> Result<(), Error> {
+        let child =
+            backing.map(|b| Child::new(Parent::Node(self.name.clone()), ChildRole::Backing, b));
+        self.driver.set_backing(child.clone())?;
+        let mut children: Vec<Arc<Child>> = self
+            .children
+            .load()
+            .iter()
+            .filter(|c| c.role() != ChildRole::Backing)
+            .cloned()
+            .collect();
+        children.extend(child);
+        self.children.store(Arc::new(children));
+        Ok(())
     }
 
     /// Whether the node was created inline in another node's options.
@@ -277,9 +307,12 @@ impl Node {
 
     /// The host file behind this node: its own, or its first child's.
     pub fn filename(&self) -> Option<String> {
-        self.driver
-            .filename()
-            .or_else(|| self.children.first().and_then(|c| c.node().filename()))
+        self.driver.filename().or_else(|| {
+            self.children
+                .load()
+                .first()
+                .and_then(|c| c.node().filename())
+        })
     }
 
     /// Whether the node bypasses the host page cache.

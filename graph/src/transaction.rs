@@ -93,6 +93,8 @@ enum Undo {
     BitmapChanged(Arc<DirtyBitmap>, Saved),
     /// Give a bitmap frozen for a job its bits back, and free it.
     Unfreeze(Arc<DirtyBitmap>, Vec<u64>),
+    /// Give the node its backing child back.
+    Backing(Arc<Node>, Option<Arc<Node>>),
 }
 
 /// A dirty bitmap named in a merge: its node and name.
@@ -158,7 +160,7 @@ impl<'g> Transaction<'g> {
             .working
             .nodes
             .values()
-            .flat_map(|n| n.children())
+            .flat_map(|n| n.children().to_vec())
             .filter(|c| Arc::ptr_eq(&c.node(), node))
             .map(|c| c.parent().clone())
             .collect();
@@ -490,6 +492,77 @@ impl<'g> Transaction<'g> {
         Ok(node)
     }
 
+    /// Gives `node` a new backing child (or none), undone if the
+    /// transaction fails.
+    pub(crate) fn set_backing(
+        &mut self,
+        node: &Arc<Node>,
+        backing: Option<Arc<Node>>,
+    ) -> Result<(), Error> {
+        let previous = node.backing();
+        node.set_backing(backing)?;
+        self.undo.push(Undo::Backing(node.clone(), previous));
+        Ok(())
+    }
+
+    /// blockdev-snapshot: `overlay` (opened without a backing file, and
+    /// used by nobody) gets `node` as its backing file and takes its place
+    /// under every parent, exports included: an external snapshot of a
+    /// live node, as QEMU's bdrv_append. Done in a drained transaction.
+    pub fn blockdev_snapshot(&mut self, node: &str, overlay: &str) -> Result<(), Error> {
+        let old = self.find(node)?;
+        let new = self.find(overlay)?;
+        if !self.parents_of(&new).is_empty() {
+            return Err(Error::OpenFailed("The overlay is already in use".into()));
+        }
+        if new.backing().is_some() {
+            return Err(Error::OpenFailed(
+                "The overlay already has a backing image".into(),
+            ));
+        }
+        if Arc::ptr_eq(&old, &new) {
+            return Err(Error::OpenFailed(
+                "The overlay cannot be its own backing image".into(),
+            ));
+        }
+        self.set_backing(&new, Some(old.clone()))?;
+        self.replace_node(&old, &new);
+        Ok(())
+    }
+
+    /// blockdev-snapshot-sync: makes a qcow2 overlay file for `node`
+    /// (unless `existing`: the file is there already) with the node's
+    /// file name and format as its backing file, opens it as node
+    /// `overlay` and puts it in the node's place, as blockdev-snapshot.
+    pub fn blockdev_snapshot_sync(
+        &mut self,
+        node: &str,
+        file: &std::path::Path,
+        overlay: &str,
+        existing: bool,
+    ) -> Result<(), Error> {
+        let old = self.find(node)?;
+        if !existing {
+            let mut o = crate::drivers::qcow2::create::Qcow2CreateOptions::new(old.size());
+            o.backing_file = old.filename();
+            o.backing_fmt = o
+                .backing_file
+                .as_ref()
+                .map(|_| old.driver_name().to_string());
+            crate::drivers::qcow2::create::create_image_file(file, &o).map_err(|e| {
+                Error::OpenFailed(format!("Could not create '{}': {e}", file.display()))
+            })?;
+        }
+        let options = Options::from_json(serde_json::json!({
+            "driver": "qcow2",
+            "node-name": overlay,
+            "file": {"driver": "file", "filename": file},
+            "backing": null,
+        }))?;
+        self.add(options)?;
+        self.blockdev_snapshot(node, overlay)
+    }
+
     /// Points every edge to `old` (from nodes, exports and jobs) at `new`,
     /// except `new`'s own edges (QEMU's bdrv_replace_node, as a filter is
     /// put above a node or taken out).
@@ -515,7 +588,7 @@ impl<'g> Transaction<'g> {
             .working
             .nodes
             .values()
-            .flat_map(|n| n.children().iter().cloned())
+            .flat_map(|n| n.children().to_vec())
             .chain(self.working.external_edges().cloned())
             .filter(|e| Arc::ptr_eq(&e.node(), old) && !from_below(e))
             .collect();
@@ -623,6 +696,14 @@ impl Drop for Transaction<'_> {
                     bitmap.merge_words(&bits);
                     bitmap.set_busy(false);
                 }
+                Undo::Backing(node, previous) => {
+                    if let Err(e) = node.set_backing(previous) {
+                        log::error!(
+                            "node '{}': cannot restore its backing child: {e}",
+                            node.name()
+                        );
+                    }
+                }
             }
         }
         self.working = State::default();
@@ -663,7 +744,7 @@ mod tests {
             .nodes
             .iter()
             .flat_map(|n| {
-                n.children().iter().map(move |c| {
+                n.children().to_vec().into_iter().map(move |c| {
                     let (p, s) = c.permissions();
                     format!(
                         "{} -{}-> {} [{p}] [{s}]",

@@ -3,6 +3,11 @@
 //! qemu-img lays it out: the header, the refcount table, the refcount
 //! blocks and an L1 table of zeroes, each cluster counted once.
 
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
 pub use super::header::Compression;
 use super::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
 use super::layout::{put_be64, set_refcount, MAX_L1_ENTRIES};
@@ -158,6 +163,22 @@ pub fn layout(o: &Qcow2CreateOptions) -> Result<Layout, String> {
         writes,
         file_size: total * cs,
     })
+}
+
+/// Writes a new image file at `path` (made, or emptied) and makes it
+/// stable: for blockdev-snapshot-sync, which makes its overlay itself.
+pub fn create_image_file(path: &Path, o: &Qcow2CreateOptions) -> io::Result<()> {
+    let image = layout(o).map_err(|text| io::Error::new(io::ErrorKind::InvalidInput, text))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    f.set_len(image.file_size)?;
+    for (offset, data) in image.writes {
+        f.write_all_at(&data, offset)?;
+    }
+    f.sync_all()
 }
 
 #[cfg(test)]

@@ -133,7 +133,7 @@ impl Qcow2 {
     /// no backing file or it is shorter.
     async fn read_backing(&self, guest: u64, part: &IoBuffer) -> io::Result<()> {
         let len = part.len() as u64;
-        let inside = match &self.backing {
+        let inside = match &*self.backing.load() {
             Some(b) => {
                 let node = b.node();
                 let inside = node.size().saturating_sub(guest).min(len);
@@ -428,7 +428,7 @@ impl Qcow2 {
         while at < to {
             match old_extent(&self.g, p, at)? {
                 Extent::Zero => {}
-                Extent::Unallocated if self.backing.is_none() => {}
+                Extent::Unallocated if self.backing.load().is_none() => {}
                 _ => return Ok(false),
             }
             at = (at / unit + 1) * unit;
@@ -502,7 +502,7 @@ impl Qcow2 {
         }
         if g.version >= 3 {
             self.zero_units(first, last - first, may_unmap).await
-        } else if self.backing.is_none() && may_unmap {
+        } else if self.backing.load().is_none() && may_unmap {
             self.unmap_clusters(first, last - first, false).await
         } else {
             self.write_allocating(first, last - first, None).await
@@ -682,7 +682,7 @@ impl Qcow2 {
         let _held = self.ranges.lock(start, end, true).await;
         // With a backing file, a discarded cluster must not show the
         // backing file's data where v3 can say "zeroes".
-        let zero = self.backing.is_some() && self.g.version >= 3;
+        let zero = self.backing.load().is_some() && self.g.version >= 3;
         self.unmap_clusters(offset, len, zero).await
     }
 
@@ -722,7 +722,7 @@ impl Qcow2 {
             Extent::Data(_) | Extent::Compressed(..) => own(true),
             Extent::Zero => own(false),
             Extent::Unallocated => {
-                let below = match &self.backing {
+                let below = match &*self.backing.load() {
                     Some(b) => {
                         let node = b.node();
                         let size = node.size();

@@ -29,6 +29,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -138,7 +139,8 @@ impl From<OpenError> for Error {
 /// An open qcow2 image.
 pub(crate) struct Qcow2 {
     file: Arc<Child>,
-    backing: Option<Arc<Child>>,
+    /// The backing child; blockdev-snapshot, stream and commit change it.
+    backing: ArcSwapOption<Child>,
     meta: AsyncMutex<Meta>,
     ranges: RangeLocks,
     g: Geometry,
@@ -252,7 +254,7 @@ fn open(
     }
     Ok(Box::new(Qcow2 {
         file,
-        backing,
+        backing: ArcSwapOption::new(backing),
         header: meta.published_header(),
         stored_bitmaps: meta.published_bitmaps(),
         meta: AsyncMutex::new(meta),
@@ -574,6 +576,14 @@ impl BlockDriver for Qcow2 {
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(self.status(offset, len))
+    }
+
+    /// The new backing child is only read, as the one given at open; the
+    /// header keeps the backing file name it has (blockdev-snapshot's
+    /// overlays are made with the right one).
+    fn set_backing(&self, backing: Option<Arc<Child>>) -> Result<(), Error> {
+        self.backing.store(backing);
+        Ok(())
     }
 
     fn can_store_bitmap(&self, node: &str, name: &str, granularity: u64) -> Result<(), String> {
