@@ -9,7 +9,9 @@ use serde_json::{json, Map, Value};
 
 use super::args::{generic, no_arguments, parse, NodeName};
 use super::jobs::{parse_backup, JobCommand};
-use super::transaction::{parse_transaction, Action, Actions, BitmapAction, Replace};
+use super::transaction::{
+    parse_snapshot, parse_snapshot_sync, parse_transaction, Action, Actions, BitmapAction, Replace,
+};
 use crate::nbd::NbdServerOptions;
 
 /// The commands, in query-commands order.
@@ -35,6 +37,8 @@ pub const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-enable",
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
     "quit",
 ];
 
@@ -44,7 +48,7 @@ pub(crate) enum Command {
     QueryVersion,
     /// transaction, and the commands that are a transaction of one action
     /// (blockdev-add, blockdev-del, x-blockdev-replace, the bitmap ones,
-    /// blockdev-backup).
+    /// blockdev-backup, blockdev-snapshot and blockdev-snapshot-sync).
     Transaction(Actions),
     /// A job command.
     Job(JobCommand),
@@ -240,6 +244,10 @@ impl Command {
             }
             "blockdev-backup" => {
                 Command::Transaction(Actions::one(Action::Backup(parse_backup(args)?)))
+            }
+            "blockdev-snapshot" => Command::Transaction(Actions::one(parse_snapshot(args)?)),
+            "blockdev-snapshot-sync" => {
+                Command::Transaction(Actions::one(parse_snapshot_sync(args)?))
             }
             other => match JobCommand::parse(other, args) {
                 Some(job) => Command::Job(job?),

@@ -192,7 +192,84 @@ pub(super) enum Action {
     Replace(Replace),
     Bitmap(BitmapAction),
     Backup(BackupOptions),
+    Snapshot(Snapshot),
+    SnapshotSync(SnapshotSync),
     Abort,
+}
+
+/// blockdev-snapshot's arguments.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Snapshot {
+    node: String,
+    overlay: String,
+}
+
+/// blockdev-snapshot-sync's arguments.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct SnapshotSync {
+    #[serde(default)]
+    device: Option<String>,
+    #[serde(default)]
+    node_name: Option<String>,
+    snapshot_file: String,
+    #[serde(default)]
+    snapshot_node_name: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+impl SnapshotSync {
+    /// Checks what blkgraph can do: a qcow2 overlay, made here or
+    /// existing, with a node-name.
+    fn check(&self) -> Result<(), QmpError> {
+        if self.device.is_none() && self.node_name.is_none() {
+            return Err(generic("Cannot find device= nor node-name="));
+        }
+        if self.format.as_deref().is_some_and(|f| f != "qcow2") {
+            return Err(generic(
+                "blkgraph makes qcow2 overlays only (format 'qcow2')",
+            ));
+        }
+        if !matches!(
+            self.mode.as_deref(),
+            None | Some("absolute-paths") | Some("existing")
+        ) {
+            return Err(generic("Parameter 'mode' does not accept this value"));
+        }
+        if self.snapshot_node_name.is_none() {
+            return Err(generic(
+                "Parameter 'snapshot-node-name' is missing (blkgraph names every node)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn apply(&self, tx: &mut Transaction<'_>) -> Result<(), blkgraph_graph::Error> {
+        let node = self
+            .node_name
+            .as_deref()
+            .or(self.device.as_deref())
+            .unwrap_or_default();
+        let overlay = self.snapshot_node_name.as_deref().unwrap_or_default();
+        let existing = self.mode.as_deref() == Some("existing");
+        tx.blockdev_snapshot_sync(node, self.snapshot_file.as_ref(), overlay, existing)
+    }
+}
+
+/// Parses blockdev-snapshot's arguments.
+pub(super) fn parse_snapshot(args: Map<String, Value>) -> Result<Action, QmpError> {
+    parse(args).map(Action::Snapshot)
+}
+
+/// Parses blockdev-snapshot-sync's arguments.
+pub(super) fn parse_snapshot_sync(args: Map<String, Value>) -> Result<Action, QmpError> {
+    let a: SnapshotSync = parse(args)?;
+    a.check()?;
+    Ok(Action::SnapshotSync(a))
 }
 
 /// A transaction: its actions, and whether the jobs they make complete
@@ -242,6 +319,8 @@ impl Action {
                 Ok(Action::Abort)
             }
             "blockdev-backup" => parse_backup(data).map(Action::Backup).map_err(prefix),
+            "blockdev-snapshot" => parse_snapshot(data).map_err(prefix),
+            "blockdev-snapshot-sync" => parse_snapshot_sync(data).map_err(prefix),
             other => match BitmapAction::parse(other, data) {
                 Some(action) => action.map(Action::Bitmap).map_err(prefix),
                 None => Err(generic(format!(
@@ -259,6 +338,8 @@ impl Action {
             Action::Replace(_) => "x-blockdev-replace",
             Action::Bitmap(b) => b.kind(),
             Action::Backup(_) => "blockdev-backup",
+            Action::Snapshot(_) => "blockdev-snapshot",
+            Action::SnapshotSync(_) => "blockdev-snapshot-sync",
             Action::Abort => "abort",
         }
     }
@@ -322,6 +403,8 @@ pub(super) fn run(graph: &Graph, actions: Actions) -> Result<(), QmpError> {
             Action::Replace(r) => tx.replace(r.parent()?, &r.new_child),
             Action::Bitmap(b) => b.apply(&mut tx),
             Action::Backup(o) => tx.blockdev_backup(&o, txn.clone()).map(|_| ()),
+            Action::Snapshot(a) => tx.blockdev_snapshot(&a.node, &a.overlay),
+            Action::SnapshotSync(a) => a.apply(&mut tx),
             Action::Abort => return Err(generic("Transaction aborted using Abort action")),
         }
         .map_err(generic)?;
