@@ -247,6 +247,22 @@ pub trait BlockDriver: Send + Sync {
         ))
     }
 
+    /// Copies into the node what its backing chain has for the parts of
+    /// the range it does not have itself (block-stream's copy).
+    fn populate(&self, _offset: u64, _len: u64) -> IoFuture<'_> {
+        unsupported()
+    }
+
+    /// Writes `name` (and its format) as the backing file name in the
+    /// image, or none (block-stream, block-commit).
+    fn set_backing_file_name<'a>(
+        &'a self,
+        _name: Option<&'a str>,
+        _format: Option<&'a str>,
+    ) -> IoFuture<'a> {
+        unsupported()
+    }
+
     /// Whether a write past the end extends the node (a host file does),
     /// for parents that hold the resize permission.
     fn extends_on_write(&self) -> bool {

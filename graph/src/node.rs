@@ -431,6 +431,28 @@ impl Node {
         self.driver.flush()
     }
 
+    /// Copies into the node what its backing chain has for the parts of
+    /// the range it lacks (block-stream); the guest sees no change, so no
+    /// dirty bitmap records it.
+    pub fn populate(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        if let Err(e) = self.check_write(offset, len) {
+            return ready(Err(e));
+        }
+        self.driver.populate(offset, len)
+    }
+
+    /// Writes the backing file name (and format) in the node's image.
+    pub fn set_backing_file_name<'a>(
+        &'a self,
+        name: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> IoFuture<'a> {
+        if self.read_only {
+            return ready(Err(io::Error::from_raw_os_error(libc::EPERM)));
+        }
+        self.driver.set_backing_file_name(name, format)
+    }
+
     /// Discards a range; a no-op unless the node has `discard=unmap`.
     pub fn discard(&self, offset: u64, len: u64) -> IoFuture<'_> {
         if let Err(e) = self.check_write(offset, len) {

@@ -191,14 +191,19 @@ impl<'g> Transaction<'g> {
             return Err(Error::InUse(format!("Node '{name}' is in use by {parent}")));
         }
         self.working.nodes.remove(name);
-        let mut orphans: Vec<Arc<Node>> = node.children().iter().map(|c| c.node()).collect();
-        while let Some(child) = orphans.pop() {
+        self.remove_orphans(node.children().iter().map(|c| c.node()).collect());
+        Ok(())
+    }
+
+    /// Deletes the inline children among `nodes` that no parent uses any
+    /// more, and theirs.
+    fn remove_orphans(&mut self, mut nodes: Vec<Arc<Node>>) {
+        while let Some(child) = nodes.pop() {
             if child.is_implicit() && self.parents_of(&child).is_empty() {
                 self.working.nodes.remove(child.name());
-                orphans.extend(child.children().iter().map(|c| c.node()));
+                nodes.extend(child.children().iter().map(|c| c.node()));
             }
         }
-        Ok(())
     }
 
     /// Points an edge at node `new_child` (x-blockdev-replace).
@@ -493,7 +498,8 @@ impl<'g> Transaction<'g> {
     }
 
     /// Gives `node` a new backing child (or none), undone if the
-    /// transaction fails.
+    /// transaction fails; the old one goes if it was opened inline and
+    /// nobody else uses it.
     pub(crate) fn set_backing(
         &mut self,
         node: &Arc<Node>,
@@ -501,7 +507,10 @@ impl<'g> Transaction<'g> {
     ) -> Result<(), Error> {
         let previous = node.backing();
         node.set_backing(backing)?;
-        self.undo.push(Undo::Backing(node.clone(), previous));
+        self.undo
+            .push(Undo::Backing(node.clone(), previous.clone()));
+        // A backing file opened from the image's header goes with it.
+        self.remove_orphans(previous.into_iter().collect());
         Ok(())
     }
 

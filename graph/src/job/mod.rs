@@ -15,6 +15,7 @@ mod control;
 mod create;
 mod mirror;
 mod status;
+mod stream;
 
 use std::fmt;
 use std::io;
@@ -36,6 +37,7 @@ pub use backup::{BackupOptions, BitmapMode, SyncMode};
 pub use create::CreateOptions;
 pub use mirror::{CopyMode, MirrorOptions};
 pub use status::{JobStatus, Verb};
+pub use stream::StreamOptions;
 
 /// What a job does with an I/O error (QAPI's BlockdevOnError).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]

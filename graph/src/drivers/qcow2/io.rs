@@ -158,6 +158,35 @@ impl Qcow2 {
         decompress_cluster(self.g.compression, &data, self.g.cluster_size as usize)
     }
 
+    /// Copies into this image what its backing chain has for the parts of
+    /// `[offset, offset + len)` the image does not have (block-stream).
+    /// Holds the range alone, so a guest write in between is never
+    /// overwritten with older data from below.
+    pub(super) async fn populate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = (offset + len).min(self.size.load(std::sync::atomic::Ordering::Acquire));
+        if offset >= end {
+            return Ok(());
+        }
+        let (start, held_end) = self.cluster_range(offset, end - offset);
+        let _held = self.ranges.lock(start, held_end, true).await;
+        let node = self.file.node();
+        let f = self.meta_file(&node);
+        let mut pos = offset;
+        while pos < end {
+            let (n, x) = {
+                let mut m = self.meta.lock().await;
+                m.extent(&f, pos, end - pos).await?
+            };
+            if x == Extent::Unallocated {
+                let buf = IoBuffer::aligned(n as usize, self.align as usize)?;
+                self.read_backing(pos, &buf).await?;
+                self.write_allocating(pos, n, Some(&buf)).await?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Writes guest data.
     pub(super) async fn write_guest(&self, offset: u64, buf: &IoBuffer) -> io::Result<()> {
         if buf.is_empty() {

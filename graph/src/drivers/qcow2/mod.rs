@@ -586,6 +586,33 @@ impl BlockDriver for Qcow2 {
         Ok(())
     }
 
+    fn populate(&self, offset: u64, len: u64) -> IoFuture<'_> {
+        Box::pin(self.populate(offset, len))
+    }
+
+    fn set_backing_file_name<'a>(
+        &'a self,
+        name: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> IoFuture<'a> {
+        Box::pin(async move {
+            let node = self.file.node();
+            let f = File {
+                node: &node,
+                align: self.align,
+            };
+            let mut m = self.meta.lock().await;
+            let mut header = m.header.clone();
+            header.backing_file = name.map(str::to_string);
+            header.backing_format = format.map(str::to_string);
+            header.to_bytes().map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+            })?;
+            m.write_header(&f, header).await?;
+            f.flush().await
+        })
+    }
+
     fn can_store_bitmap(&self, node: &str, name: &str, granularity: u64) -> Result<(), String> {
         let version = self.header.lock().version;
         bitmaps::can_store(version, self.size(), self.g.cluster_size, name, granularity)

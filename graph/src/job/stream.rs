@@ -1,0 +1,181 @@
+//! block-stream, as QEMU's: the data the layers between a node and its
+//! base hold is copied into the node (where the node has nothing of its
+//! own), then the node's backing file becomes the base, in its graph
+//! edge and in its image's header; the layers in between go, if nothing
+//! else uses them. Without a base the whole chain is copied and the node
+//! ends with no backing file. The guest keeps writing meanwhile: a copy
+//! never overwrites what the guest wrote (the node's driver holds the
+//! range while it copies).
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Job, JobDriver, JobOptions, Side, Verdict};
+use crate::aio::{block_on, sleep, IoFuture};
+use crate::error::Error;
+use crate::graph::Graph;
+use crate::node::Node;
+use crate::permission::Permission;
+use crate::transaction::Transaction;
+
+/// block-stream's arguments.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// The job's options (`on-error` is both error policies).
+    pub job: JobOptions,
+    /// The node to stream into.
+    pub device: String,
+    /// The layer that stays below it (by node-name), or none.
+    pub base_node: Option<String>,
+    /// The backing file name to write in the image instead of the base's.
+    pub backing_file: Option<String>,
+}
+
+/// Bytes copied at once, at most.
+const CHUNK: u64 = 4 << 20;
+/// How long a job waits before it retries what failed with an ignored
+/// error.
+const IGNORED_ERROR_DELAY: Duration = Duration::from_millis(100);
+
+fn error(text: impl Into<String>) -> Error {
+    Error::OpenFailed(text.into())
+}
+
+struct Stream {
+    top: Arc<Node>,
+    base: Option<Arc<Node>>,
+    /// Where the base is in the chain, as block status counts depth (the
+    /// node itself is 1); past the end without a base.
+    base_depth: u32,
+    backing_file: Option<String>,
+}
+
+/// The backing chain below `top`, nearest first.
+fn chain(top: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut out = Vec::new();
+    let mut node = top.backing();
+    while let Some(n) = node {
+        node = n.backing();
+        out.push(n);
+    }
+    out
+}
+
+impl Transaction<'_> {
+    /// block-stream: checks the arguments as QEMU does and makes the job
+    /// (started when the transaction commits).
+    pub fn block_stream(&mut self, o: &StreamOptions) -> Result<Arc<Job>, Error> {
+        let top = self.find(&o.device)?;
+        let below = chain(&top);
+        let (base, base_depth) = match &o.base_node {
+            Some(name) => {
+                let base = self.find(name)?;
+                let at = below
+                    .iter()
+                    .position(|n| Arc::ptr_eq(n, &base))
+                    .ok_or_else(|| {
+                        error(format!(
+                            "Node '{name}' is not a backing image of '{}'",
+                            o.device
+                        ))
+                    })?;
+                (Some(base), at as u32 + 2)
+            }
+            None => (None, u32::MAX),
+        };
+        if o.backing_file.is_some() && base.is_none() {
+            return Err(error(
+                "backing file specified, but streaming the entire chain",
+            ));
+        }
+        if top.read_only() {
+            return Err(error(format!("Node '{}' is read-only", o.device)));
+        }
+        let driver = Stream {
+            top: top.clone(),
+            base,
+            base_depth,
+            backing_file: o.backing_file.clone(),
+        };
+        let uses = [(
+            top.name(),
+            Permission::CONSISTENT_READ | Permission::WRITE_UNCHANGED,
+            Permission::ALL,
+        )];
+        self.create_job(&o.job, Box::new(driver), &uses, None)
+    }
+}
+
+impl Stream {
+    async fn stream(&self, job: &Job) -> io::Result<()> {
+        let size = self.top.size();
+        let mut offset = 0;
+        while offset < size {
+            job.pause_point().await;
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            let st = self
+                .top
+                .block_status(offset, (size - offset).min(CHUNK))
+                .await?;
+            let len = st.len.clamp(1, size - offset);
+            if st.depth > 1 && st.depth < self.base_depth {
+                if let Err(e) = self.top.populate(offset, len).await {
+                    match job.on_error(Side::Target, &e).await {
+                        Verdict::Retry => continue,
+                        Verdict::Ignore => {
+                            sleep(IGNORED_ERROR_DELAY).await?;
+                            continue;
+                        }
+                        Verdict::Fail => return Err(e),
+                    }
+                }
+                job.rate_limit(len).await;
+            }
+            offset += len;
+            job.set_progress(offset, size);
+        }
+        Ok(())
+    }
+}
+
+impl JobDriver for Stream {
+    fn job_type(&self) -> &'static str {
+        "stream"
+    }
+
+    fn run<'a>(&'a self, job: &'a Job) -> IoFuture<'a> {
+        Box::pin(self.stream(job))
+    }
+
+    /// The node's backing file becomes the base (or none), in the graph
+    /// and in the image, in one drained step.
+    fn prepare(&self, graph: &Graph, job: &Job) -> Result<(), Error> {
+        let mut tx = graph.drained_transaction();
+        tx.detach_job(job.id());
+        let name = self
+            .backing_file
+            .clone()
+            .or_else(|| self.base.as_ref().and_then(|b| b.filename()));
+        let format = name
+            .as_ref()
+            .and(self.base.as_ref())
+            .map(|b| b.driver_name().to_string());
+        block_on(
+            self.top
+                .set_backing_file_name(name.as_deref(), format.as_deref()),
+        )
+        .and_then(|r| r)
+        .map_err(|e| error(format!("Could not change the backing file name: {e}")))?;
+        tx.set_backing(&self.top, self.base.clone())?;
+        tx.commit()
+    }
+
+    fn clean(&self, graph: &Graph, job: &Job) {
+        if let Err(e) = graph.release_job(job.id()) {
+            log::error!("job '{}': cannot release its node: {e}", job.id());
+        }
+    }
+}
