@@ -5,7 +5,7 @@
 use blkgraph_ctl::{ErrorClass, QmpError};
 use blkgraph_graph::job::{
     BackupOptions, BitmapMode, Compression, CopyMode, CreateOptions, Job, JobOptions,
-    MirrorOptions, OnError, Qcow2CreateOptions, SyncMode,
+    MirrorOptions, OnError, Qcow2CreateOptions, StreamOptions, SyncMode,
 };
 use blkgraph_graph::Graph;
 use serde::Deserialize;
@@ -55,6 +55,8 @@ pub(crate) enum JobCommand {
     },
     /// blockdev-mirror.
     Mirror(Box<MirrorOptions>),
+    /// block-stream.
+    Stream(StreamOptions),
     /// blockdev-create.
     Create {
         job: JobOptions,
@@ -82,6 +84,7 @@ pub(crate) const JOB_COMMANDS: &[&str] = &[
     "blockdev-backup",
     "blockdev-mirror",
     "blockdev-create",
+    "block-stream",
 ];
 
 #[derive(Deserialize)]
@@ -155,6 +158,7 @@ impl JobCommand {
             }),
             "blockdev-mirror" => parse_mirror(args).map(|o| JobCommand::Mirror(Box::new(o))),
             "blockdev-create" => parse_create(args),
+            "block-stream" => parse_stream(args).map(JobCommand::Stream),
             _ => return None,
         })
     }
@@ -196,6 +200,11 @@ impl JobCommand {
             JobCommand::Mirror(o) => {
                 let mut tx = graph.drained_transaction();
                 tx.blockdev_mirror(&o, None).map_err(generic)?;
+                done(tx.commit())
+            }
+            JobCommand::Stream(o) => {
+                let mut tx = graph.transaction();
+                tx.block_stream(&o).map_err(generic)?;
                 done(tx.commit())
             }
             JobCommand::Create { job, options } => {
@@ -506,4 +515,68 @@ fn parse_create(args: Map<String, Value>) -> Result<JobCommand, QmpError> {
     let mut job = JobOptions::new(&a.job_id);
     job.auto_dismiss = false;
     Ok(JobCommand::Create { job, options })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockStream {
+    #[serde(default)]
+    job_id: Option<String>,
+    device: String,
+    #[serde(default)]
+    base: Option<String>,
+    #[serde(default)]
+    base_node: Option<String>,
+    #[serde(default)]
+    backing_file: Option<String>,
+    #[serde(default)]
+    backing_mask_protocol: Option<bool>,
+    #[serde(default)]
+    bottom: Option<String>,
+    #[serde(default)]
+    speed: Option<i64>,
+    #[serde(default)]
+    on_error: Option<OnError>,
+    #[serde(default)]
+    filter_node_name: Option<String>,
+    #[serde(default)]
+    auto_finalize: Option<bool>,
+    #[serde(default)]
+    auto_dismiss: Option<bool>,
+}
+
+/// Parses block-stream's arguments.
+fn parse_stream(args: Map<String, Value>) -> Result<StreamOptions, QmpError> {
+    let a: BlockStream = parse(args)?;
+    if a.base.is_some() && a.base_node.is_some() {
+        return Err(generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    for (given, name) in [
+        (a.base.is_some(), "base"),
+        (a.bottom.is_some(), "bottom"),
+        (a.filter_node_name.is_some(), "filter-node-name"),
+    ] {
+        if given {
+            return Err(generic(format!(
+                "Parameter '{name}' is not supported by blkgraph's block-stream (use 'base-node')"
+            )));
+        }
+    }
+    let _accepted = a.backing_mask_protocol;
+    Ok(StreamOptions {
+        job: job_options(
+            a.job_id,
+            &a.device,
+            a.speed,
+            a.on_error,
+            a.on_error,
+            a.auto_finalize,
+            a.auto_dismiss,
+        )?,
+        device: a.device,
+        base_node: a.base_node,
+        backing_file: a.backing_file,
+    })
 }
