@@ -261,9 +261,23 @@ impl BlockDriver for MirrorTop {
     }
 }
 
+/// What is dirty when the job starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Initial {
+    /// Everything (sync full).
+    All,
+    /// Nothing (sync none).
+    Nothing,
+    /// What the source's layers above depth `n` have, as block status
+    /// counts depth (sync top: 2; an active commit: its base's depth).
+    Above(u32),
+}
+
 struct Mirror {
     shared: Arc<Shared>,
-    sync: SyncMode,
+    initial: Initial,
+    /// QAPI's JobType: `mirror`, or `commit` for an active commit.
+    kind: &'static str,
     source: Arc<Node>,
     target: String,
     filter: String,
@@ -279,12 +293,29 @@ impl Transaction<'_> {
         o: &MirrorOptions,
         txn: Option<Arc<JobTxn>>,
     ) -> Result<Arc<Job>, Error> {
-        if !matches!(o.sync, SyncMode::Full | SyncMode::Top | SyncMode::None) {
-            return Err(error(format!(
-                "Sync mode '{}' not supported",
-                o.sync.as_str()
-            )));
-        }
+        let initial = match o.sync {
+            SyncMode::Full => Initial::All,
+            SyncMode::Top => Initial::Above(2),
+            SyncMode::None => Initial::Nothing,
+            other => {
+                return Err(error(format!(
+                    "Sync mode '{}' not supported",
+                    other.as_str()
+                )))
+            }
+        };
+        self.start_mirror(o, initial, "mirror", txn)
+    }
+
+    /// Puts a mirror's filter above the source and makes the job: for
+    /// blockdev-mirror and an active block-commit.
+    pub(super) fn start_mirror(
+        &mut self,
+        o: &MirrorOptions,
+        initial: Initial,
+        kind: &'static str,
+        txn: Option<Arc<JobTxn>>,
+    ) -> Result<Arc<Job>, Error> {
         let granularity = o.granularity.unwrap_or(DEFAULT_GRANULARITY);
         if !(512..=MAX_GRANULARITY).contains(&granularity) {
             return Err(error(
@@ -313,7 +344,7 @@ impl Transaction<'_> {
         let size = source.size();
         let dirty = DirtyBitmap::new("mirror", size, granularity, true)
             .map_err(|e| error(format!("Cannot create the mirror's dirty bitmap: {e}")))?;
-        if o.sync == SyncMode::Full {
+        if initial == Initial::All {
             dirty.set_range(0, size);
         }
         let mut shared = None;
@@ -336,7 +367,8 @@ impl Transaction<'_> {
         self.replace_node(&source, &filter);
         let driver = Mirror {
             shared,
-            sync: o.sync,
+            initial,
+            kind,
             source: source.clone(),
             target: target.name().to_string(),
             filter: filter.name().to_string(),
@@ -352,8 +384,8 @@ impl Transaction<'_> {
 }
 
 impl Mirror {
-    /// For `sync: top`: what the source's top layer has is dirty.
-    async fn mark_allocated(&self, job: &Job) -> io::Result<()> {
+    /// What the source's layers above depth `depth` have is dirty.
+    async fn mark_allocated(&self, job: &Job, depth: u32) -> io::Result<()> {
         let size = self.shared.size;
         let mut offset = 0;
         while offset < size {
@@ -363,7 +395,7 @@ impl Mirror {
             }
             let st = self.source.block_status(offset, size - offset).await?;
             let len = st.len.max(1);
-            if st.depth == 1 {
+            if st.depth >= 1 && st.depth < depth {
                 self.shared.dirty.set_range(offset, len);
             }
             offset += len;
@@ -401,8 +433,8 @@ impl Mirror {
     }
 
     async fn mirror(&self, job: &Job) -> io::Result<()> {
-        if self.sync == SyncMode::Top {
-            self.mark_allocated(job).await?;
+        if let Initial::Above(depth) = self.initial {
+            self.mark_allocated(job, depth).await?;
         }
         let shared = &self.shared;
         let mut copied = 0u64;
@@ -484,7 +516,7 @@ impl Mirror {
 
 impl JobDriver for Mirror {
     fn job_type(&self) -> &'static str {
-        "mirror"
+        self.kind
     }
 
     fn run<'a>(&'a self, job: &'a Job) -> IoFuture<'a> {

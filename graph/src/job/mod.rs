@@ -11,6 +11,7 @@
 //! thread, never on the executor that runs job I/O.
 
 mod backup;
+mod commit;
 mod control;
 mod create;
 mod mirror;
@@ -34,6 +35,7 @@ use crate::EventSink;
 
 pub use crate::drivers::qcow2::create::{Compression, Qcow2CreateOptions};
 pub use backup::{BackupOptions, BitmapMode, SyncMode};
+pub use commit::CommitOptions;
 pub use create::CreateOptions;
 pub use mirror::{CopyMode, MirrorOptions};
 pub use status::{JobStatus, Verb};
