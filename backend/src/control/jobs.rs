@@ -4,8 +4,8 @@
 
 use blkgraph_ctl::{ErrorClass, QmpError};
 use blkgraph_graph::job::{
-    BackupOptions, BitmapMode, Compression, CopyMode, CreateOptions, Job, JobOptions,
-    MirrorOptions, OnError, Qcow2CreateOptions, StreamOptions, SyncMode,
+    BackupOptions, BitmapMode, CommitOptions, Compression, CopyMode, CreateOptions, Job,
+    JobOptions, MirrorOptions, OnError, Qcow2CreateOptions, StreamOptions, SyncMode,
 };
 use blkgraph_graph::Graph;
 use serde::Deserialize;
@@ -57,6 +57,8 @@ pub(crate) enum JobCommand {
     Mirror(Box<MirrorOptions>),
     /// block-stream.
     Stream(StreamOptions),
+    /// block-commit.
+    Commit(CommitOptions),
     /// blockdev-create.
     Create {
         job: JobOptions,
@@ -85,6 +87,7 @@ pub(crate) const JOB_COMMANDS: &[&str] = &[
     "blockdev-mirror",
     "blockdev-create",
     "block-stream",
+    "block-commit",
 ];
 
 #[derive(Deserialize)]
@@ -159,6 +162,7 @@ impl JobCommand {
             "blockdev-mirror" => parse_mirror(args).map(|o| JobCommand::Mirror(Box::new(o))),
             "blockdev-create" => parse_create(args),
             "block-stream" => parse_stream(args).map(JobCommand::Stream),
+            "block-commit" => parse_commit(args).map(JobCommand::Commit),
             _ => return None,
         })
     }
@@ -205,6 +209,11 @@ impl JobCommand {
             JobCommand::Stream(o) => {
                 let mut tx = graph.transaction();
                 tx.block_stream(&o).map_err(generic)?;
+                done(tx.commit())
+            }
+            JobCommand::Commit(o) => {
+                let mut tx = graph.drained_transaction();
+                tx.block_commit(&o).map_err(generic)?;
                 done(tx.commit())
             }
             JobCommand::Create { job, options } => {
@@ -578,5 +587,77 @@ fn parse_stream(args: Map<String, Value>) -> Result<StreamOptions, QmpError> {
         device: a.device,
         base_node: a.base_node,
         backing_file: a.backing_file,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockCommit {
+    #[serde(default)]
+    job_id: Option<String>,
+    device: String,
+    #[serde(default)]
+    base_node: Option<String>,
+    #[serde(default)]
+    base: Option<String>,
+    #[serde(default)]
+    top_node: Option<String>,
+    #[serde(default)]
+    top: Option<String>,
+    #[serde(default)]
+    backing_file: Option<String>,
+    #[serde(default)]
+    backing_mask_protocol: Option<bool>,
+    #[serde(default)]
+    speed: Option<i64>,
+    #[serde(default)]
+    on_error: Option<OnError>,
+    #[serde(default)]
+    filter_node_name: Option<String>,
+    #[serde(default)]
+    auto_finalize: Option<bool>,
+    #[serde(default)]
+    auto_dismiss: Option<bool>,
+}
+
+/// Parses block-commit's arguments.
+fn parse_commit(args: Map<String, Value>) -> Result<CommitOptions, QmpError> {
+    let a: BlockCommit = parse(args)?;
+    if a.base.is_some() && a.base_node.is_some() {
+        return Err(generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    if a.top.is_some() && a.top_node.is_some() {
+        return Err(generic(
+            "'top' and 'top-node' cannot be specified at the same time",
+        ));
+    }
+    for (given, name, instead) in [
+        (a.base.is_some(), "base", "base-node"),
+        (a.top.is_some(), "top", "top-node"),
+    ] {
+        if given {
+            return Err(generic(format!(
+                "Parameter '{name}' is not supported by blkgraph's block-commit (use '{instead}')"
+            )));
+        }
+    }
+    let _accepted = a.backing_mask_protocol;
+    Ok(CommitOptions {
+        job: job_options(
+            a.job_id,
+            &a.device,
+            a.speed,
+            a.on_error,
+            a.on_error,
+            a.auto_finalize,
+            a.auto_dismiss,
+        )?,
+        device: a.device,
+        top_node: a.top_node,
+        base_node: a.base_node,
+        backing_file: a.backing_file,
+        filter_node_name: a.filter_node_name,
     })
 }
