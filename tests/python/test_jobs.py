@@ -10,7 +10,10 @@ BLKGRAPH_TEST_QSD=1 (the flows are QEMU's, so QSD must pass them as well).
   backup's transaction, each equal to the image at its start;
 - job states and verbs: pause, resume, set-speed, finalize, dismiss, cancel
   in each state, and QEMU's errors for verbs a state refuses;
-- error policies against a target that runs out of space.
+- error policies against a target that runs out of space;
+- QEMU's image-fleecing test, its blockdev-backup sync=none variant, with
+  qcow2 images (the copy-before-write + snapshot-access variant is in
+  test_qcow2_backup.py).
 """
 
 import json
@@ -149,8 +152,12 @@ def test_libvirt_pull_backup(start_daemon, workdir, disk):
                 "auto-dismiss": False}},
         ])  # fmt: skip
         # QEMU refuses other actions than backups with grouped completion.
-        r = cmd(q, "transaction", properties={"completion-mode": "grouped"}, actions=[
-            {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "x"}}])
+        r = cmd(
+            q,
+            "transaction",
+            properties={"completion-mode": "grouped"},
+            actions=[{"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "x"}}],
+        )
         assert r["error"]["desc"] == ("Action 'block-dirty-bitmap-add' does not support "
                                       "transaction property completion-mode = grouped")  # fmt: skip
         ok(q, "block-export-add", type="nbd", id="libvirt-nbd-libvirt-2-format", name="vda",
@@ -357,3 +364,63 @@ def test_error_policies_on_a_full_target(start_daemon, workdir, disk, tiny_fs, p
         ok(q, "blockdev-del", **{"node-name": "tgt"})
     finally:
         q.close()
+
+
+# (pattern, offset, length) as in QEMU's image-fleecing test.
+FLEECE_PATTERNS = [("0x5d", "0", "64k"), ("0xd5", "1M", "64k"), ("0xdc", "32M", "64k"),
+                   ("0xcd", "0x3ff0000", "64k")]  # fmt: skip
+FLEECE_OVERWRITES = [("0xab", "0", "64k"), ("0xad", "0x00f8000", "64k"),
+                     ("0x1d", "0x2008000", "64k"), ("0xea", "0x3fe0000", "64k")]  # fmt: skip
+FLEECE_ZEROES = [("0x00f8000", "32k"), ("0x201f000", "32k"), ("0x3fe0000", "64k")]
+
+
+def qemu_io(uri, *commands, read_only=False) -> str:
+    args = [a for c in commands for a in ("-c", c)] + (["-r"] if read_only else [])
+    out = run("qemu-io", "-f", "raw", *args, uri).stdout
+    assert "Pattern verification failed" not in out and "error" not in out.lower(), out
+    return out
+
+
+def test_image_fleecing_sync_none_qcow2(start_daemon, workdir):
+    """QEMU's image-fleecing test, its blockdev-backup sync=none variant, with
+    qcow2 images: the temp image over the source is read over NBD while the
+    source is overwritten and zeroed; the reader sees the patterns as they
+    were, and cancelling leaves no job and the graph as before."""
+    base = workdir / "base.qcow2"
+    temp = workdir / "fleece.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, SIZE)
+    run("qemu-img", "create", "-q", "-f", "qcow2", temp, SIZE)
+    for p, off, length in FLEECE_PATTERNS:
+        run("qemu-io", "-c", f"write -P {p} {off} {length}", base)
+    daemon = start_daemon(base, qmp=True, fmt="qcow2", extra_args=nbd_args(workdir))
+    q = connect(daemon)
+    try:
+        shape = graph_shape(q)
+        ok(q, "blockdev-add", driver="qcow2", backing="disk0",
+           file={"driver": "file", "filename": str(temp)}, **{"node-name": "tmp"})  # fmt: skip
+        ok(q, "blockdev-backup", device="disk0", target="tmp", sync="none",
+           **{"job-id": "fleecing", "filter-node-name": "fl-cbw"})  # fmt: skip
+        ok(q, "block-export-add", type="nbd", id="fl", **{"node-name": "tmp"})
+        # Writes go through the filter, as the guest's do.
+        ok(q, "block-export-add", type="nbd", id="src", writable=True, **{"node-name": "fl-cbw"})
+        snap, src = nbd_uri(workdir, "tmp"), nbd_uri(workdir, "fl-cbw")
+        reads = [f"read -P {p} {off} {length}" for p, off, length in FLEECE_PATTERNS]
+        qemu_io(snap, *reads, read_only=True)
+        qemu_io(src, *(f"write -P {p} {off} {length}" for p, off, length in FLEECE_OVERWRITES))
+        qemu_io(src, *(f"write -z {off} {length}" for off, length in FLEECE_ZEROES))
+        # The source changed; the fleecing image did not.
+        qemu_io(snap, *reads, read_only=True)
+        qemu_io(snap, "read -P 0 0x00f8000 32k", "read -P 0 0x2010000 32k", read_only=True)
+        qemu_io(src, "read -P 0xab 0 64k", "read -P 0 0x3fe0000 64k")
+        ok(q, "block-export-del", id="fl")
+        ok(q, "block-export-del", id="src")
+        ok(q, "block-job-cancel", device="fleecing")
+        wait_event(q, "BLOCK_JOB_CANCELLED", device="fleecing")
+        assert ok(q, "query-jobs") == []
+        ok(q, "blockdev-del", **{"node-name": "tmp"})
+        assert graph_shape(q) == shape
+    finally:
+        q.close()
+    assert daemon.stop() == 0
+    run("qemu-img", "check", temp)
+    run("qemu-img", "check", base)
