@@ -1,11 +1,12 @@
 //! blockdev-mirror, as QEMU builds it: a filter goes above the source and
 //! marks in a dirty bitmap what its parents change (once the change is
-//! done); the job copies what is dirty to the target, over and over, until
-//! nothing is left, and is then ready (BLOCK_JOB_READY). job-complete
-//! copies what is still dirty in a drained section and points every
-//! parent of the source, exports included, to the target in the same
-//! step: live storage migration. A plain cancel of a ready job ends it
-//! without that switch (the target is a point-in-time copy).
+//! done); the job copies what is dirty to the target, over and over, and
+//! is ready (BLOCK_JOB_READY) once what is left fits one final copy of
+//! `buf-size` bytes. job-complete copies what is still dirty in a drained
+//! section and points every parent of the source, exports included, to
+//! the target in the same step: live storage migration. A plain cancel of
+//! a ready job makes the same final copy without that switch (the target
+//! is a point-in-time copy).
 //!
 //! In `write-blocking` copy mode the filter also writes each change to the
 //! target before the guest's request completes, so the job converges
@@ -446,17 +447,24 @@ impl Mirror {
                 return Ok(());
             }
             let runs = self.next_runs(&mut cursor);
-            job.set_progress(copied, copied + shared.dirty.count());
+            let dirty = shared.dirty.count();
+            job.set_progress(copied, copied + dirty);
+            // Ready once what is left fits one final copy: guest requests
+            // run on their own threads, so under a steady write load the
+            // bitmap is rarely empty at any instant (QEMU's single thread
+            // sees it empty between batches). job-complete and a plain
+            // cancel copy the rest in a drained section.
+            if !ready && dirty <= self.buf_size {
+                job.transition_to_ready();
+                ready = true;
+            }
+            // A plain cancel of a ready job, or job-complete: done (the
+            // last copy, and the switch to the target, come when the job
+            // finalizes).
+            if ready && (job.cancel_requested() || job.should_complete()) {
+                return Ok(());
+            }
             if runs.is_empty() {
-                if !ready {
-                    job.transition_to_ready();
-                    ready = true;
-                }
-                // A plain cancel of a ready job, or job-complete: done
-                // (the switch to the target comes when the job finalizes).
-                if job.cancel_requested() || job.should_complete() {
-                    return Ok(());
-                }
                 sleep(IDLE_POLL).await?;
                 continue;
             }
@@ -529,12 +537,15 @@ impl JobDriver for Mirror {
 
     /// job-complete: the last changes are copied and every parent of the
     /// source moves to the target, in one drained section. A plain cancel
-    /// of a ready job leaves the parents where they are.
+    /// of a ready job copies the last changes too (the target is a copy of
+    /// the source at that moment) and leaves the parents where they are.
     fn prepare(&self, graph: &Graph, job: &Job) -> Result<(), Error> {
-        if job.cancel_requested() {
-            return Ok(());
-        }
-        self.take_filter_out(graph, job, Some(&self.target), true)
+        let to = if job.cancel_requested() {
+            None
+        } else {
+            Some(self.target.as_str())
+        };
+        self.take_filter_out(graph, job, to, true)
     }
 
     /// Afterwards, either way: the filter goes, if it is still there, and
