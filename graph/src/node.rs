@@ -258,6 +258,15 @@ impl Node {
             .map(|c| c.node())
     }
 
+    /// The node and its backing chain, nearest first.
+    pub fn backing_chain(self: &Arc<Self>) -> Vec<Arc<Node>> {
+        let mut chain = vec![self.clone()];
+        while let Some(next) = chain.last().and_then(|n| n.backing()) {
+            chain.push(next);
+        }
+        chain
+    }
+
     /// Gives the node a new backing child (or none): QEMU's
     /// bdrv_set_backing_hd, for drivers that have backing files. The
     /// caller (a transaction) checks the permissions and undoes it if

@@ -514,6 +514,29 @@ impl<'g> Transaction<'g> {
         Ok(())
     }
 
+    /// Makes `base` the backing file of `node` (or none) for good: its
+    /// name (`name`, or the base's file name) and format are written in
+    /// the node's image first, then the edge changes (block-stream,
+    /// block-commit). Call it in a drained transaction.
+    pub(crate) fn change_backing_file(
+        &mut self,
+        node: &Arc<Node>,
+        base: Option<Arc<Node>>,
+        name: Option<String>,
+    ) -> Result<(), Error> {
+        let name = name.or_else(|| base.as_ref().and_then(|b| b.filename()));
+        let format = name
+            .as_ref()
+            .and(base.as_ref())
+            .map(|b| b.driver_name().to_string());
+        crate::aio::block_on(node.set_backing_file_name(name.as_deref(), format.as_deref()))
+            .and_then(|r| r)
+            .map_err(|e| {
+                Error::OpenFailed(format!("Could not change the backing file name: {e}"))
+            })?;
+        self.set_backing(node, base)
+    }
+
     /// blockdev-snapshot: `overlay` (opened without a backing file, and
     /// used by nobody) gets `node` as its backing file and takes its place
     /// under every parent, exports included: an external snapshot of a

@@ -13,12 +13,11 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{Job, JobDriver, JobOptions, JobTxn, Verdict};
-use crate::aio::{join_all, sleep, IoFuture};
+use super::{Job, JobDriver, JobOptions, JobTxn};
+use crate::aio::{join_all, IoFuture};
 use crate::bitmap::DirtyBitmap;
 use crate::bitset::Bitset;
 use crate::driver::ChildRole;
@@ -110,10 +109,6 @@ struct Backup {
 const PARALLEL: usize = 8;
 /// Bytes per copy operation of the job.
 const CHUNK: u64 = 1 << 20;
-/// How long a job waits before it retries what failed with an ignored
-/// error.
-const IGNORED_ERROR_DELAY: Duration = Duration::from_millis(100);
-
 fn error(text: impl Into<String>) -> Error {
     Error::OpenFailed(text.into())
 }
@@ -320,19 +315,8 @@ impl Backup {
                 .collect();
             let failures: Vec<CopyError> = join_all(chunks).await?.into_iter().flatten().collect();
             if let Some(failure) = failures.into_iter().next() {
-                match job.on_error(failure.side, &failure.error).await {
-                    Verdict::Retry => continue,
-                    // As QEMU's backup: an ignored error is retried later
-                    // (the data must get to the target for the job to
-                    // succeed).
-                    Verdict::Ignore => {
-                        if let Err(e) = sleep(IGNORED_ERROR_DELAY).await {
-                            log::warn!("job '{}': {e}", job.id());
-                        }
-                        continue;
-                    }
-                    Verdict::Fail => return Err(failure.error),
-                }
+                job.retry_or_fail(failure.side, failure.error).await?;
+                continue;
             }
             progress();
             job.rate_limit((end - c) as u64 * cluster).await;

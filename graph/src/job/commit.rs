@@ -11,11 +11,10 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::mirror::Initial;
-use super::{CopyMode, Job, JobDriver, JobOptions, MirrorOptions, Side, SyncMode, Verdict};
-use crate::aio::{block_on, sleep, IoFuture};
+use super::{CopyMode, Job, JobDriver, JobOptions, MirrorOptions, Side, SyncMode};
+use crate::aio::IoFuture;
 use crate::buffer::IoBuffer;
 use crate::driver::WriteFlags;
 use crate::error::Error;
@@ -43,21 +42,8 @@ pub struct CommitOptions {
 
 /// Bytes copied at once, at most.
 const CHUNK: u64 = 1 << 20;
-/// How long a job waits before it retries what failed with an ignored
-/// error.
-const IGNORED_ERROR_DELAY: Duration = Duration::from_millis(100);
-
 fn error(text: impl Into<String>) -> Error {
     Error::OpenFailed(text.into())
-}
-
-/// `node` and its backing chain, nearest first.
-fn chain(node: &Arc<Node>) -> Vec<Arc<Node>> {
-    let mut out = vec![node.clone()];
-    while let Some(next) = out.last().and_then(|n| n.backing()) {
-        out.push(next);
-    }
-    out
 }
 
 /// An intermediate commit.
@@ -75,7 +61,7 @@ impl Transaction<'_> {
     /// (started when the transaction commits).
     pub fn block_commit(&mut self, o: &CommitOptions) -> Result<Arc<Job>, Error> {
         let active = self.find(&o.device)?;
-        let layers = chain(&active);
+        let layers = active.backing_chain();
         let top = match &o.top_node {
             Some(name) => self.find(name)?,
             None => active.clone(),
@@ -192,14 +178,8 @@ impl Commit {
                         .map_err(|e| (Side::Target, e)),
                 };
                 if let Err((side, e)) = copied {
-                    match job.on_error(side, &e).await {
-                        Verdict::Retry => continue,
-                        Verdict::Ignore => {
-                            sleep(IGNORED_ERROR_DELAY).await?;
-                            continue;
-                        }
-                        Verdict::Fail => return Err(e),
-                    }
+                    job.retry_or_fail(side, e).await?;
+                    continue;
                 }
                 job.rate_limit(len).await;
             }
@@ -224,15 +204,11 @@ impl JobDriver for Commit {
     fn prepare(&self, graph: &Graph, job: &Job) -> Result<(), Error> {
         let mut tx = graph.drained_transaction();
         tx.detach_job(job.id());
-        let name = self.backing_file.clone().or_else(|| self.base.filename());
-        let format = name.as_ref().map(|_| self.base.driver_name().to_string());
-        block_on(
-            self.overlay
-                .set_backing_file_name(name.as_deref(), format.as_deref()),
-        )
-        .and_then(|r| r)
-        .map_err(|e| error(format!("Could not change the backing file name: {e}")))?;
-        tx.set_backing(&self.overlay, Some(self.base.clone()))?;
+        tx.change_backing_file(
+            &self.overlay,
+            Some(self.base.clone()),
+            self.backing_file.clone(),
+        )?;
         tx.commit()
     }
 

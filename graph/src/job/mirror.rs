@@ -18,7 +18,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Job, JobDriver, JobOptions, JobTxn, SyncMode, Verdict};
+use super::{Job, JobDriver, JobOptions, JobTxn, SyncMode};
 use crate::aio::{block_on, join_all, sleep, IoFuture};
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
@@ -76,10 +76,6 @@ const MAX_CHUNK: u64 = 1 << 20;
 const MAX_IN_FLIGHT: usize = 16;
 /// How often a job in sync looks for new dirty data.
 const IDLE_POLL: Duration = Duration::from_millis(10);
-/// How long a job waits before it retries what failed with an ignored
-/// error.
-const IGNORED_ERROR_DELAY: Duration = Duration::from_millis(100);
-
 fn error(text: impl Into<String>) -> Error {
     Error::OpenFailed(text.into())
 }
@@ -478,14 +474,8 @@ impl Mirror {
                 .collect();
             let failures: Vec<CopyError> = join_all(copies).await?.into_iter().flatten().collect();
             if let Some(failure) = failures.into_iter().next() {
-                match job.on_error(failure.side, &failure.error).await {
-                    Verdict::Retry => continue,
-                    Verdict::Ignore => {
-                        sleep(IGNORED_ERROR_DELAY).await?;
-                        continue;
-                    }
-                    Verdict::Fail => return Err(failure.error),
-                }
+                job.retry_or_fail(failure.side, failure.error).await?;
+                continue;
             }
             copied += bytes;
             job.rate_limit(bytes).await;

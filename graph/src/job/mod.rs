@@ -69,7 +69,7 @@ pub enum Side {
 
 /// What a job's loop does after an I/O error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+enum Verdict {
     /// Try the operation again (the job was stopped and resumed).
     Retry,
     /// Skip it.
@@ -77,6 +77,10 @@ pub enum Verdict {
     /// End the job with the error.
     Fail,
 }
+
+/// How long a job waits before it retries what failed with an ignored
+/// error.
+const IGNORED_ERROR_DELAY: Duration = Duration::from_millis(100);
 
 /// The options every job takes.
 #[derive(Clone, Debug)]
@@ -495,7 +499,7 @@ impl Job {
     /// Applies the error policy to an I/O error on `side`: reports it
     /// (BLOCK_JOB_ERROR), and for `stop` pauses the job until it is
     /// resumed (then the operation is retried).
-    pub async fn on_error(&self, side: Side, error: &io::Error) -> Verdict {
+    async fn on_error(&self, side: Side, error: &io::Error) -> Verdict {
         let policy = match side {
             Side::Source => self.on_source_error,
             Side::Target => self.on_target_error,
@@ -530,6 +534,20 @@ impl Job {
             }
         }
         verdict
+    }
+
+    /// For a job's copy loop, after an operation failed on `side`: applies
+    /// the error policy (see [`Job::on_error`]) and returns `Ok` when the
+    /// loop should try the operation again: at once after a stop and a
+    /// resume, after a short delay when the error is ignored (as QEMU's
+    /// jobs, which must get the data there to succeed); or the error that
+    /// ends the job.
+    pub async fn retry_or_fail(&self, side: Side, error: io::Error) -> io::Result<()> {
+        match self.on_error(side, &error).await {
+            Verdict::Retry => Ok(()),
+            Verdict::Ignore => sleep(IGNORED_ERROR_DELAY).await,
+            Verdict::Fail => Err(error),
+        }
     }
 
     // ----------------------------------------------------------------

@@ -9,10 +9,9 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::{Job, JobDriver, JobOptions, Side, Verdict};
-use crate::aio::{block_on, sleep, IoFuture};
+use super::{Job, JobDriver, JobOptions, Side};
+use crate::aio::IoFuture;
 use crate::error::Error;
 use crate::graph::Graph;
 use crate::node::Node;
@@ -34,10 +33,6 @@ pub struct StreamOptions {
 
 /// Bytes copied at once, at most.
 const CHUNK: u64 = 4 << 20;
-/// How long a job waits before it retries what failed with an ignored
-/// error.
-const IGNORED_ERROR_DELAY: Duration = Duration::from_millis(100);
-
 fn error(text: impl Into<String>) -> Error {
     Error::OpenFailed(text.into())
 }
@@ -51,28 +46,18 @@ struct Stream {
     backing_file: Option<String>,
 }
 
-/// The backing chain below `top`, nearest first.
-fn chain(top: &Arc<Node>) -> Vec<Arc<Node>> {
-    let mut out = Vec::new();
-    let mut node = top.backing();
-    while let Some(n) = node {
-        node = n.backing();
-        out.push(n);
-    }
-    out
-}
-
 impl Transaction<'_> {
     /// block-stream: checks the arguments as QEMU does and makes the job
     /// (started when the transaction commits).
     pub fn block_stream(&mut self, o: &StreamOptions) -> Result<Arc<Job>, Error> {
         let top = self.find(&o.device)?;
-        let below = chain(&top);
+        let layers = top.backing_chain();
         let (base, base_depth) = match &o.base_node {
             Some(name) => {
                 let base = self.find(name)?;
-                let at = below
+                let at = layers
                     .iter()
+                    .skip(1)
                     .position(|n| Arc::ptr_eq(n, &base))
                     .ok_or_else(|| {
                         error(format!(
@@ -123,14 +108,8 @@ impl Stream {
             let len = st.len.clamp(1, size - offset);
             if st.depth > 1 && st.depth < self.base_depth {
                 if let Err(e) = self.top.populate(offset, len).await {
-                    match job.on_error(Side::Target, &e).await {
-                        Verdict::Retry => continue,
-                        Verdict::Ignore => {
-                            sleep(IGNORED_ERROR_DELAY).await?;
-                            continue;
-                        }
-                        Verdict::Fail => return Err(e),
-                    }
+                    job.retry_or_fail(Side::Target, e).await?;
+                    continue;
                 }
                 job.rate_limit(len).await;
             }
@@ -155,21 +134,7 @@ impl JobDriver for Stream {
     fn prepare(&self, graph: &Graph, job: &Job) -> Result<(), Error> {
         let mut tx = graph.drained_transaction();
         tx.detach_job(job.id());
-        let name = self
-            .backing_file
-            .clone()
-            .or_else(|| self.base.as_ref().and_then(|b| b.filename()));
-        let format = name
-            .as_ref()
-            .and(self.base.as_ref())
-            .map(|b| b.driver_name().to_string());
-        block_on(
-            self.top
-                .set_backing_file_name(name.as_deref(), format.as_deref()),
-        )
-        .and_then(|r| r)
-        .map_err(|e| error(format!("Could not change the backing file name: {e}")))?;
-        tx.set_backing(&self.top, self.base.clone())?;
+        tx.change_backing_file(&self.top, self.base.clone(), self.backing_file.clone())?;
         tx.commit()
     }
 
