@@ -316,7 +316,9 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                # A daemon writes back what it cached (qcow2 metadata, a page
+                # cache full of allocating writes) before it exits.
+                self.proc.wait(120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
