@@ -31,6 +31,11 @@ pub struct Graph {
     me: Weak<Graph>,
 }
 
+/// A drained section in progress ([`Graph::drained`]).
+pub struct Drained {
+    _section: DrainedSection,
+}
+
 /// A consistent view of the graph for queries.
 pub struct GraphView {
     /// Every node, by name.
@@ -185,6 +190,29 @@ impl Graph {
         let mut state = self.lock();
         DrainedSection::begin(state.drain_parents(), state.nodes.values()).keep();
         close_nodes(std::mem::take(&mut state.nodes).into_values().collect());
+    }
+
+    /// Sets the write threshold of node `name` (block-set-write-threshold);
+    /// its event goes where the graph's events go.
+    pub fn set_write_threshold(&self, name: &str, threshold: u64) -> Result<(), Error> {
+        let state = self.lock();
+        let node = state
+            .nodes
+            .get(name)
+            .ok_or_else(|| Error::NodeNotFound(name.to_string()))?;
+        node.set_write_threshold(threshold, state.events.clone());
+        Ok(())
+    }
+
+    /// A drained section on its own, for a change that is no transaction:
+    /// every export is paused and every driver's own work has finished
+    /// until the guard is dropped. The graph is not locked meanwhile.
+    pub fn drained(&self) -> Drained {
+        let state = self.lock();
+        let parents = state.exports.values().map(|e| e.parent.clone()).collect();
+        Drained {
+            _section: DrainedSection::begin(parents, state.nodes.values()),
+        }
     }
 
     /// Where events of nodes (e.g. a broken snapshot) go from now on.

@@ -45,8 +45,10 @@ pub use driver::{
     BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
 };
 pub use error::Error;
-pub use graph::{Graph, GraphView};
-pub use node::{CacheOptions, Child, CommonOptions, DiscardMode, Node, MAX_LENGTH};
+pub use graph::{Drained, Graph, GraphView};
+pub use node::{
+    CacheOptions, Child, CommonOptions, DiscardMode, Node, MAX_LENGTH, WRITE_THRESHOLD_EVENT,
+};
 pub use open::{DriverEntry, OpenContext, OpenFn, MAX_NODE_NAME_LEN};
 pub use options::Options;
 pub use permission::{Parent, Permission};

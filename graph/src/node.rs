@@ -3,7 +3,7 @@
 //! and to it refer to each other).
 
 use std::io;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -128,7 +128,15 @@ pub struct Node {
     /// The union of what the node's parents hold, set when a graph change
     /// commits.
     granted: AtomicU8,
+    /// block-set-write-threshold: the offset a write may not reach past
+    /// without an event (0: none). Written by the control plane only.
+    write_threshold: AtomicU64,
+    /// Where the threshold's event goes.
+    threshold_events: Mutex<Option<crate::EventSink>>,
 }
+
+/// QEMU's event for a write past a node's write threshold.
+pub const WRITE_THRESHOLD_EVENT: &str = "BLOCK_WRITE_THRESHOLD";
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -169,6 +177,42 @@ impl Node {
             given,
             bitmaps: ArcSwap::from_pointee(Vec::new()),
             granted: AtomicU8::new(0),
+            write_threshold: AtomicU64::new(0),
+            threshold_events: Mutex::new(None),
+        }
+    }
+
+    /// Sets the write threshold (0 removes it); `events` gets
+    /// [`WRITE_THRESHOLD_EVENT`] once a write reaches past it, which
+    /// removes it, as in QEMU.
+    pub fn set_write_threshold(&self, threshold: u64, events: Option<crate::EventSink>) {
+        *self.threshold_events.lock() = events;
+        self.write_threshold.store(threshold, Ordering::Release);
+    }
+
+    /// The write threshold, 0 if none.
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.load(Ordering::Acquire)
+    }
+
+    /// A write reached `end`, past `threshold`: the first to see it sends
+    /// the event.
+    #[cold]
+    fn threshold_exceeded(&self, end: u64, threshold: u64) {
+        let won = self
+            .write_threshold
+            .compare_exchange(threshold, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        let sink = self.threshold_events.lock().clone();
+        if let (true, Some(sink)) = (won, sink) {
+            sink(
+                WRITE_THRESHOLD_EVENT,
+                serde_json::json!({
+                    "node-name": self.name,
+                    "amount-exceeded": end - threshold,
+                    "write-threshold": threshold,
+                }),
+            );
         }
     }
 
@@ -217,7 +261,14 @@ impl Node {
         });
     }
 
+    /// Notes a write (or zeroing, or discard) of a range: in the dirty
+    /// bitmaps, and against the write threshold (a load of a value only the
+    /// control plane writes).
     fn record(&self, offset: u64, len: u64) {
+        let threshold = self.write_threshold.load(Ordering::Relaxed);
+        if threshold != 0 && offset + len > threshold {
+            self.threshold_exceeded(offset + len, threshold);
+        }
         let bitmaps = self.bitmaps.load();
         for b in bitmaps.iter() {
             b.record(offset, len);
