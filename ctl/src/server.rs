@@ -113,6 +113,7 @@ impl QmpServer {
                 }
             };
             clients += 1;
+            log::info!("QMP client {clients} connected ({})", peer(&stream));
             let client = Client {
                 stream,
                 dispatcher: dispatcher.clone(),
@@ -127,6 +128,32 @@ impl QmpServer {
                 log::warn!("QMP client {clients}: cannot start a thread: {e}");
             }
         }
+    }
+}
+
+/// Who is at the other end of a unix socket: its process and user ids.
+fn peer(stream: &UnixStream) -> String {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which lives
+    // across the call; the descriptor is open while `stream` is borrowed.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        format!("pid {}, uid {}", cred.pid, cred.uid)
+    } else {
+        format!("peer unknown: {}", io::Error::last_os_error())
     }
 }
 
