@@ -12,4 +12,5 @@ pub mod listen_fd;
 pub mod nbd;
 mod pidfile;
 mod signals;
+pub mod stats;
 pub mod vhost_user_blk;

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use blkgraph_graph::{Child, Graph, Permission};
 
+use crate::stats::Sources;
+
 pub use gate::{InFlight, PauseGate, Requests, Source};
 
 /// A running export of any type.
@@ -40,6 +42,9 @@ pub trait Export: Send + Sync {
     /// A node was resized (block_resize): tell the connected frontends,
     /// where the protocol can (NBD clients see the size when they connect).
     fn resized(&self) {}
+
+    /// The statistics of its request sources.
+    fn stats(&self) -> &Sources;
 }
 
 /// Why an export could not start or stop.

@@ -16,6 +16,7 @@ use super::bitmap::{BitmapRef, BitmapSource};
 use super::client::Client;
 use super::proto;
 use crate::export::{Export, ExportError, PauseGate, Source};
+use crate::stats::{SourceStats, Sources};
 
 /// block-export-add options of an export of type `nbd` (QAPI's
 /// BlockExportOptions with BlockExportOptionsNbd), `type` removed.
@@ -204,6 +205,8 @@ pub struct NbdExport {
     table: Weak<ExportTable>,
     state: Mutex<ExportState>,
     changed: Condvar,
+    /// The connections' statistics.
+    stats: Sources,
 }
 
 impl NbdExport {
@@ -224,6 +227,7 @@ impl NbdExport {
             table: Arc::downgrade(table),
             state: Mutex::new(ExportState::default()),
             changed: Condvar::new(),
+            stats: Sources::default(),
         }
     }
 
@@ -330,6 +334,16 @@ impl NbdExport {
         self.changed.notify_all();
     }
 
+    /// Counters for a new connection.
+    pub fn stats_source(&self) -> Arc<SourceStats> {
+        self.stats.add()
+    }
+
+    /// A connection ended: its counts stay the export's.
+    pub fn retire_stats_source(&self, source: &Arc<SourceStats>) {
+        self.stats.retire(source)
+    }
+
     /// Whether the export was shut down.
     pub fn is_deleted(&self) -> bool {
         self.state.lock().deleted
@@ -351,6 +365,10 @@ impl Export for NbdExport {
 
     fn gate(&self) -> &Arc<PauseGate> {
         &self.gate
+    }
+
+    fn stats(&self) -> &Sources {
+        &self.stats
     }
 
     /// Refuses new clients and, with `hard`, disconnects the connected

@@ -25,6 +25,8 @@ pub struct Reply {
     head: Vec<u8>,
     data: Vec<u8>,
     parts: SmallVec<[Part; 4]>,
+    /// Whether it reports an error (for the statistics).
+    failed: bool,
 }
 
 impl Reply {
@@ -61,9 +63,17 @@ impl Reply {
 
     /// A simple reply without data (success or error).
     pub fn simple(handle: u64, error: u32) -> Reply {
-        let mut r = Reply::default();
+        let mut r = Reply {
+            failed: error != 0,
+            ..Reply::default()
+        };
         r.head(|h| put_simple_reply(h, error, handle));
         r
+    }
+
+    /// Whether the reply reports an error.
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 
     /// A successful simple reply to a read.
@@ -138,6 +148,7 @@ impl Reply {
 
     /// Adds an ERROR chunk.
     pub fn error_chunk(&mut self, handle: u64, error: u32, message: &str, done: bool) {
+        self.failed = true;
         let msg = proto::clip_message(message).as_bytes();
         self.head(|h| {
             put_chunk_header(

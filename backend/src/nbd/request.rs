@@ -8,6 +8,7 @@ use blkgraph_graph::{BlockStatus, IoBuffer, Node, WriteFlags, ZeroFlags};
 use super::proto::{self, io_error_to_nbd};
 use super::reply::Reply;
 use super::session::{MetaContext, MetaKind};
+use crate::stats::{OpKind, Outcome, Sample};
 
 /// Most extents in one block status chunk.
 pub const MAX_EXTENTS: usize = 65536;
@@ -24,6 +25,37 @@ pub struct Done {
     pub reply: Reply,
     /// Bytes of buffers the request held (for flow control).
     pub cost: usize,
+}
+
+/// A request's result with what it took, for the statistics.
+pub struct Timed {
+    /// The result.
+    pub done: Done,
+    /// What the statistics count, if anything.
+    pub sample: Option<Sample>,
+}
+
+/// Runs `future`, timing it as a request of `kind` at `offset` of `bytes`.
+pub async fn timed(
+    kind: Option<OpKind>,
+    offset: u64,
+    bytes: u64,
+    future: impl std::future::Future<Output = Done>,
+) -> Timed {
+    let start = std::time::Instant::now();
+    let done = future.await;
+    let sample = kind.map(|kind| Sample {
+        kind,
+        offset,
+        bytes,
+        ns: start.elapsed().as_nanos() as u64,
+        outcome: if done.reply.failed() {
+            Outcome::Failed
+        } else {
+            Outcome::Done
+        },
+    });
+    Timed { done, sample }
 }
 
 /// How a read is answered.

@@ -20,9 +20,10 @@ use super::client::Client;
 use super::export::NbdExport;
 use super::proto::{self, Request, REQUEST_SIZE};
 use super::reply::{OutQueue, Reply};
-use super::request::{self, Done, ReadMode};
+use super::request::{self, Done, ReadMode, Timed};
 use super::session::{MetaContext, Session};
 use super::socket::Stream;
+use crate::stats::{OpKind, Outcome, Sample, SourceStats};
 
 /// Size of the receive buffer.
 const INBUF_SIZE: usize = 256 << 10;
@@ -55,7 +56,9 @@ struct Connection<'a> {
     structured: bool,
     contexts: Arc<[MetaContext]>,
     fd: RawFd,
-    exec: Executor<Done>,
+    exec: Executor<Timed>,
+    /// This connection's counters, written by its thread only.
+    stats: Arc<SourceStats>,
     out: OutQueue,
     inbuf: Vec<u8>,
     start: usize,
@@ -76,8 +79,10 @@ pub fn serve(client: &Client, session: Session, stream: Stream) -> io::Result<()
     // Blocking socket: every call but the idle wait passes MSG_DONTWAIT.
     stream.set_timeouts(None)?;
     stream.set_nonblocking(false)?;
+    let stats = session.export.stats_source();
     let mut conn = Connection {
         client,
+        stats: stats.clone(),
         export: session.export,
         structured: session.structured,
         contexts: session.contexts.into(),
@@ -94,6 +99,7 @@ pub fn serve(client: &Client, session: Session, stream: Stream) -> io::Result<()
     };
     let result = conn.run();
     conn.drain();
+    conn.export.retire_stats_source(&stats);
     drop(stream);
     result
 }
@@ -268,11 +274,14 @@ impl Connection<'_> {
 
     /// Runs the executor; returns whether a request completed.
     fn run_executor(&mut self) -> bool {
-        let (out, held) = (&mut self.out, &mut self.held);
+        let (out, held, stats) = (&mut self.out, &mut self.held, &self.stats);
         let mut done_any = false;
-        self.exec.run(|done| {
-            *held -= done.cost;
-            out.push(done.reply);
+        self.exec.run(|t| {
+            if let Some(sample) = &t.sample {
+                stats.record(sample);
+            }
+            *held -= t.done.cost;
+            out.push(t.done.reply);
             done_any = true;
         });
         done_any
@@ -401,6 +410,15 @@ impl Connection<'_> {
     }
 
     fn fail(&mut self, req: &Request, error: u32, msg: &str) {
+        if let Some(kind) = op_kind(req.command) {
+            self.stats.record(&Sample {
+                kind,
+                offset: req.offset,
+                bytes: u64::from(req.length),
+                ns: 0,
+                outcome: Outcome::Invalid,
+            });
+        }
         log::debug!(
             "NBD client {}: command {} failed: {msg}",
             self.client.id,
@@ -433,13 +451,18 @@ impl Connection<'_> {
         }
     }
 
+    /// Starts request `req`, which holds `cost` bytes while it runs.
     fn spawn(
         &mut self,
+        req: &Request,
         cost: usize,
         future: impl std::future::Future<Output = Done> + Send + 'static,
     ) {
         self.held += cost;
-        self.exec.spawn(future);
+        let kind = op_kind(req.command);
+        let bytes = u64::from(req.length);
+        self.exec
+            .spawn(request::timed(kind, req.offset, bytes, future));
     }
 
     /// Validates a complete request, as QEMU's server does, and starts it.
@@ -504,17 +527,22 @@ impl Connection<'_> {
                 } else {
                     ReadMode::Sparse
                 };
-                self.spawn(len as usize, request::read(node, h, req.offset, len, mode));
+                self.spawn(
+                    &req,
+                    len as usize,
+                    request::read(node, h, req.offset, len, mode),
+                );
             }
             CMD_WRITE => {
                 let fua = fua || self.export.writethrough();
                 self.spawn(
+                    &req,
                     payload.len(),
                     request::write(node, h, req.offset, payload, fua, s),
                 );
             }
-            CMD_FLUSH => self.spawn(0, request::flush(node, h, s)),
-            CMD_TRIM => self.spawn(0, request::trim(node, h, req.offset, len, fua, s)),
+            CMD_FLUSH => self.spawn(&req, 0, request::flush(node, h, s)),
+            CMD_TRIM => self.spawn(&req, 0, request::trim(node, h, req.offset, len, fua, s)),
             // A prefetch hint: nothing to gain from the page cache twice.
             CMD_CACHE => self.out.push(Reply::simple(h, 0)),
             CMD_WRITE_ZEROES => {
@@ -525,7 +553,11 @@ impl Connection<'_> {
                     may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
                     fua: fua || self.export.writethrough(),
                 };
-                self.spawn(0, request::write_zeroes(node, h, req.offset, len, flags, s));
+                self.spawn(
+                    &req,
+                    0,
+                    request::write_zeroes(node, h, req.offset, len, flags, s),
+                );
             }
             CMD_BLOCK_STATUS => {
                 if self.contexts.is_empty() {
@@ -537,6 +569,7 @@ impl Connection<'_> {
                 let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
                 let contexts = self.contexts.clone();
                 self.spawn(
+                    &req,
                     0,
                     request::block_status(node, h, req.offset, len, req_one, contexts),
                 );
@@ -552,12 +585,27 @@ impl Connection<'_> {
     /// dropped.
     fn drain(&mut self) {
         let (out, held) = (&mut self.out, &mut self.held);
-        self.exec.run_until_idle(|done| {
-            *held -= done.cost;
-            out.push(done.reply);
+        let stats = &self.stats;
+        self.exec.run_until_idle(|t| {
+            if let Some(sample) = &t.sample {
+                stats.record(sample);
+            }
+            *held -= t.done.cost;
+            out.push(t.done.reply);
         });
         let mut in_flight = self.client.requests.lock();
         *in_flight = 0;
         self.client.requests.notify_if_idle(&in_flight);
+    }
+}
+
+/// What the statistics count a command as.
+fn op_kind(command: u16) -> Option<OpKind> {
+    match command {
+        proto::CMD_READ => Some(OpKind::Read),
+        proto::CMD_WRITE | proto::CMD_WRITE_ZEROES => Some(OpKind::Write),
+        proto::CMD_FLUSH => Some(OpKind::Flush),
+        proto::CMD_TRIM => Some(OpKind::Unmap),
+        _ => None,
     }
 }

@@ -22,6 +22,7 @@ use super::inflight::QueueInflight;
 use super::request::{DeviceLimits, GuestMemory};
 use super::worker::{QueueContext, QueueSource, QueueWorker, Vring};
 use crate::export::{PauseGate, Source};
+use crate::stats::Sources;
 
 /// Largest queue a driver may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -55,6 +56,8 @@ pub struct VhostUserBlkDevice {
     event_idx: AtomicBool,
     memory: GuestMemoryAtomic<GuestMemory>,
     workers: Vec<Arc<QueueSource>>,
+    /// The queues' statistics.
+    stats: Sources,
     /// The frontend's backend-request channel, for config-change messages.
     channel: Mutex<Option<UnixStream>>,
 }
@@ -68,8 +71,9 @@ impl VhostUserBlkDevice {
             options.logical_block_size,
             options.num_queues as u16,
         );
+        let stats = Sources::default();
         let workers: Vec<Arc<QueueSource>> = (0..options.num_queues)
-            .map(|_| QueueSource::new().map(Arc::new))
+            .map(|_| QueueSource::new(stats.add()).map(Arc::new))
             .collect::<io::Result<_>>()?;
         for w in &workers {
             gate.add_source(w.clone() as Arc<dyn Source>);
@@ -83,8 +87,14 @@ impl VhostUserBlkDevice {
             event_idx: AtomicBool::new(false),
             memory: GuestMemoryAtomic::new(GuestMemory::new()),
             workers,
+            stats,
             channel: Mutex::new(None),
         })
+    }
+
+    /// The queues' statistics.
+    pub fn stats(&self) -> &Sources {
+        &self.stats
     }
 
     /// The guest memory shared with the vhost-user daemon.

@@ -15,6 +15,7 @@ use super::device::{DeviceOptions, VhostUserBlkDevice};
 use super::server::{self, Server};
 use crate::export::{self, Export, ExportError, PauseGate};
 use crate::listen_fd::ListenFd;
+use crate::stats::Sources;
 
 /// Default of `x-poll-us`.
 pub const DEFAULT_POLL_US: u32 = 50;
@@ -107,6 +108,10 @@ impl Export for VhostUserBlkExport {
     /// Sends the config-change message: the guest reads the new capacity.
     fn resized(&self) {
         self.device.config_changed();
+    }
+
+    fn stats(&self) -> &Sources {
+        self.device.stats()
     }
 }
 

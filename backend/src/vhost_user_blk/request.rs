@@ -15,6 +15,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SEG_MAX};
+use crate::stats::{OpKind, Outcome, Sample};
 
 /// Guest memory as the device sees it.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -93,6 +94,8 @@ unsafe impl Send for StatusByte {}
 pub struct Request {
     head: u16,
     used_len: u32,
+    /// What the statistics count it as, once its type is known.
+    kind: Option<OpKind>,
     status: Option<StatusByte>,
     op: Op,
     /// Keeps the guest memory the buffers point to mapped.
@@ -106,6 +109,8 @@ pub struct Completion {
     pub head: u16,
     /// Bytes written to the chain.
     pub len: u32,
+    /// What the statistics count, if anything.
+    pub sample: Option<Sample>,
 }
 
 /// A byte stream over guest memory segments.
@@ -240,6 +245,7 @@ impl Request {
         let mut req = Request {
             head,
             used_len: writable.len.min(u64::from(u32::MAX)) as u32,
+            kind: None,
             status: None,
             op: Op::Done(VIRTIO_BLK_S_IOERR as u8),
             _memory: memory.clone(),
@@ -268,6 +274,14 @@ impl Request {
         let sector = u64::from_le(header.sector);
         let in_data = status_at; // writable bytes before the status
         let out_data = readable.len - std::mem::size_of::<OutHeader>() as u64;
+        // From here on, a request refused is counted as invalid.
+        req.kind = match type_ {
+            VIRTIO_BLK_T_IN => Some(OpKind::Read),
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_WRITE_ZEROES => Some(OpKind::Write),
+            VIRTIO_BLK_T_FLUSH => Some(OpKind::Flush),
+            VIRTIO_BLK_T_DISCARD => Some(OpKind::Unmap),
+            _ => None,
+        };
         req.op = match type_ {
             VIRTIO_BLK_T_IN => {
                 if !range_ok(limits, sector, in_data) {
@@ -377,6 +391,7 @@ impl Request {
 
     /// Runs the request on `root` and writes its status.
     pub async fn execute(self, root: Arc<Node>) -> Completion {
+        let start = std::time::Instant::now();
         let ok = |r: std::io::Result<()>| match r {
             Ok(()) => VIRTIO_BLK_S_OK as u8,
             Err(e) => {
@@ -405,16 +420,35 @@ impl Request {
             }
             Op::Done(status) => *status,
         };
-        self.complete(status)
+        let mut completion = self.complete(status);
+        if let Some(s) = &mut completion.sample {
+            s.ns = start.elapsed().as_nanos() as u64;
+        }
+        completion
     }
 
     /// Writes `status` (or the status of a request that needs no I/O) and
     /// gives the used-ring entry.
     pub fn complete(self, status: u8) -> Completion {
-        let status = match self.op {
-            Op::Done(s) => s,
-            _ => status,
+        let (status, outcome) = match self.op {
+            Op::Done(s) => (s, Outcome::Invalid),
+            _ if status == VIRTIO_BLK_S_OK as u8 => (status, Outcome::Done),
+            _ => (status, Outcome::Failed),
         };
+        let (offset, bytes) = match &self.op {
+            Op::Read { offset, data } | Op::Write { offset, data, .. } => {
+                (*offset, data.len() as u64)
+            }
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => (*offset, *len),
+            Op::Flush | Op::Done(_) => (0, 0),
+        };
+        let sample = self.kind.map(|kind| Sample {
+            kind,
+            offset,
+            bytes,
+            ns: 0,
+            outcome,
+        });
         if let Some(StatusByte(ptr)) = self.status {
             // SAFETY: ptr is the last writable byte of the chain, in guest
             // memory kept mapped by `_memory`.
@@ -423,6 +457,7 @@ impl Request {
         Completion {
             head: self.head,
             len: self.used_len,
+            sample,
         }
     }
 }

@@ -21,6 +21,7 @@ use super::device::MAX_QUEUE_SIZE;
 use super::inflight::QueueInflight;
 use super::request::{Completion, DeviceLimits, GuestMemory, Request};
 use crate::export::{InFlight, PauseGate, Requests, Source};
+use crate::stats::SourceStats;
 
 /// A vring of this device.
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -52,6 +53,8 @@ pub struct QueueContext<'a> {
 pub struct QueueWorker {
     executor: Executor<Completion>,
     done: Vec<Completion>,
+    /// The queue's counters, written by its thread only.
+    stats: Arc<SourceStats>,
     /// The queue's vring in the current frontend session, for the control
     /// paths that complete what a departing frontend left.
     vring: Option<Vring>,
@@ -76,9 +79,9 @@ pub struct QueueSource {
 }
 
 impl QueueSource {
-    /// A queue with a new worker.
-    pub fn new() -> io::Result<Self> {
-        let worker = QueueWorker::new()?;
+    /// A queue with a new worker that counts in `stats`.
+    pub fn new(stats: Arc<SourceStats>) -> io::Result<Self> {
+        let worker = QueueWorker::new(stats)?;
         Ok(QueueSource {
             notifier: worker.executor.notifier(),
             requests: Requests::new(worker),
@@ -102,10 +105,11 @@ fn queue_error(e: virtio_queue::Error) -> io::Error {
 
 impl QueueWorker {
     /// A worker with its own executor.
-    fn new() -> io::Result<Self> {
+    fn new(stats: Arc<SourceStats>) -> io::Result<Self> {
         Ok(QueueWorker {
             executor: Executor::new()?,
             done: Vec::new(),
+            stats,
             vring: None,
             inflight: None,
             resubmit: Vec::new(),
@@ -237,6 +241,9 @@ impl QueueWorker {
         }
         let mut state = vring.get_mut();
         for c in self.done.drain(..) {
+            if let Some(sample) = &c.sample {
+                self.stats.record(sample);
+            }
             if let Some(inflight) = &self.inflight {
                 inflight.before_used(c.head);
             }
