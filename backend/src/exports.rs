@@ -9,9 +9,23 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use crate::export::{Export, ExportError};
+use crate::iothreads::Iothreads;
 use crate::listen_fd::ListenFd;
 use crate::nbd::{NbdServer, NbdServerOptions};
+use crate::stats::{Boundaries, IoStats};
 use crate::vhost_user_blk;
+
+/// An export's statistics.
+pub struct ExportStats {
+    /// The export id.
+    pub id: String,
+    /// Its type.
+    pub kind: &'static str,
+    /// The node it serves.
+    pub node_name: String,
+    /// Its request sources summed.
+    pub stats: IoStats,
+}
 
 /// Called with an event name and its data (BLOCK_EXPORT_DELETED, ...).
 pub type EventSink = Box<dyn Fn(&str, Value) + Send + Sync>;
@@ -23,6 +37,8 @@ pub struct Exports {
     events: Mutex<Option<EventSink>>,
     /// The NBD server, while it runs. Lock order: `exports`, then `nbd`.
     nbd: Mutex<Option<Arc<NbdServer>>>,
+    /// The iothread objects exports may name.
+    iothreads: Iothreads,
 }
 
 impl Exports {
@@ -33,7 +49,13 @@ impl Exports {
             exports: Mutex::new(BTreeMap::new()),
             events: Mutex::new(None),
             nbd: Mutex::new(None),
+            iothreads: Iothreads::default(),
         }
+    }
+
+    /// The iothread objects.
+    pub fn iothreads(&self) -> &Iothreads {
+        &self.iothreads
     }
 
     /// Where events go from now on.
@@ -59,14 +81,80 @@ impl Exports {
             }
         };
         let mut exports = self.exports.lock();
-        if let Some(Value::String(id)) = options.map.get("id") {
-            if exports.contains_key(id) {
-                return Err(ExportError::Conflict(format!(
-                    "Block export id '{id}' is already in use"
-                )));
+        let id = match options.map.get("id") {
+            Some(Value::String(id)) => id.clone(),
+            _ => String::new(),
+        };
+        if exports.contains_key(&id) {
+            return Err(ExportError::Conflict(format!(
+                "Block export id '{id}' is already in use"
+            )));
+        }
+        let iothread = self.take_iothread(&mut options, &kind, &id)?;
+        let started = self.start(kind, options, listener);
+        let export = match started {
+            Ok(export) => export,
+            Err(e) => {
+                if iothread {
+                    self.iothreads.detach(&id);
+                }
+                return Err(e);
+            }
+        };
+        exports.insert(export.id().to_string(), export);
+        Ok(())
+    }
+
+    /// Takes `iothread` and `fixed-iothread` from an export's options: the
+    /// iothread's `poll-max-ns` becomes a vhost-user-blk export's polling
+    /// time unless it sets `x-poll-us` (see [`crate::iothreads`]). Returns
+    /// whether the export was attached to an iothread.
+    fn take_iothread(
+        &self,
+        options: &mut Options,
+        kind: &str,
+        id: &str,
+    ) -> Result<bool, ExportError> {
+        match options.take("fixed-iothread") {
+            None | Some(Value::Bool(_)) => {}
+            Some(Value::String(s)) if matches!(s.as_str(), "on" | "off" | "true" | "false") => {}
+            Some(_) => {
+                return Err(ExportError::InvalidOptions(
+                    "Invalid parameter type for 'fixed-iothread', expected: boolean".into(),
+                ))
             }
         }
-        let export: Arc<dyn Export> = match kind.as_str() {
+        let name = match options.take("iothread") {
+            None => return Ok(false),
+            Some(Value::String(name)) => name,
+            Some(_) => {
+                return Err(ExportError::InvalidOptions(
+                    "Invalid parameter type for 'iothread', expected: string".into(),
+                ))
+            }
+        };
+        let props = self
+            .iothreads
+            .attach(&name, id)
+            .map_err(|e| ExportError::InvalidOptions(e.to_string()))?;
+        if let (Some(ns), "vhost-user-blk") = (props.poll_max_ns, kind) {
+            if !options.map.contains_key("x-poll-us") {
+                options
+                    .map
+                    .insert("x-poll-us".into(), json!(ns.div_ceil(1000)));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Starts an export of type `kind`.
+    fn start(
+        &self,
+        kind: String,
+        options: Options,
+        listener: Option<ListenFd>,
+    ) -> Result<Arc<dyn Export>, ExportError> {
+        Ok(match kind.as_str() {
             "nbd" => {
                 let server = self.nbd.lock().clone();
                 let server =
@@ -79,9 +167,7 @@ impl Exports {
                     "Parameter 'type' does not accept value '{other}'"
                 )))
             }
-        };
-        exports.insert(export.id().to_string(), export);
-        Ok(())
+        })
     }
 
     /// Deletes an export (block-export-del): drains it, stops it (`hard`
@@ -102,6 +188,7 @@ impl Exports {
 
     /// Detaches a stopped export from the graph and announces it.
     fn finish_delete(&self, export: &Arc<dyn Export>) -> Result<(), ExportError> {
+        self.iothreads.detach(export.id());
         self.graph.detach_export(export.id())?;
         if let Some(path) = export.socket_path() {
             let _ = std::fs::remove_file(path);
@@ -183,6 +270,30 @@ impl Exports {
         for export in exports {
             export.resized();
         }
+    }
+
+    /// Every export's id, type, node and statistics.
+    pub fn stats(&self) -> Vec<ExportStats> {
+        let exports = self.exports.lock();
+        exports
+            .values()
+            .map(|e| ExportStats {
+                id: e.id().to_string(),
+                kind: e.kind(),
+                node_name: e.node_name(),
+                stats: e.stats().sum(),
+            })
+            .collect()
+    }
+
+    /// Sets the latency histograms of export `id`.
+    pub fn set_histograms(&self, id: &str, boundaries: Boundaries) -> Result<(), ExportError> {
+        let exports = self.exports.lock();
+        let export = exports
+            .get(id)
+            .ok_or_else(|| ExportError::NotFound(format!("Device '{id}' not found")))?;
+        export.stats().set_histograms(boundaries);
+        Ok(())
     }
 
     /// The socket paths to remove at exit.

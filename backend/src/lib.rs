@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod export;
 pub mod exports;
+pub mod iothreads;
 pub mod listen_fd;
 pub mod nbd;
 mod pidfile;
