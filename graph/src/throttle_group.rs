@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Deserialize;
 
-use crate::error::Error;
-
 /// The limits of a group, in QEMU's ThrottleLimits names (0: no limit).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -102,11 +100,6 @@ impl ThrottleGroup {
                 ],
             }),
         }
-    }
-
-    /// Parses a group's options: `{"limits": {...}}`.
-    pub fn limits_from(value: serde_json::Value) -> Result<ThrottleLimits, Error> {
-        crate::options::Options::from_json(value)?.parse("limits")
     }
 
     /// The group id.

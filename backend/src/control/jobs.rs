@@ -1,94 +1,28 @@
 //! The job commands: query-jobs and query-block-jobs, the job-* and
-//! block-job-* verbs, blockdev-mirror, blockdev-create, and the arguments
-//! of blockdev-backup, which is also a transaction action.
+//! block-job-* verbs, blockdev-mirror, blockdev-create, block-stream,
+//! block-commit, and the arguments of blockdev-backup, which is also a
+//! transaction action.
 
-use blkgraph_ctl::{ErrorClass, QmpError};
+use std::sync::Arc;
+
+use blkgraph_ctl::{ErrorClass, NamedFds, QmpError};
 use blkgraph_graph::job::{
     BackupOptions, BitmapMode, CommitOptions, Compression, CopyMode, CreateOptions, Job,
     JobOptions, MirrorOptions, OnError, Qcow2CreateOptions, StreamOptions, SyncMode,
 };
-use blkgraph_graph::Graph;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-use super::args::{generic, no_arguments, parse};
+use super::args::{generic, parse};
+use super::Control;
 
-/// A job command with checked arguments.
-pub(crate) enum JobCommand {
-    QueryJobs,
-    QueryBlockJobs,
-    /// job-pause, block-job-pause.
-    Pause {
-        id: String,
-        block: bool,
-    },
-    /// job-resume, block-job-resume.
-    Resume {
-        id: String,
-        block: bool,
-    },
-    /// job-cancel, block-job-cancel (with `force`).
-    Cancel {
-        id: String,
-        block: bool,
-        force: bool,
-    },
-    /// job-complete, block-job-complete.
-    Complete {
-        id: String,
-        block: bool,
-    },
-    /// job-finalize, block-job-finalize.
-    Finalize {
-        id: String,
-        block: bool,
-    },
-    /// job-dismiss, block-job-dismiss.
-    Dismiss {
-        id: String,
-        block: bool,
-    },
-    /// block-job-set-speed.
-    SetSpeed {
-        id: String,
-        speed: u64,
-    },
-    /// blockdev-mirror.
-    Mirror(Box<MirrorOptions>),
-    /// block-stream.
-    Stream(StreamOptions),
-    /// block-commit.
-    Commit(CommitOptions),
-    /// blockdev-create.
-    Create {
-        job: JobOptions,
-        options: CreateOptions,
-    },
+/// The job a verb acts on.
+pub(super) struct JobRef {
+    id: String,
+    /// Named as a block job (`device` of a block-job-* command), whose
+    /// "not found" error QEMU words differently.
+    block: bool,
 }
-
-/// The job commands, for query-commands.
-pub(crate) const JOB_COMMANDS: &[&str] = &[
-    "query-jobs",
-    "query-block-jobs",
-    "job-pause",
-    "job-resume",
-    "job-cancel",
-    "job-complete",
-    "job-finalize",
-    "job-dismiss",
-    "block-job-pause",
-    "block-job-resume",
-    "block-job-cancel",
-    "block-job-complete",
-    "block-job-finalize",
-    "block-job-dismiss",
-    "block-job-set-speed",
-    "blockdev-backup",
-    "blockdev-mirror",
-    "blockdev-create",
-    "block-stream",
-    "block-commit",
-];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,127 +36,154 @@ struct Device {
     device: String,
 }
 
+/// The arguments of job-*: the job's `id`.
+pub(super) fn parse_job(args: Map<String, Value>) -> Result<JobRef, QmpError> {
+    parse::<JobId>(args).map(|a| JobRef {
+        id: a.id,
+        block: false,
+    })
+}
+
+/// The arguments of block-job-*: the job's `device`.
+pub(super) fn parse_block_job(args: Map<String, Value>) -> Result<JobRef, QmpError> {
+    parse::<Device>(args).map(|a| JobRef {
+        id: a.device,
+        block: true,
+    })
+}
+
+/// The arguments of block-job-finalize and block-job-dismiss, which name
+/// the job by `id` as the job-* commands do.
+pub(super) fn parse_block_job_id(args: Map<String, Value>) -> Result<JobRef, QmpError> {
+    parse::<JobId>(args).map(|a| JobRef {
+        id: a.id,
+        block: true,
+    })
+}
+
+/// The job `r` names.
+fn find(control: &Control, r: &JobRef) -> Result<Arc<Job>, QmpError> {
+    control.graph.job(&r.id).ok_or_else(|| {
+        if r.block {
+            QmpError {
+                class: ErrorClass::DeviceNotActive,
+                desc: format!("Block job '{}' not found", r.id),
+            }
+        } else {
+            generic("Job not found")
+        }
+    })
+}
+
+/// Runs `verb` on the job `r` names.
+pub(super) fn verb(
+    control: &Control,
+    r: JobRef,
+    verb: fn(&Arc<Job>) -> Result<(), blkgraph_graph::Error>,
+) -> Result<Value, QmpError> {
+    verb(&find(control, &r)?).map_err(generic)?;
+    Ok(Value::Object(Map::new()))
+}
+
+/// query-jobs.
+pub(super) fn query_jobs(control: &Control, (): (), _: &mut NamedFds) -> Result<Value, QmpError> {
+    Ok(Value::Array(
+        control.graph.jobs().iter().map(|j| j.info()).collect(),
+    ))
+}
+
+/// query-block-jobs: the jobs that are block jobs (not blockdev-create's).
+pub(super) fn query_block_jobs(
+    control: &Control,
+    (): (),
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    Ok(Value::Array(
+        control
+            .graph
+            .jobs()
+            .iter()
+            .filter(|j| j.is_block_job())
+            .map(|j| j.block_info())
+            .collect(),
+    ))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BlockJobCancel {
+struct BlockJobCancelArgs {
     device: String,
     #[serde(default)]
     force: Option<bool>,
 }
 
+/// job-cancel's and block-job-cancel's arguments: the job, and whether a
+/// job that is ready is cancelled rather than completed.
+pub(super) struct Cancel {
+    job: JobRef,
+    force: bool,
+}
+
+/// job-cancel's arguments: a job-* cancel always cancels.
+pub(super) fn parse_job_cancel(args: Map<String, Value>) -> Result<Cancel, QmpError> {
+    parse_job(args).map(|job| Cancel { job, force: true })
+}
+
+/// block-job-cancel's arguments.
+pub(super) fn parse_block_job_cancel(args: Map<String, Value>) -> Result<Cancel, QmpError> {
+    parse::<BlockJobCancelArgs>(args).map(|a| Cancel {
+        job: JobRef {
+            id: a.device,
+            block: true,
+        },
+        force: a.force.unwrap_or(false),
+    })
+}
+
+/// job-cancel, block-job-cancel.
+pub(super) fn cancel(control: &Control, c: Cancel, _: &mut NamedFds) -> Result<Value, QmpError> {
+    find(control, &c.job)?.cancel(c.force).map_err(generic)?;
+    Ok(Value::Object(Map::new()))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SetSpeed {
+struct SetSpeedArgs {
     device: String,
     speed: i64,
 }
 
-impl JobCommand {
-    /// Parses job command `name`; `None` if it is not one.
-    pub(crate) fn parse(name: &str, args: Map<String, Value>) -> Option<Result<Self, QmpError>> {
-        let job = |args| parse::<JobId>(args).map(|a| a.id);
-        let block = |args| parse::<Device>(args).map(|a| a.device);
-        Some(match name {
-            "query-jobs" => no_arguments(args).map(|()| JobCommand::QueryJobs),
-            "query-block-jobs" => no_arguments(args).map(|()| JobCommand::QueryBlockJobs),
-            "job-pause" => job(args).map(|id| JobCommand::Pause { id, block: false }),
-            "job-resume" => job(args).map(|id| JobCommand::Resume { id, block: false }),
-            "job-cancel" => job(args).map(|id| JobCommand::Cancel {
-                id,
-                block: false,
-                force: true,
-            }),
-            "job-complete" => job(args).map(|id| JobCommand::Complete { id, block: false }),
-            "job-finalize" => job(args).map(|id| JobCommand::Finalize { id, block: false }),
-            "job-dismiss" => job(args).map(|id| JobCommand::Dismiss { id, block: false }),
-            "block-job-pause" => block(args).map(|id| JobCommand::Pause { id, block: true }),
-            "block-job-resume" => block(args).map(|id| JobCommand::Resume { id, block: true }),
-            "block-job-cancel" => parse::<BlockJobCancel>(args).map(|a| JobCommand::Cancel {
-                id: a.device,
-                block: true,
-                force: a.force.unwrap_or(false),
-            }),
-            "block-job-complete" => block(args).map(|id| JobCommand::Complete { id, block: true }),
-            "block-job-finalize" => parse::<JobId>(args).map(|a| JobCommand::Finalize {
-                id: a.id,
-                block: true,
-            }),
-            "block-job-dismiss" => parse::<JobId>(args).map(|a| JobCommand::Dismiss {
-                id: a.id,
-                block: true,
-            }),
-            "block-job-set-speed" => parse::<SetSpeed>(args).and_then(|a| {
-                let speed = u64::try_from(a.speed)
-                    .map_err(|_| generic("Parameter 'speed' expects a non-negative value"))?;
-                Ok(JobCommand::SetSpeed {
-                    id: a.device,
-                    speed,
-                })
-            }),
-            "blockdev-mirror" => parse_mirror(args).map(|o| JobCommand::Mirror(Box::new(o))),
-            "blockdev-create" => parse_create(args),
-            "block-stream" => parse_stream(args).map(JobCommand::Stream),
-            "block-commit" => parse_commit(args).map(JobCommand::Commit),
-            _ => return None,
-        })
-    }
+/// block-job-set-speed's arguments.
+pub(super) struct SetSpeed {
+    job: JobRef,
+    speed: u64,
+}
 
-    /// Runs the command.
-    pub(crate) fn run(self, graph: &Graph) -> Result<Value, QmpError> {
-        let find = |id: &str, block: bool| -> Result<std::sync::Arc<Job>, QmpError> {
-            graph.job(id).ok_or_else(|| {
-                if block {
-                    QmpError {
-                        class: ErrorClass::DeviceNotActive,
-                        desc: format!("Block job '{id}' not found"),
-                    }
-                } else {
-                    generic("Job not found")
-                }
-            })
-        };
-        let done = |r: Result<(), blkgraph_graph::Error>| r.map(|()| json!({})).map_err(generic);
-        match self {
-            JobCommand::QueryJobs => Ok(Value::Array(
-                graph.jobs().iter().map(|j| j.info()).collect(),
-            )),
-            JobCommand::QueryBlockJobs => Ok(Value::Array(
-                graph
-                    .jobs()
-                    .iter()
-                    .filter(|j| j.is_block_job())
-                    .map(|j| j.block_info())
-                    .collect(),
-            )),
-            JobCommand::Pause { id, block } => done(find(&id, block)?.pause()),
-            JobCommand::Resume { id, block } => done(find(&id, block)?.resume()),
-            JobCommand::Cancel { id, block, force } => done(find(&id, block)?.cancel(force)),
-            JobCommand::Complete { id, block } => done(find(&id, block)?.complete()),
-            JobCommand::Finalize { id, block } => done(find(&id, block)?.finalize()),
-            JobCommand::Dismiss { id, block } => done(find(&id, block)?.dismiss()),
-            JobCommand::SetSpeed { id, speed } => done(find(&id, true)?.set_speed(speed)),
-            JobCommand::Mirror(o) => {
-                let mut tx = graph.drained_transaction();
-                tx.blockdev_mirror(&o, None).map_err(generic)?;
-                done(tx.commit())
-            }
-            JobCommand::Stream(o) => {
-                let mut tx = graph.transaction();
-                tx.block_stream(&o).map_err(generic)?;
-                done(tx.commit())
-            }
-            JobCommand::Commit(o) => {
-                let mut tx = graph.drained_transaction();
-                tx.block_commit(&o).map_err(generic)?;
-                done(tx.commit())
-            }
-            JobCommand::Create { job, options } => {
-                let mut tx = graph.transaction();
-                tx.blockdev_create(&job, options).map_err(generic)?;
-                done(tx.commit())
-            }
-        }
-    }
+/// Parses block-job-set-speed's arguments.
+pub(super) fn parse_set_speed(args: Map<String, Value>) -> Result<SetSpeed, QmpError> {
+    let a: SetSpeedArgs = parse(args)?;
+    Ok(SetSpeed {
+        job: JobRef {
+            id: a.device,
+            block: true,
+        },
+        speed: speed(a.speed)?,
+    })
+}
+
+/// block-job-set-speed.
+pub(super) fn set_speed(
+    control: &Control,
+    s: SetSpeed,
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    find(control, &s.job)?.set_speed(s.speed).map_err(generic)?;
+    Ok(Value::Object(Map::new()))
+}
+
+/// A rate limit in bytes per second (0: none).
+fn speed(speed: i64) -> Result<u64, QmpError> {
+    u64::try_from(speed).map_err(|_| generic("Parameter 'speed' expects a non-negative value"))
 }
 
 /// The job options of a block job command; the id defaults to the
@@ -230,17 +191,15 @@ impl JobCommand {
 fn job_options(
     job_id: Option<String>,
     device: &str,
-    speed: Option<i64>,
+    speed_limit: Option<i64>,
     on_source_error: Option<OnError>,
     on_target_error: Option<OnError>,
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
 ) -> Result<JobOptions, QmpError> {
-    let speed = u64::try_from(speed.unwrap_or(0))
-        .map_err(|_| generic("Parameter 'speed' expects a non-negative value"))?;
     Ok(JobOptions {
         id: job_id.unwrap_or_else(|| device.to_string()),
-        speed,
+        speed: speed(speed_limit.unwrap_or(0))?,
         auto_finalize: auto_finalize.unwrap_or(true),
         auto_dismiss: auto_dismiss.unwrap_or(true),
         on_source_error: on_source_error.unwrap_or_default(),
@@ -281,7 +240,7 @@ struct BlockdevBackup {
 }
 
 /// Parses blockdev-backup's arguments.
-pub(crate) fn parse_backup(args: Map<String, Value>) -> Result<BackupOptions, QmpError> {
+pub(super) fn parse_backup(args: Map<String, Value>) -> Result<BackupOptions, QmpError> {
     let a: BlockdevBackup = parse(args)?;
     if a.compress == Some(true) {
         return Err(generic(
@@ -342,7 +301,7 @@ struct BlockdevMirror {
 }
 
 /// Parses blockdev-mirror's arguments.
-fn parse_mirror(args: Map<String, Value>) -> Result<MirrorOptions, QmpError> {
+pub(super) fn parse_mirror(args: Map<String, Value>) -> Result<MirrorOptions, QmpError> {
     let a: BlockdevMirror = parse(args)?;
     if a.replaces.is_some() {
         return Err(generic("Parameter 'replaces' is not supported"));
@@ -374,6 +333,19 @@ fn parse_mirror(args: Map<String, Value>) -> Result<MirrorOptions, QmpError> {
         copy_mode: a.copy_mode.unwrap_or_default(),
         filter_node_name: a.filter_node_name,
     })
+}
+
+/// blockdev-mirror: starts the job in a drained graph (its filter goes
+/// above the source).
+pub(super) fn mirror(
+    control: &Control,
+    options: MirrorOptions,
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    let mut tx = control.graph.drained_transaction();
+    tx.blockdev_mirror(&options, None).map_err(generic)?;
+    tx.commit().map_err(generic)?;
+    Ok(Value::Object(Map::new()))
 }
 
 #[derive(Deserialize)]
@@ -441,9 +413,15 @@ fn preallocation_off(mode: Option<String>) -> Result<(), QmpError> {
     }
 }
 
+/// blockdev-create's arguments, checked.
+pub(super) struct Create {
+    job: JobOptions,
+    options: CreateOptions,
+}
+
 /// Parses blockdev-create's arguments: the job is not a block job and
 /// must be dismissed, as QEMU's.
-fn parse_create(args: Map<String, Value>) -> Result<JobCommand, QmpError> {
+pub(super) fn parse_create(args: Map<String, Value>) -> Result<Create, QmpError> {
     let a: BlockdevCreate = parse(args)?;
     let mut options = a.options;
     let driver = match options.remove("driver") {
@@ -523,7 +501,15 @@ fn parse_create(args: Map<String, Value>) -> Result<JobCommand, QmpError> {
     };
     let mut job = JobOptions::new(&a.job_id);
     job.auto_dismiss = false;
-    Ok(JobCommand::Create { job, options })
+    Ok(Create { job, options })
+}
+
+/// blockdev-create: starts the job that makes the image.
+pub(super) fn create(control: &Control, c: Create, _: &mut NamedFds) -> Result<Value, QmpError> {
+    let mut tx = control.graph.transaction();
+    tx.blockdev_create(&c.job, c.options).map_err(generic)?;
+    tx.commit().map_err(generic)?;
+    Ok(Value::Object(Map::new()))
 }
 
 #[derive(Deserialize)]
@@ -555,7 +541,7 @@ struct BlockStream {
 }
 
 /// Parses block-stream's arguments.
-fn parse_stream(args: Map<String, Value>) -> Result<StreamOptions, QmpError> {
+pub(super) fn parse_stream(args: Map<String, Value>) -> Result<StreamOptions, QmpError> {
     let a: BlockStream = parse(args)?;
     if a.base.is_some() && a.base_node.is_some() {
         return Err(generic(
@@ -590,6 +576,19 @@ fn parse_stream(args: Map<String, Value>) -> Result<StreamOptions, QmpError> {
     })
 }
 
+/// block-stream: starts the job that copies the backing chain's data
+/// (down to `base-node`) into the top image.
+pub(super) fn stream(
+    control: &Control,
+    options: StreamOptions,
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    let mut tx = control.graph.transaction();
+    tx.block_stream(&options).map_err(generic)?;
+    tx.commit().map_err(generic)?;
+    Ok(Value::Object(Map::new()))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct BlockCommit {
@@ -621,7 +620,7 @@ struct BlockCommit {
 }
 
 /// Parses block-commit's arguments.
-fn parse_commit(args: Map<String, Value>) -> Result<CommitOptions, QmpError> {
+pub(super) fn parse_commit(args: Map<String, Value>) -> Result<CommitOptions, QmpError> {
     let a: BlockCommit = parse(args)?;
     if a.base.is_some() && a.base_node.is_some() {
         return Err(generic(
@@ -660,4 +659,17 @@ fn parse_commit(args: Map<String, Value>) -> Result<CommitOptions, QmpError> {
         backing_file: a.backing_file,
         filter_node_name: a.filter_node_name,
     })
+}
+
+/// block-commit: starts the job in a drained graph (an active commit puts
+/// its filter above the top image).
+pub(super) fn commit(
+    control: &Control,
+    options: CommitOptions,
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    let mut tx = control.graph.drained_transaction();
+    tx.block_commit(&options).map_err(generic)?;
+    tx.commit().map_err(generic)?;
+    Ok(Value::Object(Map::new()))
 }

@@ -1,31 +1,40 @@
 //! The QMP commands: what the control socket can do with the graph and
-//! the exports. Each command's arguments are parsed first (into a
-//! `Command`, see [`check_arguments`]), then the command runs.
+//! the exports. Every command is an entry of the command table (`table`),
+//! from which dispatch, `query-commands`, `query-qmp-schema` and the
+//! `transaction` actions come; the handlers are grouped by area: nodes
+//! (`graph`), exports, objects, dirty bitmaps, jobs, transactions and
+//! queries.
 
 mod args;
-mod command;
+mod bitmaps;
+mod exports;
+mod graph;
 mod jobs;
-mod query;
+mod objects;
+mod qapi;
+mod queries;
+mod schema;
+mod table;
 mod transaction;
 
 use std::sync::Arc;
 
 use blkgraph_ctl::{Dispatcher, Events, NamedFds, QmpError};
-use blkgraph_graph::{aio, Graph, Permission};
+use blkgraph_graph::Graph;
 use serde_json::{json, Map, Value};
 
 use crate::exports::Exports;
-use crate::listen_fd::{self, Source};
-use args::generic;
-use command::Command;
-pub use command::COMMANDS;
-pub use query::SNAPSHOT_INFO_MEMBER;
+pub use objects::OBJECT_TYPES;
+pub use queries::SNAPSHOT_INFO_MEMBER;
 
 /// Checks a command's arguments exactly as executing it does first, without
 /// running it: what a QMP client's bytes can reach before anything happens
 /// (the fuzzers drive this).
 pub fn check_arguments(command: &str, args: Map<String, Value>) -> Result<(), QmpError> {
-    Command::parse(command, args).map(|_| ())
+    match table::find(command) {
+        Some(entry) if !entry.is_protocol() => entry.check(args),
+        _ => Err(QmpError::command_not_found(command)),
+    }
 }
 
 /// The QEMU version whose QMP semantics blkgraph follows.
@@ -56,59 +65,19 @@ impl Control {
             quit,
         }
     }
+}
 
-    /// Runs a parsed command; `fds` are the connection's named descriptors.
-    fn run(&self, command: Command, fds: &mut NamedFds) -> Result<Value, QmpError> {
-        match command {
-            Command::QueryVersion => return Ok(version()),
-            Command::Transaction(actions) => transaction::run(&self.graph, actions)?,
-            Command::Job(job) => return job.run(&self.graph),
-            Command::QueryNamedBlockNodes => {
-                return Ok(Value::Array(
-                    self.graph
-                        .nodes()
-                        .iter()
-                        .map(|n| query::node_info(n))
-                        .collect(),
-                ))
-            }
-            Command::QueryBlockGraph => return Ok(query::block_graph(&self.graph)),
-            Command::ExportAdd(options) => {
-                let listener =
-                    listen_fd::for_export(&options.map, Source::Qmp(fds)).map_err(generic)?;
-                self.exports.add(options, listener).map_err(generic)?;
-            }
-            Command::ExportDel { id, hard } => self.exports.delete(&id, hard).map_err(generic)?,
-            Command::QueryBlockExports => return Ok(self.exports.query()),
-            Command::NbdServerStart(options) => {
-                let listener =
-                    listen_fd::for_nbd_server(&options.addr, Source::Qmp(fds)).map_err(generic)?;
-                self.exports
-                    .nbd_server_start(&options, listener)
-                    .map_err(generic)?;
-            }
-            Command::NbdServerStop => self.exports.nbd_server_stop().map_err(generic)?,
-            Command::ObjectAdd { id, limits } => self
-                .graph
-                .add_throttle_group(&id, limits)
-                .map_err(generic)?,
-            Command::ObjectDel(id) => self.graph.remove_throttle_group(&id).map_err(generic)?,
-            Command::BlockResize { node_name, size } => {
-                resize(&self.graph, &node_name, size)?;
-                self.exports.resized();
-            }
-            Command::Quit => (self.quit)(),
-        }
-        Ok(json!({}))
-    }
+/// Whether a command changes the daemon's state (and is logged).
+fn changes_state(command: &str) -> bool {
+    !command.starts_with("query-") && !command.starts_with("x-debug-query-")
 }
 
 impl Dispatcher for Control {
     fn commands(&self) -> Vec<String> {
-        COMMANDS
+        table::TABLE
             .iter()
-            .chain(jobs::JOB_COMMANDS)
-            .map(|c| c.to_string())
+            .filter(|e| !e.is_protocol())
+            .map(|e| e.name().to_string())
             .collect()
     }
 
@@ -118,36 +87,25 @@ impl Dispatcher for Control {
         args: Map<String, Value>,
         fds: &mut NamedFds,
     ) -> Result<Value, QmpError> {
-        let command = Command::parse(command, args)?;
-        self.run(command, fds)
+        let entry = match table::find(command) {
+            Some(entry) if !entry.is_protocol() => entry,
+            _ => return Err(QmpError::command_not_found(command)),
+        };
+        if !changes_state(command) {
+            return entry.execute(self, args, fds);
+        }
+        // Who: the QMP client's thread, whose connection is logged with
+        // the peer's pid and uid.
+        let thread = std::thread::current();
+        let who = thread.name().unwrap_or("qmp");
+        let what = Value::Object(args.clone());
+        let result = entry.execute(self, args, fds);
+        match &result {
+            Ok(_) => log::info!("{who}: {command} {what}: ok"),
+            Err(e) => log::info!("{who}: {command} {what}: {e}"),
+        }
+        result
     }
-}
-
-/// The graph export id under which block_resize holds its node; not an
-/// identifier, so no export can have it.
-const RESIZE_PARENT: &str = "#block_resize";
-
-/// block_resize: resizes a node through a temporary parent that takes the
-/// resize permission (refused if another parent does not share it).
-fn resize(graph: &Graph, node_name: &str, size: u64) -> Result<(), QmpError> {
-    let gate = crate::export::PauseGate::new();
-    let edge = graph
-        .attach_export(
-            RESIZE_PARENT,
-            node_name,
-            Permission::RESIZE,
-            Permission::ALL,
-            gate,
-        )
-        .map_err(generic)?;
-    let node = edge.node();
-    let result = aio::block_on(node.resize(size));
-    drop(node);
-    drop(edge);
-    if let Err(e) = graph.detach_export(RESIZE_PARENT) {
-        log::error!("block_resize: cannot detach its parent: {e}");
-    }
-    result.and_then(|r| r).map_err(generic)
 }
 
 /// Forwards export events to the QMP clients.

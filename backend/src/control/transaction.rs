@@ -4,12 +4,14 @@
 
 use blkgraph_ctl::QmpError;
 use blkgraph_graph::job::{BackupOptions, JobTxn};
-use blkgraph_graph::{BitmapOptions, BitmapRef, Graph, Options, ReplaceParent, Transaction};
+use blkgraph_graph::{Graph, Options, ReplaceParent, Transaction};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::args::{generic, parse, NodeName};
-use super::jobs::parse_backup;
+use super::args::generic;
+use super::args::parse as parse_args;
+use super::bitmaps::BitmapAction;
+use super::table;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -51,7 +53,7 @@ impl Replace {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct TransactionArgs {
+struct TransactionArgs {
     actions: Vec<Value>,
     #[serde(default)]
     properties: Option<Value>,
@@ -63,117 +65,6 @@ struct ActionArgs {
     #[serde(rename = "type")]
     kind: String,
     data: Map<String, Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct BitmapName {
-    node: String,
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct BitmapAdd {
-    node: String,
-    name: String,
-    #[serde(default)]
-    granularity: Option<u64>,
-    #[serde(default)]
-    persistent: Option<bool>,
-    #[serde(default)]
-    disabled: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub(super) enum MergeSource {
-    Name(String),
-    Ref(BitmapName),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct BitmapMerge {
-    node: String,
-    target: String,
-    bitmaps: Vec<MergeSource>,
-}
-
-/// A dirty bitmap action (command or transaction action).
-pub(super) enum BitmapAction {
-    Add(BitmapAdd),
-    Remove(BitmapName),
-    Clear(BitmapName),
-    Enable(BitmapName),
-    Disable(BitmapName),
-    Merge(BitmapMerge),
-}
-
-impl BitmapAction {
-    /// The action's type, as QMP names it.
-    fn kind(&self) -> &'static str {
-        match self {
-            BitmapAction::Add(_) => "block-dirty-bitmap-add",
-            BitmapAction::Remove(_) => "block-dirty-bitmap-remove",
-            BitmapAction::Clear(_) => "block-dirty-bitmap-clear",
-            BitmapAction::Enable(_) => "block-dirty-bitmap-enable",
-            BitmapAction::Disable(_) => "block-dirty-bitmap-disable",
-            BitmapAction::Merge(_) => "block-dirty-bitmap-merge",
-        }
-    }
-
-    /// Parses the arguments of `kind` (block-dirty-bitmap-...), or `None`
-    /// if `kind` is not a bitmap action.
-    pub(super) fn parse(
-        kind: &str,
-        args: Map<String, Value>,
-    ) -> Option<Result<BitmapAction, QmpError>> {
-        let kind = kind.strip_prefix("block-dirty-bitmap-")?;
-        Some(match kind {
-            "add" => parse(args).map(BitmapAction::Add),
-            "remove" => parse(args).map(BitmapAction::Remove),
-            "clear" => parse(args).map(BitmapAction::Clear),
-            "enable" => parse(args).map(BitmapAction::Enable),
-            "disable" => parse(args).map(BitmapAction::Disable),
-            "merge" => parse(args).map(BitmapAction::Merge),
-            _ => return None,
-        })
-    }
-
-    fn apply(&self, tx: &mut Transaction<'_>) -> Result<(), blkgraph_graph::Error> {
-        match self {
-            BitmapAction::Add(a) => {
-                let options = BitmapOptions {
-                    granularity: a.granularity,
-                    disabled: a.disabled.unwrap_or(false),
-                    persistent: a.persistent.unwrap_or(false),
-                };
-                tx.bitmap_add(&a.node, &a.name, options)
-            }
-            BitmapAction::Remove(b) => tx.bitmap_remove(&b.node, &b.name),
-            BitmapAction::Clear(b) => tx.bitmap_clear(&b.node, &b.name),
-            BitmapAction::Enable(b) => tx.bitmap_set_recording(&b.node, &b.name, true),
-            BitmapAction::Disable(b) => tx.bitmap_set_recording(&b.node, &b.name, false),
-            BitmapAction::Merge(m) => {
-                let sources: Vec<BitmapRef> = m
-                    .bitmaps
-                    .iter()
-                    .map(|s| match s {
-                        MergeSource::Name(name) => BitmapRef {
-                            node: m.node.clone(),
-                            name: name.clone(),
-                        },
-                        MergeSource::Ref(r) => BitmapRef {
-                            node: r.node.clone(),
-                            name: r.name.clone(),
-                        },
-                    })
-                    .collect();
-                tx.bitmap_merge(&m.node, &m.target, &sources)
-            }
-        }
-    }
 }
 
 /// Puts `path` before the key a QMP error text names ('x' becomes
@@ -260,100 +151,74 @@ impl SnapshotSync {
     }
 }
 
-/// Parses blockdev-snapshot's arguments.
-pub(super) fn parse_snapshot(args: Map<String, Value>) -> Result<Action, QmpError> {
-    parse(args).map(Action::Snapshot)
-}
-
 /// Parses blockdev-snapshot-sync's arguments.
-pub(super) fn parse_snapshot_sync(args: Map<String, Value>) -> Result<Action, QmpError> {
-    let a: SnapshotSync = parse(args)?;
+pub(super) fn parse_snapshot_sync(args: Map<String, Value>) -> Result<SnapshotSync, QmpError> {
+    let a: SnapshotSync = parse_args(args)?;
     a.check()?;
-    Ok(Action::SnapshotSync(a))
+    Ok(a)
 }
 
-/// A transaction: its actions, and whether the jobs they make complete
+/// An action, its type as QMP names it, and whether it needs a drained
+/// graph (it changes what requests see: edges, nodes that go, bitmaps I/O
+/// records in).
+pub(super) struct Step {
+    pub(super) kind: &'static str,
+    pub(super) action: Action,
+    pub(super) drains: bool,
+}
+
+/// A transaction: its steps, and whether the jobs they make complete
 /// together (`completion-mode: grouped`).
 pub(super) struct Actions {
-    pub(super) list: Vec<Action>,
-    pub(super) grouped: bool,
+    steps: Vec<Step>,
+    grouped: bool,
 }
 
 impl Actions {
     /// A transaction of one action (a command that is also an action).
-    pub(super) fn one(action: Action) -> Self {
+    pub(super) fn one(step: Step) -> Self {
         Actions {
-            list: vec![action],
+            steps: vec![step],
             grouped: false,
         }
     }
 }
 
-impl Action {
-    pub(super) fn parse(value: Value, index: usize) -> Result<Action, QmpError> {
-        let at = |path: String| move |e: QmpError| generic(with_key_prefix(&e.desc, &path));
-        let data_path = format!("actions[{index}].data.");
-        let prefix = |e: QmpError| generic(with_key_prefix(&e.desc, &data_path));
-        let ActionArgs { kind, data } = match value {
-            Value::Object(m) => parse(m).map_err(at(format!("actions[{index}].")))?,
-            _ => {
-                return Err(generic(format!(
-                    "Invalid parameter type for 'actions[{index}]', expected: object"
-                )))
-            }
-        };
-        match kind.as_str() {
-            "blockdev-add" => Ok(Action::Add(
-                Options::from_json(Value::Object(data)).map_err(generic)?,
-            )),
-            "blockdev-del" => Ok(Action::Del(
-                parse::<NodeName>(data).map_err(prefix)?.node_name,
-            )),
-            "x-blockdev-replace" => {
-                let r: Replace = parse(data).map_err(prefix)?;
-                r.parent().map_err(prefix)?;
-                Ok(Action::Replace(r))
-            }
-            "abort" => {
-                parse::<Map<String, Value>>(data).map_err(prefix)?;
-                Ok(Action::Abort)
-            }
-            "blockdev-backup" => parse_backup(data).map(Action::Backup).map_err(prefix),
-            "blockdev-snapshot" => parse_snapshot(data).map_err(prefix),
-            "blockdev-snapshot-sync" => parse_snapshot_sync(data).map_err(prefix),
-            other => match BitmapAction::parse(other, data) {
-                Some(action) => action.map(Action::Bitmap).map_err(prefix),
-                None => Err(generic(format!(
-                    "actions[{index}]: Parameter 'type' does not accept value '{other}'"
-                ))),
-            },
+/// Parses action `index` of a `transaction`: `abort`, or a command of the
+/// table that is a transaction action.
+fn parse_step(value: Value, index: usize) -> Result<Step, QmpError> {
+    let at = |path: String| move |e: QmpError| generic(with_key_prefix(&e.desc, &path));
+    let data_path = format!("actions[{index}].data.");
+    let prefix = |e: QmpError| generic(with_key_prefix(&e.desc, &data_path));
+    let ActionArgs { kind, data } = match value {
+        Value::Object(m) => parse_args(m).map_err(at(format!("actions[{index}].")))?,
+        _ => {
+            return Err(generic(format!(
+                "Invalid parameter type for 'actions[{index}]', expected: object"
+            )))
         }
+    };
+    if kind == "abort" {
+        parse_args::<Map<String, Value>>(data).map_err(prefix)?;
+        return Ok(Step {
+            kind: "abort",
+            action: Action::Abort,
+            drains: false,
+        });
     }
-
-    /// The action's type, as QMP names it.
-    fn kind(&self) -> &'static str {
-        match self {
-            Action::Add(_) => "blockdev-add",
-            Action::Del(_) => "blockdev-del",
-            Action::Replace(_) => "x-blockdev-replace",
-            Action::Bitmap(b) => b.kind(),
-            Action::Backup(_) => "blockdev-backup",
-            Action::Snapshot(_) => "blockdev-snapshot",
-            Action::SnapshotSync(_) => "blockdev-snapshot-sync",
-            Action::Abort => "abort",
-        }
-    }
-
-    /// Whether the action changes what requests see (edges, nodes that
-    /// go, bitmaps I/O records in): only adding needs no drained graph.
-    fn needs_drain(&self) -> bool {
-        !matches!(self, Action::Add(_) | Action::Bitmap(BitmapAction::Add(_)))
+    match table::find(&kind).and_then(|e| e.step(data)) {
+        // blockdev-add's options name their keys without a prefix, as QEMU.
+        Some(step) if kind == "blockdev-add" => step,
+        Some(step) => step.map_err(prefix),
+        None => Err(generic(format!(
+            "actions[{index}]: Parameter 'type' does not accept value '{kind}'"
+        ))),
     }
 }
 
 /// Parses the `transaction` command's arguments.
-pub(super) fn parse_transaction(args: Map<String, Value>) -> Result<Actions, QmpError> {
-    let args: TransactionArgs = parse(args)?;
+pub(super) fn parse(args: Map<String, Value>) -> Result<Actions, QmpError> {
+    let args: TransactionArgs = parse_args(args)?;
     let mut grouped = false;
     if let Some(props) = args.properties {
         let ok = props.as_object().is_some_and(|p| {
@@ -366,22 +231,25 @@ pub(super) fn parse_transaction(args: Map<String, Value>) -> Result<Actions, Qmp
             return Err(generic("Invalid parameter 'properties'"));
         }
     }
-    let list: Vec<Action> = args
+    let steps: Vec<Step> = args
         .actions
         .into_iter()
         .enumerate()
-        .map(|(i, a)| Action::parse(a, i))
+        .map(|(i, a)| parse_step(a, i))
         .collect::<Result<_, _>>()?;
     if grouped {
         // As QEMU: only the actions that make jobs complete together.
-        if let Some(other) = list.iter().find(|a| !matches!(a, Action::Backup(_))) {
+        if let Some(other) = steps
+            .iter()
+            .find(|s| !matches!(s.action, Action::Backup(_)))
+        {
             return Err(generic(format!(
                 "Action '{}' does not support transaction property completion-mode = grouped",
-                other.kind()
+                other.kind
             )));
         }
     }
-    Ok(Actions { list, grouped })
+    Ok(Actions { steps, grouped })
 }
 
 /// Runs actions as one transaction: all are prepared in order, the
@@ -389,15 +257,15 @@ pub(super) fn parse_transaction(args: Map<String, Value>) -> Result<Actions, Qmp
 /// every action back. Actions that change what requests see run in a
 /// drained graph.
 pub(super) fn run(graph: &Graph, actions: Actions) -> Result<(), QmpError> {
-    let Actions { list, grouped } = actions;
-    let mut tx = if list.iter().any(Action::needs_drain) {
+    let Actions { steps, grouped } = actions;
+    let mut tx = if steps.iter().any(|s| s.drains) {
         graph.drained_transaction()
     } else {
         graph.transaction()
     };
     let txn = grouped.then(JobTxn::new);
-    for action in list {
-        match action {
+    for step in steps {
+        match step.action {
             Action::Add(options) => tx.add(options).map(|_| ()),
             Action::Del(name) => tx.remove(&name),
             Action::Replace(r) => tx.replace(r.parent()?, &r.new_child),

@@ -1,9 +1,162 @@
-//! The query commands' answers: nodes and the graph's shape.
+//! The query commands: version, introspection, nodes, the graph's shape
+//! and I/O statistics.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
+use blkgraph_ctl::{NamedFds, QmpError};
 use blkgraph_graph::{ChildRole, Graph, Node, Parent};
+use serde::Deserialize;
 use serde_json::{json, Value};
+
+use super::schema::{Introspection, Object};
+use super::{qapi, table, Control};
+use crate::stats::{Boundaries, IoStats};
+
+/// query-qmp-schema: every command of the table, every event, and the
+/// types they use, with the driver table's drivers.
+pub(super) fn schema() -> Value {
+    let drivers = blkgraph_graph::drivers::DRIVERS
+        .iter()
+        .filter_map(|d| qapi::driver_options(d.name).map(|o| (d.name, o)))
+        .collect();
+    let mut actions: Vec<(&'static str, &'static Object)> = vec![("abort", &super::schema::EMPTY)];
+    actions.extend(
+        table::TABLE
+            .iter()
+            .filter(|e| e.is_action())
+            .map(|e| (e.name(), e.shape().args)),
+    );
+    let commands: Vec<_> = table::TABLE.iter().map(|e| e.shape()).collect();
+    Introspection::new(drivers, actions).run(&commands, qapi::EVENTS)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct QueryNodesArgs {
+    /// Accepted for compatibility: every node is listed once.
+    #[serde(default, rename = "flat")]
+    _flat: Option<bool>,
+}
+
+/// query-named-block-nodes.
+pub(super) fn named_block_nodes(
+    control: &Control,
+    _: QueryNodesArgs,
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    Ok(Value::Array(
+        control.graph.nodes().iter().map(|n| node_info(n)).collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct QueryBlockstatsArgs {
+    #[serde(default)]
+    query_nodes: Option<bool>,
+}
+
+/// query-blockstats: one entry per export (`qdev` is the export id), or
+/// with `query-nodes`, one per node, whose counters are those of the
+/// exports that serve it (QEMU's nodes count nothing themselves).
+pub(super) fn blockstats(
+    control: &Control,
+    args: QueryBlockstatsArgs,
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    let exports = control.exports.stats();
+    if !args.query_nodes.unwrap_or(false) {
+        return Ok(Value::Array(
+            exports
+                .iter()
+                .map(|e| {
+                    json!({
+                        "device": "", "qdev": e.id, "node-name": e.node_name,
+                        "stats": e.stats.to_qmp(),
+                    })
+                })
+                .collect(),
+        ));
+    }
+    let mut by_node: BTreeMap<&str, IoStats> = BTreeMap::new();
+    for e in &exports {
+        by_node
+            .entry(e.node_name.as_str())
+            .or_default()
+            .merge(&e.stats);
+    }
+    Ok(Value::Array(
+        control
+            .graph
+            .nodes()
+            .iter()
+            .map(|n| node_stats(n, &by_node))
+            .collect(),
+    ))
+}
+
+/// A node's BlockStats, with its file child's as `parent`, as QEMU's.
+fn node_stats(node: &Node, by_node: &BTreeMap<&str, IoStats>) -> Value {
+    let stats = by_node.get(node.name()).cloned().unwrap_or_default();
+    let mut entry = json!({"node-name": node.name(), "stats": stats.to_qmp()});
+    let file = node
+        .children()
+        .iter()
+        .find(|c| c.role() == ChildRole::File)
+        .map(|c| c.node());
+    if let Some(file) = file {
+        entry["parent"] = node_stats(&file, by_node);
+    }
+    entry
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct HistogramSetArgs {
+    id: String,
+    #[serde(default)]
+    boundaries: Option<Vec<u64>>,
+    #[serde(default)]
+    boundaries_read: Option<Vec<u64>>,
+    #[serde(default)]
+    boundaries_write: Option<Vec<u64>>,
+    /// Zone appends: blkgraph has none to count.
+    #[serde(default)]
+    boundaries_zap: Option<Vec<u64>>,
+    #[serde(default)]
+    boundaries_flush: Option<Vec<u64>>,
+}
+
+/// block-latency-histogram-set: `boundaries` for every kind, the others
+/// for one; none at all removes the histograms.
+pub(super) fn latency_histogram_set(
+    control: &Control,
+    a: HistogramSetArgs,
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    let check = |b: Option<Vec<u64>>, name: &str| -> Result<Option<Vec<u64>>, QmpError> {
+        match b {
+            Some(b) if b.is_empty() || b.windows(2).any(|w| w[0] >= w[1]) => Err(
+                QmpError::generic(format!("Device '{}' set {name} boundaries fail", a.id)),
+            ),
+            b => Ok(b),
+        }
+    };
+    let all = check(a.boundaries.clone(), "default")?;
+    check(a.boundaries_zap.clone(), "zap")?;
+    let boundaries: Boundaries = [
+        check(a.boundaries_read.clone(), "read")?.or_else(|| all.clone()),
+        check(a.boundaries_write.clone(), "write")?.or_else(|| all.clone()),
+        check(a.boundaries_flush.clone(), "flush")?.or_else(|| all.clone()),
+        None,
+    ];
+    control
+        .exports
+        .set_histograms(&a.id, boundaries)
+        .map_err(|e| QmpError::device_not_found(e.to_string()))?;
+    Ok(json!({}))
+}
 
 /// The node-info member with a copy-before-write node's snapshot state (a
 /// blkgraph extension).
@@ -38,7 +191,7 @@ pub(super) fn node_info(node: &Node) -> Value {
         "encrypted": false,
         "detect_zeroes": "off",
         "backing_file_depth": 0,
-        "write_threshold": 0,
+        "write_threshold": node.write_threshold(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "cache": {"writeback": true, "direct": node.direct(), "no-flush": node.no_flush()},
         "image": image_info(node),
