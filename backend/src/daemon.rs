@@ -1,21 +1,20 @@
 //! The daemon: builds the graph and the exports, then runs until a
 //! termination signal.
 
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-
 use std::sync::Arc;
 
-use blkgraph_graph::{Graph, Options};
-
 use blkgraph_ctl::{Dispatcher, Events, QmpServer};
+use blkgraph_graph::Graph;
 
-use crate::cli::Config;
+use crate::cli::{Arg, Config, QmpSocket};
 use crate::control::{self, Control};
 use crate::exports::Exports;
 use crate::listen_fd::{self, Source};
 use crate::nbd::NbdServerOptions;
 use crate::pidfile::PidFile;
-use crate::signals;
+use crate::{daemonize, metrics, sd_notify, signals};
 
 /// The image of the embedded default.
 pub const DEFAULT_IMAGE: &str = "blkgraph-default.raw";
@@ -36,18 +35,28 @@ fn embedded_default(config: &mut Config) -> Result<(), String> {
         f.set_len(DEFAULT_SIZE)
             .map_err(|e| format!("cannot size {DEFAULT_IMAGE}: {e}"))?;
     }
-    let json = |v| Options::from_json(v).map_err(|e| e.to_string());
-    config.blockdevs.push(json(serde_json::json!({
-        "driver": "file", "node-name": "file0", "filename": DEFAULT_IMAGE, "discard": "unmap"
-    }))?);
-    config.blockdevs.push(json(serde_json::json!({
-        "driver": "raw", "node-name": "disk0", "file": "file0", "discard": "unmap"
-    }))?);
-    config.exports.push(json(serde_json::json!({
-        "type": "vhost-user-blk", "id": "vub0", "node-name": "disk0", "writable": true,
-        "num-queues": DEFAULT_QUEUES, "addr": {"type": "unix", "path": DEFAULT_SOCKET}
-    }))?);
-    config.qmp_sockets.push(DEFAULT_QMP_SOCKET.into());
+    config.blockdevs.push(Arg::json(
+        "--blockdev",
+        serde_json::json!({
+            "driver": "file", "node-name": "file0", "filename": DEFAULT_IMAGE, "discard": "unmap"
+        }),
+    )?);
+    config.blockdevs.push(Arg::json(
+        "--blockdev",
+        serde_json::json!({
+            "driver": "raw", "node-name": "disk0", "file": "file0", "discard": "unmap"
+        }),
+    )?);
+    config.exports.push(Arg::json(
+        "--export",
+        serde_json::json!({
+            "type": "vhost-user-blk", "id": "vub0", "node-name": "disk0", "writable": true,
+            "num-queues": DEFAULT_QUEUES, "addr": {"type": "unix", "path": DEFAULT_SOCKET}
+        }),
+    )?);
+    config
+        .qmp_sockets
+        .push(QmpSocket::Path(DEFAULT_QMP_SOCKET.into()));
     Ok(())
 }
 
@@ -64,59 +73,38 @@ fn attach_hint(socket: &Path) -> String {
     )
 }
 
-/// Adds a `--object` (a throttle group).
-fn add_object(graph: &Graph, options: &mut Options) -> Result<(), String> {
-    let take = |o: &mut Options, k: &str| match o.take(k) {
-        Some(serde_json::Value::String(s)) => Ok(s),
-        _ => Err(format!("--object: Parameter '{k}' is missing")),
-    };
-    let kind = take(options, "qom-type")?;
-    if kind != "throttle-group" {
-        return Err(format!(
-            "--object: type '{kind}' is not supported (only throttle-group)"
-        ));
-    }
-    let id = take(options, "id")?;
-    let limits = match options.take("limits") {
-        Some(serde_json::Value::Object(map)) => Options {
-            map,
-            syntax: options.syntax,
-        }
-        .parse("limits")
-        .map_err(|e| e.to_string())?,
-        None => Default::default(),
-        Some(_) => {
-            return Err("--object: Invalid parameter type for 'limits', expected: object".into())
-        }
-    };
-    if let Some(k) = options.map.keys().next() {
-        return Err(format!("--object: Parameter '{k}' is unexpected"));
-    }
-    graph
-        .add_throttle_group(&id, limits)
-        .map_err(|e| e.to_string())
-}
-
 /// What the daemon removes when it exits: its sockets, then its pid file
 /// (the lock goes with it).
 struct Cleanup {
     pidfile: Option<PidFile>,
-    sockets: Vec<PathBuf>,
+    /// The sockets of the daemon's own servers (QMP, metrics).
+    own_sockets: Vec<PathBuf>,
+    /// The sockets of the exports and the NBD server, as last asked: those
+    /// of exports deleted since they were created are not ours any more.
+    export_sockets: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for s in &self.sockets {
+        for s in self.own_sockets.iter().chain(&self.export_sockets) {
             let _ = std::fs::remove_file(s);
         }
         // The pid file is removed when the field drops, after this.
     }
 }
 
-/// Runs the daemon until SIGTERM, SIGINT or SIGHUP.
+/// Runs the daemon until SIGTERM, SIGINT or SIGHUP. Errors begin with the
+/// option they come from, as qemu-storage-daemon's.
 pub fn run(mut config: Config) -> Result<(), String> {
+    // First of all, while the process has one thread.
+    let daemonized = config
+        .daemonize
+        .then(daemonize::daemonize)
+        .transpose()
+        .map_err(|e| format!("--daemonize: {e}"))?;
     signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
     signals::ignore().map_err(|e| format!("cannot ignore signals: {e}"))?;
+    listen_fd::socket_activation();
     // Before anything else: a daemon refused here has touched nothing of
     // the one that holds the lock, neither its sockets nor its pid file.
     let pidfile = config
@@ -124,6 +112,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         .as_deref()
         .map(PidFile::lock)
         .transpose()
+        // QSD's pid file errors name no option: "cannot create PID file: ...".
         .map_err(|e| e.to_string())?;
     if config.embedded_default {
         embedded_default(&mut config)?;
@@ -136,46 +125,75 @@ pub fn run(mut config: Config) -> Result<(), String> {
     let nbd_servers = config
         .nbd_servers
         .drain(..)
-        .map(|options| {
-            let options = NbdServerOptions::from_cli(options)?;
+        .map(|arg| {
+            let at = |e: String| format!("{}: {e}", arg.context);
+            let options = NbdServerOptions::from_cli(arg.options).map_err(at)?;
             let fd = listen_fd::for_nbd_server(&options.addr, Source::CommandLine(&mut inherited))
-                .map_err(|e| e.to_string())?;
-            Ok((options, fd))
-        })
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(|e| format!("--nbd-server: {e}"))?;
-    let export_options = config
-        .exports
-        .drain(..)
-        .map(|options| {
-            let fd = listen_fd::for_export(&options.map, Source::CommandLine(&mut inherited))
-                .map_err(|e| format!("--export: {e}"))?;
-            Ok((options, fd))
+                .map_err(|e| at(e.to_string()))?;
+            Ok((arg.context, options, fd))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let graph = Graph::shared();
-    for mut options in config.objects.drain(..) {
-        add_object(&graph, &mut options)?;
-    }
-    for options in config.blockdevs.drain(..) {
-        graph.add(options).map_err(|e| e.to_string())?;
-    }
+    let export_args = config
+        .exports
+        .drain(..)
+        .map(|arg| {
+            let fd = listen_fd::for_export(&arg.options.map, Source::CommandLine(&mut inherited))
+                .map_err(|e| format!("{}: {e}", arg.context))?;
+            Ok((arg, fd))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let qmp_listeners = config
+        .qmp_sockets
+        .iter()
+        .map(|socket| match socket {
+            QmpSocket::Path(path) => QmpServer::bind(path)
+                .map(|server| (server, Some(path.clone())))
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display())),
+            QmpSocket::Fd(fd) => listen_fd::for_monitor(fd, Source::CommandLine(&mut inherited))
+                .map(|l| {
+                    let listener = UnixListener::from(std::os::unix::io::OwnedFd::from(l));
+                    (QmpServer::from_listener(listener), None)
+                })
+                .map_err(|e| format!("--chardev fd={fd}: {e}")),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let mut cleanup = Cleanup {
         pidfile,
-        sockets: Vec::new(),
+        own_sockets: qmp_listeners
+            .iter()
+            .filter_map(|(_, p)| p.clone())
+            .collect(),
+        export_sockets: Vec::new(),
     };
+    let graph = Graph::shared();
     let exports = Arc::new(Exports::new(graph.clone()));
-    for (options, fd) in nbd_servers {
+    for arg in config.objects.drain(..) {
+        let at = |e: blkgraph_ctl::QmpError| format!("{}: {}", arg.context, e.desc);
+        let object = control::parse_object(arg.options).map_err(at)?;
+        control::create_object(&graph, exports.iothreads(), object).map_err(at)?;
+    }
+    for arg in config.blockdevs.drain(..) {
+        graph
+            .add(arg.options)
+            .map_err(|e| format!("{}: {e}", arg.context))?;
+    }
+    for (context, options, fd) in nbd_servers {
         exports
             .nbd_server_start(&options, fd)
-            .map_err(|e| format!("--nbd-server: {e}"))?;
-        cleanup.sockets = exports.socket_paths();
+            .map_err(|e| format!("{context}: {e}"))?;
+        cleanup.export_sockets = exports.socket_paths();
     }
-    for (options, fd) in export_options {
+    for (arg, fd) in export_args {
         exports
-            .add(options, fd)
-            .map_err(|e| format!("--export: {e}"))?;
-        cleanup.sockets = exports.socket_paths();
+            .add(arg.options, fd)
+            .map_err(|e| format!("{}: {e}", arg.context))?;
+        cleanup.export_sockets = exports.socket_paths();
+    }
+    if let Some(address) = &config.metrics {
+        metrics::start(address, exports.clone()).map_err(|e| format!("--metrics: {e}"))?;
+        if let crate::cli::MetricsAddress::Unix(path) = address {
+            cleanup.own_sockets.push(path.clone());
+        }
     }
     let events = Events::new();
     exports.set_event_sink(control::event_sink(events.clone()));
@@ -191,25 +209,27 @@ pub fn run(mut config: Config) -> Result<(), String> {
     });
     let dispatcher: Arc<dyn Dispatcher> =
         Arc::new(Control::new(graph.clone(), exports.clone(), quit));
-    for path in &config.qmp_sockets {
-        let server = QmpServer::bind(path)
-            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        cleanup.sockets.push(path.clone());
+    for (server, _) in qmp_listeners {
         server
             .spawn(dispatcher.clone(), events.clone(), control::version())
             .map_err(|e| format!("cannot start the QMP server: {e}"))?;
     }
-    let qmp_sockets = config.qmp_sockets.clone();
     if let Some(pidfile) = &mut cleanup.pidfile {
         pidfile.write_pid().map_err(|e| e.to_string())?;
     }
     if config.embedded_default {
         println!("{}", attach_hint(Path::new(DEFAULT_SOCKET)));
     }
+    // Every socket exists and the pid file is written: ready.
+    if let Some(d) = daemonized {
+        d.ready().map_err(|e| format!("--daemonize: {e}"))?;
+    }
+    sd_notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+    log::info!("ready");
     let sig = signals::wait().map_err(|e| format!("sigwait: {e}"))?;
+    sd_notify::notify("STOPPING=1");
     log::info!("signal {sig}: exiting");
-    cleanup.sockets = exports.socket_paths();
-    cleanup.sockets.extend(qmp_sockets);
+    cleanup.export_sockets = exports.socket_paths();
     // No request runs from now on (those still queued stay queued); every
     // node is flushed and closed, as qemu-storage-daemon does at exit.
     graph.shut_down();

@@ -6,12 +6,15 @@
 pub mod cli;
 pub mod control;
 pub mod daemon;
+mod daemonize;
 pub mod export;
 pub mod exports;
 pub mod iothreads;
 pub mod listen_fd;
+pub mod metrics;
 pub mod nbd;
 mod pidfile;
+mod sd_notify;
 mod signals;
 pub mod stats;
 pub mod vhost_user_blk;

@@ -23,8 +23,8 @@ use crate::nbd::ListenAddress;
 /// What a listening socket is for, which decides the families it may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Use {
-    /// A vhost-user-blk export: a unix socket.
-    VhostUser,
+    /// A vhost-user-blk export or a QMP monitor: a unix socket.
+    Unix,
     /// The NBD server: a unix, IPv4 or IPv6 socket.
     Nbd,
 }
@@ -199,9 +199,37 @@ pub fn for_export(
         return Ok(None);
     }
     match addr.get("str").and_then(Value::as_str) {
-        Some(str) => source.take(str, Use::VhostUser).map(Some),
+        Some(str) => source.take(str, Use::Unix).map(Some),
         None => Ok(None),
     }
+}
+
+/// The listening unix socket of a QMP monitor (`--chardev socket,fd=N`).
+pub fn for_monitor(str: &str, source: Source<'_>) -> Result<ListenFd, Error> {
+    source.take(str, Use::Unix)
+}
+
+/// systemd socket activation: when `LISTEN_PID` is this process, the
+/// `LISTEN_FDS` descriptors from 3 on are its to claim by number (as
+/// `fd=3`, `addr.str=4`, ...); the variables are removed so that nothing
+/// the daemon starts takes them for its own. Returns how many there are.
+pub fn socket_activation() -> usize {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    if !ours {
+        return 0;
+    }
+    log::info!("socket activation: descriptors 3 to {}", 2 + count);
+    count
 }
 
 /// The listening socket of an NBD server address of type `fd`, taken from
@@ -297,7 +325,7 @@ fn check(fd: OwnedFd, str: &str, usage: Use) -> Result<ListenFd, Error> {
             })
         }
     };
-    if usage == Use::VhostUser && family != Family::Unix {
+    if usage == Use::Unix && family != Family::Unix {
         return Err(Error::NotUnix(str.into()));
     }
     set_blocking(fd.as_fd()).map_err(io("make it blocking"))?;
@@ -352,7 +380,7 @@ mod tests {
     fn listening_sockets_pass_and_become_blocking() {
         let (l, addr) = listener();
         l.set_nonblocking(true).unwrap();
-        let fd = qmp(l, Use::VhostUser).unwrap();
+        let fd = qmp(l, Use::Unix).unwrap();
         assert_eq!(fd.family(), Family::Unix);
         let l = UnixListener::from(OwnedFd::from(fd));
         // SAFETY: F_GETFL only reads the status flags.
@@ -365,7 +393,7 @@ mod tests {
         let tcp2 = tcp.try_clone().unwrap();
         assert_eq!(qmp(tcp, Use::Nbd).unwrap().family(), Family::Inet);
         assert_eq!(
-            qmp(tcp2, Use::VhostUser).unwrap_err(),
+            qmp(tcp2, Use::Unix).unwrap_err(),
             "File descriptor 'l' is not a unix socket"
         );
     }
@@ -379,14 +407,14 @@ mod tests {
         );
         let (a, _b) = UnixStream::pair().unwrap();
         assert_eq!(
-            qmp(a, Use::VhostUser).unwrap_err(),
+            qmp(a, Use::Unix).unwrap_err(),
             "File descriptor 'l' is not a listening socket"
         );
         // SAFETY: socket() creates a new descriptor, owned right away.
         let unbound =
             unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)) };
         assert_eq!(
-            qmp(unbound, Use::VhostUser).unwrap_err(),
+            qmp(unbound, Use::Unix).unwrap_err(),
             "File descriptor 'l' is not a listening socket"
         );
         // SAFETY: as above.
@@ -404,13 +432,13 @@ mod tests {
         let raw = l.as_raw_fd().to_string();
         let mut fds = named(l);
         for str in [raw.as_str(), "-1", "3", "nope"] {
-            let e = Source::Qmp(&mut fds).take(str, Use::VhostUser).unwrap_err();
+            let e = Source::Qmp(&mut fds).take(str, Use::Unix).unwrap_err();
             assert_eq!(
                 e.to_string(),
                 format!("File descriptor named '{str}' has not been found")
             );
         }
-        Source::Qmp(&mut fds).take("l", Use::VhostUser).unwrap();
+        Source::Qmp(&mut fds).take("l", Use::Unix).unwrap();
     }
 
     #[test]
@@ -421,9 +449,7 @@ mod tests {
         let (l, _) = listener();
         let n = l.into_raw_fd().to_string();
         let claim = |inherited: &mut Inherited, s: &str| {
-            inherited
-                .claim(s, Use::VhostUser)
-                .map_err(|e| e.to_string())
+            inherited.claim(s, Use::Unix).map_err(|e| e.to_string())
         };
         claim(&mut inherited, &n).unwrap();
         assert_eq!(

@@ -518,25 +518,30 @@ def test_unusable_inherited_descriptor(daemon_kind, daemon_bin, image, workdir, 
 
 
 def test_bad_command_line_numbers(daemon_kind, daemon_bin, image, workdir):
-    """Numbers are parsed strictly, must be open, and may be used once."""
+    """Numbers are parsed strictly, must be open, and may be used once; the
+    error names the --export it comes from, as QSD's configuration errors."""
     if daemon_kind != "blkgraph":
         pytest.skip("qemu-storage-daemon's texts differ (and it takes a number twice)")
     args = base_args(daemon_bin, image, workdir)
+
+    def refused(export, text):
+        return f"blkgraph: {export[0]} {export[1]}: {text}"
+
     for bad in ("-1", "3x", "+4"):
         out = refused_at_start(args + fd_export(bad), [])
-        assert f"--export: Invalid file descriptor number '{bad}'" in out, out
+        assert refused(fd_export(bad), f"Invalid file descriptor number '{bad}'") in out, out
     out = refused_at_start(args + fd_export(1000), [])
-    assert "--export: File descriptor '1000' is not open" in out, out
+    assert refused(fd_export(1000), "File descriptor '1000' is not open") in out, out
     path = workdir / "twice.sock"
     with listening_unix(path) as listener:
         fd = listener.fileno()
-        twice = fd_export(fd) + [
+        second = [
             "--export",
             f"type=vhost-user-blk,id=vub2,node-name=disk0,addr.type=fd,addr.str={fd}",
         ]
-        out = refused_at_start(args + twice, [fd])
-        assert f"--export: File descriptor '{fd}' is already in use" in out, out
+        out = refused_at_start(args + fd_export(fd) + second, [fd])
+        assert refused(second, f"File descriptor '{fd}' is already in use") in out, out
         out = refused_at_start(
             args + ["--nbd-server", f"addr.type=fd,addr.str={fd}"] + fd_export(fd), [fd]
         )
-        assert f"--export: File descriptor '{fd}' is already in use" in out, out
+        assert refused(fd_export(fd), f"File descriptor '{fd}' is already in use") in out, out

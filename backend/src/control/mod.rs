@@ -25,6 +25,7 @@ use serde_json::{json, Map, Value};
 
 use crate::exports::Exports;
 pub use objects::OBJECT_TYPES;
+pub(crate) use objects::{create as create_object, parse_object};
 pub use queries::SNAPSHOT_INFO_MEMBER;
 
 /// Checks a command's arguments exactly as executing it does first, without
