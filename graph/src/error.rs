@@ -40,7 +40,10 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::InvalidOptions(text) => f.write_str(text),
-            Error::UnknownDriver(d) => write!(f, "Unknown driver '{d}'"),
+            // QEMU's text for a value its BlockdevDriver enum lacks.
+            Error::UnknownDriver(d) => {
+                write!(f, "Parameter 'driver' does not accept value '{d}'")
+            }
             Error::NodeNotFound(n) => write!(f, "Cannot find device='' nor node-name='{n}'"),
             Error::DuplicateNodeName(n) => write!(f, "Duplicate nodes with node-name='{n}'"),
             Error::InvalidNodeName(n) => write!(f, "Invalid node-name: '{n}'"),

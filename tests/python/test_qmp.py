@@ -303,8 +303,14 @@ def test_initial_graph(daemon, daemon_kind):
             graph = await qmp.execute("x-debug-query-block-graph")
             nodes = graph_nodes(graph)
             assert nodes["vub0"]["type"] == "block-export"
-            assert nodes["disk0"]["type"] == "block-driver" and nodes["disk0"]["driver"] == "raw"
-            assert nodes["f0"]["type"] == "block-driver" and nodes["f0"]["driver"] == "file"
+            assert (
+                nodes["disk0"]["type"] == "block-driver"
+                and nodes["disk0"]["__org.blkgraph_driver"] == "raw"
+            )
+            assert (
+                nodes["f0"]["type"] == "block-driver"
+                and nodes["f0"]["__org.blkgraph_driver"] == "file"
+            )
             edges = graph_edges(graph)
             assert set(edges) == {("vub0", "root", "disk0"), ("disk0", "file", "f0")}
             for edge in edges.values():
@@ -335,10 +341,8 @@ def test_throttle_insert_and_remove(daemon, daemon_kind):
             )
             named = {n["node-name"]: n for n in await qmp.execute("query-named-block-nodes")}
             assert named["null0"]["drv"] == "null-co"
-            assert (
-                graph_nodes(await qmp.execute("x-debug-query-block-graph"))["null0"]["driver"]
-                == "null-co"
-            )
+            graph = await qmp.execute("x-debug-query-block-graph")
+            assert graph_nodes(graph)["null0"]["__org.blkgraph_driver"] == "null-co"
 
             await qmp.execute(
                 "object-add",
@@ -359,7 +363,7 @@ def test_throttle_insert_and_remove(daemon, daemon_kind):
             named = {n["node-name"]: n for n in await qmp.execute("query-named-block-nodes")}
             assert named["thr0"]["drv"] == "throttle"
             graph = await qmp.execute("x-debug-query-block-graph")
-            assert graph_nodes(graph)["thr0"]["driver"] == "throttle"
+            assert graph_nodes(graph)["thr0"]["__org.blkgraph_driver"] == "throttle"
             edges = graph_edges(graph)
             assert set(edges) == {
                 ("vub0", "root", "thr0"),

@@ -461,7 +461,7 @@ static GRAPH_NODE: Object = object(
         req("id", INT),
         req("type", Ty::Enum(&GRAPH_NODE_TYPE)),
         req("name", STR),
-        opt("driver", STR),
+        opt("__org.blkgraph_driver", STR),
     ],
 );
 static GRAPH_EDGE: Object = object(

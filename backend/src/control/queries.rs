@@ -162,6 +162,10 @@ pub(super) fn latency_histogram_set(
 /// blkgraph extension).
 pub const SNAPSHOT_INFO_MEMBER: &str = "__org.blkgraph_snapshot";
 
+/// The graph node member with a driver node's driver (a blkgraph
+/// extension of XDbgBlockGraphNode).
+const DRIVER_MEMBER: &str = "__org.blkgraph_driver";
+
 /// A node as query-named-block-nodes describes it (QAPI's BlockDeviceInfo).
 pub(super) fn node_info(node: &Node) -> Value {
     let bitmaps: Vec<Value> = node
@@ -278,7 +282,7 @@ pub(super) fn block_graph(graph: &Graph) -> Value {
     }
     for node in &view.nodes {
         ids.insert(format!("node:{}", node.name()), nodes.len());
-        nodes.push(json!({"id": nodes.len(), "type": "block-driver", "name": node.name(), "driver": node.driver_name()}));
+        nodes.push(json!({"id": nodes.len(), "type": "block-driver", "name": node.name(), DRIVER_MEMBER: node.driver_name()}));
     }
     let key = |p: &Parent| match p {
         Parent::Node(n) => format!("node:{n}"),

@@ -550,3 +550,46 @@ pub(super) static TABLE: &[&dyn Entry] = &[
 pub(super) fn find(name: &str) -> Option<&'static dyn Entry> {
     TABLE.iter().copied().find(|e| e.name() == name)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_the_schema_lists_every_command() {
+        let names: BTreeSet<&str> = TABLE.iter().map(|e| e.name()).collect();
+        assert_eq!(names.len(), TABLE.len(), "a command is in the table twice");
+        let schema = queries::schema();
+        let commands: BTreeSet<&str> = schema
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["meta-type"] == "command")
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(commands, names);
+    }
+
+    #[test]
+    fn every_driver_of_the_driver_table_has_its_options() {
+        for d in blkgraph_graph::drivers::DRIVERS {
+            assert!(qapi::driver_options(d.name).is_some(), "{}", d.name);
+        }
+    }
+
+    #[test]
+    fn protocol_commands_are_not_dispatched() {
+        for name in ["qmp_capabilities", "query-commands", "getfd", "closefd"] {
+            let e = find(name).unwrap();
+            assert!(e.is_protocol());
+            assert_eq!(
+                super::super::check_arguments(name, Map::new()).unwrap_err(),
+                QmpError::command_not_found(name)
+            );
+        }
+        assert!(find("blockdev-add").unwrap().is_action());
+        assert!(find("transaction").unwrap().step(Map::new()).is_none());
+    }
+}

@@ -56,6 +56,9 @@ struct VhostUserBlkOptions {
     /// last request (default 50, 0 disables).
     #[serde(default, rename = "x-poll-us")]
     poll_us: Option<u32>,
+    /// Accepted for compatibility: blkgraph has no inactive images.
+    #[serde(default, rename = "allow-inactive")]
+    _allow_inactive: Option<bool>,
 }
 
 /// A running vhost-user-blk export.

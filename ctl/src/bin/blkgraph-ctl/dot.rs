@@ -29,7 +29,7 @@ pub fn render(graph: &Value) -> Result<String, String> {
         let kind = text(node, "type")?;
         let name = text(node, "name")?;
         // blkgraph's reply also names the driver of a driver node.
-        let driver = node.get("driver").and_then(Value::as_str);
+        let driver = node.get("__org.blkgraph_driver").and_then(Value::as_str);
         let label = match (name.is_empty(), driver) {
             (true, _) => kind.to_string(),
             (false, Some(driver)) => format!("{driver}\n{name}"),
@@ -131,7 +131,7 @@ mod tests {
             "nodes": [
                 {"id": 1, "type": "block-export", "name": "vub0"},
                 {"id": 2, "type": "block-driver", "name": "raw disk0"},
-                {"id": 3, "type": "block-driver", "name": "f0", "driver": "file"},
+                {"id": 3, "type": "block-driver", "name": "f0", "__org.blkgraph_driver": "file"},
                 {"id": 4, "type": "block-backend", "name": ""},
             ],
             "edges": [
