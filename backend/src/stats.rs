@@ -124,25 +124,6 @@ impl Histogram {
             *a += b;
         }
     }
-
-    /// The latency below which `fraction` of the requests finished: the
-    /// upper boundary of the bin that holds that rank (the last boundary
-    /// for the open last bin). `None` without requests.
-    pub fn percentile(&self, fraction: f64) -> Option<u64> {
-        let total: u64 = self.bins.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((total as f64) * fraction).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, n) in self.bins.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return self.boundaries.get(i).or(self.boundaries.last()).copied();
-            }
-        }
-        self.boundaries.last().copied()
-    }
 }
 
 /// The histograms of one source: one per kind, where set.
@@ -412,9 +393,6 @@ mod tests {
         sum.add(&s);
         let h = sum.histograms[0].as_ref().unwrap();
         assert_eq!(h.bins, vec![1, 2, 1]);
-        assert_eq!(h.percentile(0.5), Some(100));
-        assert_eq!(h.percentile(0.25), Some(10));
-        assert_eq!(h.percentile(1.0), Some(100));
         assert_eq!(
             sum.to_qmp()["rd_latency_histogram"]["bins"],
             json!([1, 2, 1])

@@ -1,9 +1,20 @@
 //! Renders `x-debug-query-block-graph`'s reply (QEMU's XDbgBlockGraph) as
 //! Graphviz dot.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde_json::Value;
+
+use crate::top::Rates;
+
+/// Figures for the edges (`graph --stats`): by export id, and by node name.
+pub struct EdgeRates {
+    /// The traffic of each export.
+    pub exports: BTreeMap<String, Rates>,
+    /// The traffic that reaches each node.
+    pub nodes: BTreeMap<String, Rates>,
+}
 
 /// Short names for permissions, in edge labels.
 const PERM_ABBREV: [(&str, &str); 5] = [
@@ -19,8 +30,9 @@ const PERM_ABBREV: [(&str, &str); 5] = [
 /// labelled with type and name, edges from parent to child labelled with
 /// the child's role, the permissions taken and those shared
 /// (`R` consistent-read, `W` write, `U` write-unchanged, `S` resize,
-/// `G` graph-mod).
-pub fn render(graph: &Value) -> Result<String, String> {
+/// `G` graph-mod). With `rates`, an edge from an export carries the
+/// export's figures, and an edge into a node the node's.
+pub fn render(graph: &Value, rates: Option<&EdgeRates>) -> Result<String, String> {
     let nodes = list(graph, "nodes")?;
     let edges = list(graph, "edges")?;
     let mut out = String::from("digraph blkgraph {\n    node [shape=box];\n");
@@ -47,18 +59,38 @@ pub fn render(graph: &Value) -> Result<String, String> {
             quote(&label)
         );
     }
+    let by_id = |id: &Value| nodes.iter().find(|n| n.get("id") == Some(id));
     for edge in edges {
         let parent = member(edge, "parent")?;
         let child = member(edge, "child")?;
         let role = text(edge, "name")?;
         let perm = perms(edge, "perm")?;
         let shared = perms(edge, "shared-perm")?;
+        let mut label = format!("{role}\n{perm} / shared: {shared}");
+        if let Some(rates) = rates {
+            let name = |n: Option<&Value>| {
+                n.and_then(|n| n.get("name"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let from = by_id(parent);
+            let figures = if from.and_then(|n| n.get("type")) == Some(&Value::from("block-export"))
+            {
+                rates.exports.get(&name(from))
+            } else {
+                rates.nodes.get(&name(by_id(child)))
+            };
+            if let Some(r) = figures {
+                label = format!("{label}\n{}", r.label());
+            }
+        }
         let _ = writeln!(
             out,
             "    {} -> {} [label={}];",
             quote(&parent.to_string()),
             quote(&child.to_string()),
-            quote(&format!("{role}\n{perm} / shared: {shared}"))
+            quote(&label)
         );
     }
     out.push_str("}\n");
@@ -142,7 +174,7 @@ mod tests {
             ]
         });
         assert_eq!(
-            render(&graph).unwrap(),
+            render(&graph, None).unwrap(),
             r#"digraph blkgraph {
     node [shape=box];
     "1" [label="block-export\nvub0", shape=cds];
@@ -162,7 +194,7 @@ mod tests {
             "nodes": [{"id": 0, "type": "block-driver", "name": "a\"b\\c\nd"}],
             "edges": []
         });
-        let dot = render(&graph).unwrap();
+        let dot = render(&graph, None).unwrap();
         assert!(
             dot.contains(r#""0" [label="block-driver\na\"b\\c\nd", shape=ellipse];"#),
             "{dot}"
@@ -171,16 +203,25 @@ mod tests {
 
     #[test]
     fn malformed_replies() {
-        assert_eq!(render(&json!({})).unwrap_err(), "'nodes' missing in {}");
         assert_eq!(
-            render(&json!({"nodes": {}, "edges": []})).unwrap_err(),
+            render(&json!({}), None).unwrap_err(),
+            "'nodes' missing in {}"
+        );
+        assert_eq!(
+            render(&json!({"nodes": {}, "edges": []}), None).unwrap_err(),
             "'nodes' is not an array"
         );
-        let e =
-            render(&json!({"nodes": [{"id": 1, "type": 2, "name": ""}], "edges": []})).unwrap_err();
+        let e = render(
+            &json!({"nodes": [{"id": 1, "type": 2, "name": ""}], "edges": []}),
+            None,
+        )
+        .unwrap_err();
         assert!(e.starts_with("'type' is not a string"), "{e}");
-        let e = render(&json!({"nodes": [], "edges": [
-            {"parent": 1, "child": 2, "name": "file", "perm": [1], "shared-perm": []}]}))
+        let e = render(
+            &json!({"nodes": [], "edges": [
+            {"parent": 1, "child": 2, "name": "file", "perm": [1], "shared-perm": []}]}),
+            None,
+        )
         .unwrap_err();
         assert!(e.starts_with("'perm' has a non-string member"), "{e}");
     }

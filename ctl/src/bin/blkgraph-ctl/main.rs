@@ -3,11 +3,13 @@
 
 mod args;
 mod dot;
+mod top;
 
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use blkgraph_ctl::{ClientError, QmpClient, QmpError};
 use serde_json::{Map, Value};
@@ -15,7 +17,8 @@ use serde_json::{Map, Value};
 const USAGE: &str = "\
 Usage: blkgraph-ctl -s SOCKET COMMAND [ARGUMENTS...]
        blkgraph-ctl -s SOCKET events
-       blkgraph-ctl -s SOCKET graph [--format dot|json]
+       blkgraph-ctl -s SOCKET graph [--format dot|json] [--stats [--interval SECS]]
+       blkgraph-ctl -s SOCKET top [--interval SECS] [--count N]
 
 Runs one QMP command on the control socket SOCKET and prints its result as
 JSON (nothing if it returns {}).
@@ -30,7 +33,14 @@ members named 0, 1, ... make an array (enable.0=x).
 Special commands:
   events       print events as they arrive, one JSON object per line
   graph        print the block graph (x-debug-query-block-graph) as Graphviz
-               dot (the default) or as JSON
+               dot (the default) or as JSON; with --stats, each edge into a
+               node or from an export carries its IOPS, bandwidth and latency
+               over --interval seconds (default 1)
+  top          a live view of every export and node: IOPS, bandwidth, mean
+               latency and read/write latency percentiles (p50, p99), from
+               query-blockstats every --interval seconds (default 1), --count
+               times (default: until Ctrl-C); it turns on the latency
+               histograms (block-latency-histogram-set) of exports without
 
 Options:
   -s, --socket SOCKET   the control socket (QMP monitor) to connect to
@@ -137,16 +147,49 @@ fn run(argv: Vec<OsString>) -> Result<(), Failure> {
             }
         }
         "graph" => {
-            let json = graph_format(&words)?;
+            let options = graph_options(&words)?;
             let mut client = connect(&socket)?;
             let graph = client.execute("x-debug-query-block-graph", Map::new())?;
-            if json {
+            let rates = match options.stats {
+                Some(interval) => Some(edge_rates(&mut client, interval)?),
+                None => None,
+            };
+            if options.json {
                 print_value(&graph)
             } else {
-                let text = dot::render(&graph)
+                let text = dot::render(&graph, rates.as_ref())
                     .map_err(|e| Failure::Other(format!("unexpected block graph: {e}")))?;
                 print(&text)
             }
+        }
+        "top" => {
+            let (interval, count) = top_options(&words)?;
+            let mut client = connect(&socket)?;
+            let boundaries: Vec<u64> = top::BOUNDARIES_NS.to_vec();
+            let first = sample(&mut client)?;
+            for id in first.exports.keys() {
+                let mut args = Map::new();
+                args.insert("id".into(), Value::from(id.clone()));
+                args.insert("boundaries".into(), Value::from(boundaries.clone()));
+                // Servers without histograms (QSD) show means only.
+                let _ = client.execute("block-latency-histogram-set", args);
+            }
+            let mut before = sample(&mut client)?;
+            let mut shown = 0;
+            while count.is_none_or(|n| shown < n) {
+                std::thread::sleep(interval);
+                let now = sample(&mut client)?;
+                let text = top::screen(
+                    &socket.display().to_string(),
+                    &before,
+                    &now,
+                    interval.as_secs_f64(),
+                );
+                print(&format!("\x1b[H\x1b[2J{text}"))?;
+                before = now;
+                shown += 1;
+            }
+            Ok(())
         }
         _ => {
             let arguments = args::parse_arguments(&words).map_err(Failure::Usage)?;
@@ -204,17 +247,100 @@ fn parse_command_line(argv: Vec<String>) -> Result<Action, Failure> {
     })
 }
 
-/// `graph`'s options: true for JSON output, false for dot.
-fn graph_format(words: &[String]) -> Result<bool, Failure> {
+/// `graph`'s options.
+struct GraphOptions {
+    /// JSON output rather than dot.
+    json: bool,
+    /// Figures on the edges, over this interval.
+    stats: Option<Duration>,
+}
+
+/// Parses `--interval SECS` (a positive number of seconds).
+fn interval(word: &str, value: Option<&String>) -> Result<Duration, Failure> {
+    value
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| Failure::Usage(format!("option '{word}' needs a number of seconds")))
+}
+
+/// `top`'s options: the interval and how many screens to show.
+fn top_options(words: &[String]) -> Result<(Duration, Option<u64>), Failure> {
+    let (mut every, mut count) = (Duration::from_secs(1), None);
+    let mut words = words.iter();
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "--interval" | "-i" => every = interval(word, words.next())?,
+            "--count" | "-n" => {
+                count = Some(
+                    words
+                        .next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or_else(|| Failure::Usage(format!("option '{word}' needs a count")))?,
+                )
+            }
+            w => {
+                return Err(Failure::Usage(format!(
+                    "'top' takes --interval SECS and --count N, got '{w}'"
+                )))
+            }
+        }
+    }
+    Ok((every, count))
+}
+
+/// One sample of the exports' and nodes' counters.
+fn sample(client: &mut QmpClient) -> Result<top::Sample, Failure> {
+    let exports = client.execute("query-blockstats", Map::new())?;
+    let nodes = client.execute("query-blockstats", top::query_nodes())?;
+    Ok(top::Sample::from_replies(&exports, &nodes))
+}
+
+/// The rates of every export and node over `interval`.
+fn edge_rates(client: &mut QmpClient, interval: Duration) -> Result<dot::EdgeRates, Failure> {
+    let a = sample(client)?;
+    std::thread::sleep(interval);
+    let b = sample(client)?;
+    let seconds = interval.as_secs_f64();
+    let rates = |a: Option<&top::Counters>, b: &top::Counters| {
+        top::Rates::between(&a.cloned().unwrap_or_default(), b, seconds)
+    };
+    Ok(dot::EdgeRates {
+        exports: b
+            .exports
+            .iter()
+            .map(|(id, (_, now))| (id.clone(), rates(a.exports.get(id).map(|e| &e.1), now)))
+            .collect(),
+        nodes: b
+            .nodes
+            .iter()
+            .map(|(name, now)| (name.clone(), rates(a.nodes.get(name), now)))
+            .collect(),
+    })
+}
+
+/// `graph`'s options.
+fn graph_options(words: &[String]) -> Result<GraphOptions, Failure> {
     let mut json = false;
+    let (mut stats, mut every) = (false, Duration::from_secs(1));
     let mut words = words.iter();
     while let Some(word) = words.next() {
         let format = match word.as_str() {
+            "--stats" => {
+                stats = true;
+                continue;
+            }
+            "--interval" | "-i" => {
+                every = interval(word, words.next())?;
+                continue;
+            }
             "--format" | "-f" => words
                 .next()
                 .ok_or_else(|| Failure::Usage(format!("option '{word}' needs dot or json")))?,
             w => w.strip_prefix("--format=").ok_or_else(|| {
-                Failure::Usage(format!("'graph' takes only --format dot|json, got '{w}'"))
+                Failure::Usage(format!(
+                    "'graph' takes --format dot|json, --stats and --interval SECS, got '{w}'"
+                ))
             })?,
         };
         json = match format {
@@ -227,7 +353,10 @@ fn graph_format(words: &[String]) -> Result<bool, Failure> {
             }
         };
     }
-    Ok(json)
+    Ok(GraphOptions {
+        json,
+        stats: stats.then_some(every),
+    })
 }
 
 fn connect(socket: &std::path::Path) -> Result<QmpClient, Failure> {
@@ -320,18 +449,30 @@ mod tests {
     #[test]
     fn graph_formats() {
         let w = |s: &[&str]| -> Vec<String> { s.iter().map(|x| x.to_string()).collect() };
-        assert!(!graph_format(&w(&[])).unwrap());
-        assert!(graph_format(&w(&["--format", "json"])).unwrap());
-        assert!(graph_format(&w(&["--format=json"])).unwrap());
-        assert!(!graph_format(&w(&["-f", "dot"])).unwrap());
+        let json = |s: &[&str]| graph_options(&w(s)).map(|o| o.json);
+        assert!(!json(&[]).unwrap());
+        assert!(json(&["--format", "json"]).unwrap());
+        assert!(json(&["--format=json"]).unwrap());
+        assert!(!json(&["-f", "dot"]).unwrap());
         assert!(matches!(
-            graph_format(&w(&["--format", "svg"])),
+            json(&["--format", "svg"]),
             Err(Failure::Usage(m)) if m == "unknown graph format 'svg' (dot or json)"
         ));
-        assert!(matches!(graph_format(&w(&["x"])), Err(Failure::Usage(_))));
-        assert!(matches!(
-            graph_format(&w(&["--format"])),
-            Err(Failure::Usage(_))
-        ));
+        assert!(matches!(json(&["x"]), Err(Failure::Usage(_))));
+        assert!(matches!(json(&["--format"]), Err(Failure::Usage(_))));
+        let o = graph_options(&w(&["--stats", "--interval", "0.5"])).unwrap();
+        assert_eq!(o.stats, Some(Duration::from_millis(500)));
+        assert!(graph_options(&w(&["--interval", "-1"])).is_err());
+    }
+
+    #[test]
+    fn top_options_parse() {
+        let w = |s: &[&str]| -> Vec<String> { s.iter().map(|x| x.to_string()).collect() };
+        assert_eq!(
+            top_options(&w(&["-i", "2", "--count", "3"])).unwrap(),
+            (Duration::from_secs(2), Some(3))
+        );
+        assert!(top_options(&w(&["--count", "x"])).is_err());
+        assert!(top_options(&w(&["--bogus"])).is_err());
     }
 }
