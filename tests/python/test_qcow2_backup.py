@@ -39,7 +39,8 @@ def fleece(q, temp: Path, bitmap=None) -> None:
     actions = [
         {"type": "blockdev-add", "data": {
             "driver": "qcow2", "node-name": "fl-tmp", "discard": "unmap",
-            "file": {"driver": "file", "filename": str(temp), "discard": "unmap"}}},
+            "file": {"driver": "file", "node-name": "fl-tmp-file", "filename": str(temp),
+                     "discard": "unmap"}}},
         {"type": "blockdev-add", "data": cbw},
         {"type": "x-blockdev-replace", "data": {
             "parent-type": "export", "export-id": "rw", "new-child": "fl-cbw"}},
@@ -80,6 +81,59 @@ def qemu_io(uri: str, *commands: str) -> str:
     out = run("qemu-io", "-f", "raw", *args, uri).stdout
     assert "Pattern verification failed" not in out and "error" not in out.lower(), out
     return out
+
+
+def events_within(q, seconds: float) -> list:
+    """The events that arrive within `seconds` (at least one, or none)."""
+    try:
+        return q.get_events(wait=seconds)
+    except TimeoutError:
+        return []
+
+
+def test_write_threshold_watches_the_temp_image_grow(start_daemon, workdir):
+    """block-set-write-threshold on the temp image's file node: nothing
+    while the guest writes what was copied already, then one
+    BLOCK_WRITE_THRESHOLD when copying a new cluster makes the file grow
+    past the threshold, which then reads 0, as in QEMU."""
+    base = workdir / "base.qcow2"
+    temp = workdir / "fleece.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu_img("create", "-q", "-f", "qcow2", temp, SIZE)
+    d = Qcow2Daemon(start_daemon, workdir, base).start()
+    q = d.qmp()
+    try:
+        fleece(q, temp)
+        d.write("write -P 0x11 0 64k")
+        size = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}["fl-tmp-file"]
+        end = size["image"]["virtual-size"]
+        threshold = end + 4096
+        r = qmp_cmd(q, "block-set-write-threshold", **{"node-name": "fl-tmp-file",
+                                                       "write-threshold": threshold})
+        assert r == {"return": {}}, r
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+        assert nodes["fl-tmp-file"]["write_threshold"] == threshold
+        q.clear_events()
+        # Copied before: no new cluster, no event.
+        d.write("write -P 0x22 0 64k")
+        assert events_within(q, 0.5) == []
+        # A new cluster: the file grows past the threshold.
+        d.write("write -P 0x33 32M 64k")
+        events = events_within(q, 5.0)
+        assert [e["event"] for e in events] == ["BLOCK_WRITE_THRESHOLD"], events
+        data = events[0]["data"]
+        assert data["node-name"] == "fl-tmp-file"
+        assert data["write-threshold"] == threshold
+        assert 0 < data["amount-exceeded"] <= 2 * MIB, data
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+        assert nodes["fl-tmp-file"]["write_threshold"] == 0
+        assert nodes["fl-tmp-file"]["image"]["actual-size"] >= threshold
+        # It fired once: further growth sends nothing.
+        d.write("write -P 0x44 48M 64k")
+        assert events_within(q, 0.5) == []
+        unfleece(q)
+    finally:
+        q.close()
 
 
 def test_image_fleecing_into_qcow2(start_daemon, workdir):
