@@ -90,31 +90,16 @@ impl Exports {
                 "Block export id '{id}' is already in use"
             )));
         }
-        let iothread = self.take_iothread(&mut options, &kind, &id)?;
-        let started = self.start(kind, options, listener);
-        let export = match started {
-            Ok(export) => export,
-            Err(e) => {
-                if iothread {
-                    self.iothreads.detach(&id);
-                }
-                return Err(e);
-            }
-        };
+        self.take_iothread(&mut options, &kind)?;
+        let export = self.start(kind, options, listener)?;
         exports.insert(export.id().to_string(), export);
         Ok(())
     }
 
     /// Takes `iothread` and `fixed-iothread` from an export's options: the
     /// iothread's `poll-max-ns` becomes a vhost-user-blk export's polling
-    /// time unless it sets `x-poll-us` (see [`crate::iothreads`]). Returns
-    /// whether the export was attached to an iothread.
-    fn take_iothread(
-        &self,
-        options: &mut Options,
-        kind: &str,
-        id: &str,
-    ) -> Result<bool, ExportError> {
+    /// time unless it sets `x-poll-us` (see [`crate::iothreads`]).
+    fn take_iothread(&self, options: &mut Options, kind: &str) -> Result<(), ExportError> {
         match options.take("fixed-iothread") {
             None | Some(Value::Bool(_)) => {}
             Some(Value::String(s)) if matches!(s.as_str(), "on" | "off" | "true" | "false") => {}
@@ -125,7 +110,7 @@ impl Exports {
             }
         }
         let name = match options.take("iothread") {
-            None => return Ok(false),
+            None => return Ok(()),
             Some(Value::String(name)) => name,
             Some(_) => {
                 return Err(ExportError::InvalidOptions(
@@ -135,7 +120,7 @@ impl Exports {
         };
         let props = self
             .iothreads
-            .attach(&name, id)
+            .options(&name)
             .map_err(|e| ExportError::InvalidOptions(e.to_string()))?;
         if let (Some(ns), "vhost-user-blk") = (props.poll_max_ns, kind) {
             if !options.map.contains_key("x-poll-us") {
@@ -144,7 +129,7 @@ impl Exports {
                     .insert("x-poll-us".into(), json!(ns.div_ceil(1000)));
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Starts an export of type `kind`.
@@ -188,7 +173,6 @@ impl Exports {
 
     /// Detaches a stopped export from the graph and announces it.
     fn finish_delete(&self, export: &Arc<dyn Export>) -> Result<(), ExportError> {
-        self.iothreads.detach(export.id());
         self.graph.detach_export(export.id())?;
         if let Some(path) = export.socket_path() {
             let _ = std::fs::remove_file(path);

@@ -8,8 +8,8 @@
 //! creates no thread. It carries the polling settings of the exports that
 //! name it: `poll-max-ns` becomes how long each queue thread keeps polling
 //! after its last request (the export's `x-poll-us`, unless given), and
-//! the other properties are accepted and kept for `qom-get`-style
-//! compatibility.
+//! the other properties are accepted. As in QEMU, deleting an iothread
+//! leaves the exports that named it as they are.
 
 use std::collections::BTreeMap;
 
@@ -57,8 +57,6 @@ pub enum IothreadError {
     Duplicate(String),
     /// No iothread has this id.
     NotFound(String),
-    /// An export runs on it.
-    InUse(String),
 }
 
 impl std::fmt::Display for IothreadError {
@@ -69,24 +67,16 @@ impl std::fmt::Display for IothreadError {
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             ),
             IothreadError::NotFound(id) => write!(f, "iothread \"{id}\" not found"),
-            IothreadError::InUse(id) => write!(f, "object '{id}' is in use, can not be deleted"),
         }
     }
 }
 
 impl std::error::Error for IothreadError {}
 
-#[derive(Default)]
-struct Iothread {
-    options: IothreadOptions,
-    /// Exports that named it.
-    users: Vec<String>,
-}
-
 /// The iothread objects.
 #[derive(Default)]
 pub struct Iothreads {
-    list: Mutex<BTreeMap<String, Iothread>>,
+    list: Mutex<BTreeMap<String, IothreadOptions>>,
 }
 
 impl Iothreads {
@@ -96,13 +86,7 @@ impl Iothreads {
         if list.contains_key(id) {
             return Err(IothreadError::Duplicate(id.to_string()));
         }
-        list.insert(
-            id.to_string(),
-            Iothread {
-                options,
-                users: Vec::new(),
-            },
-        );
+        list.insert(id.to_string(), options);
         Ok(())
     }
 
@@ -111,34 +95,22 @@ impl Iothreads {
         self.list.lock().contains_key(id)
     }
 
-    /// Removes iothread `id`, which no export may use.
+    /// Removes iothread `id`.
     pub fn remove(&self, id: &str) -> Result<(), IothreadError> {
-        let mut list = self.list.lock();
-        match list.get(id) {
-            None => Err(IothreadError::NotFound(id.to_string())),
-            Some(t) if !t.users.is_empty() => Err(IothreadError::InUse(id.to_string())),
-            Some(_) => {
-                list.remove(id);
-                Ok(())
-            }
-        }
+        self.list
+            .lock()
+            .remove(id)
+            .map(drop)
+            .ok_or_else(|| IothreadError::NotFound(id.to_string()))
     }
 
-    /// Export `export` runs on iothread `id`: its options.
-    pub fn attach(&self, id: &str, export: &str) -> Result<IothreadOptions, IothreadError> {
-        let mut list = self.list.lock();
-        let t = list
-            .get_mut(id)
-            .ok_or_else(|| IothreadError::NotFound(id.to_string()))?;
-        t.users.push(export.to_string());
-        Ok(t.options)
-    }
-
-    /// Export `export` is gone.
-    pub fn detach(&self, export: &str) {
-        for t in self.list.lock().values_mut() {
-            t.users.retain(|u| u != export);
-        }
+    /// The options of iothread `id`, for an export that names it.
+    pub fn options(&self, id: &str) -> Result<IothreadOptions, IothreadError> {
+        self.list
+            .lock()
+            .get(id)
+            .copied()
+            .ok_or_else(|| IothreadError::NotFound(id.to_string()))
     }
 }
 
@@ -147,18 +119,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_iothread_in_use_stays() {
+    fn iothreads_are_added_named_and_removed() {
         let t = Iothreads::default();
-        t.add("io0", IothreadOptions::default()).unwrap();
+        let options = IothreadOptions {
+            poll_max_ns: Some(5000),
+            ..Default::default()
+        };
+        t.add("io0", options).unwrap();
         assert_eq!(
             t.add("io0", IothreadOptions::default()),
             Err(IothreadError::Duplicate("io0".into()))
         );
-        t.attach("io0", "exp0").unwrap();
-        assert_eq!(t.remove("io0"), Err(IothreadError::InUse("io0".into())));
-        assert!(t.attach("io1", "exp1").is_err());
-        t.detach("exp0");
+        assert_eq!(t.options("io0").unwrap().poll_max_ns, Some(5000));
+        assert!(t.options("io1").is_err());
         t.remove("io0").unwrap();
         assert!(!t.contains("io0"));
+        assert_eq!(t.remove("io0"), Err(IothreadError::NotFound("io0".into())));
     }
 }

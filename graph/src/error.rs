@@ -12,6 +12,9 @@ pub enum Error {
     UnknownDriver(String),
     /// No node with this node-name.
     NodeNotFound(String),
+    /// No node for a child reference (QEMU looks it up as a device name
+    /// and as a node-name).
+    ReferenceNotFound(String),
     /// A node with this node-name already exists.
     DuplicateNodeName(String),
     /// The node-name is not a valid identifier.
@@ -45,6 +48,9 @@ impl fmt::Display for Error {
                 write!(f, "Parameter 'driver' does not accept value '{d}'")
             }
             Error::NodeNotFound(n) => write!(f, "Cannot find device='' nor node-name='{n}'"),
+            Error::ReferenceNotFound(n) => {
+                write!(f, "Cannot find device='{n}' nor node-name='{n}'")
+            }
             Error::DuplicateNodeName(n) => write!(f, "Duplicate nodes with node-name='{n}'"),
             Error::InvalidNodeName(n) => write!(f, "Invalid node-name: '{n}'"),
             Error::NodeNameTooLong => f.write_str("Node name too long"),

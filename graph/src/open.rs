@@ -152,7 +152,7 @@ impl OpenContext<'_, '_> {
             Some(Value::String(name)) => self
                 .staging
                 .lookup(&name)
-                .ok_or(Error::NodeNotFound(name))?,
+                .ok_or(Error::ReferenceNotFound(name))?,
             Some(Value::Object(map)) => {
                 let child_opts = Options {
                     map,

@@ -217,7 +217,10 @@ mod tests {
         let e = graph
             .add(Options::from_arg("driver=raw,node-name=r,file=nope", None).unwrap())
             .unwrap_err();
-        assert_eq!(e.to_string(), "Cannot find device='' nor node-name='nope'");
+        assert_eq!(
+            e.to_string(),
+            "Cannot find device='nope' nor node-name='nope'"
+        );
         let e = graph
             .add(
                 Options::from_arg(
