@@ -8,7 +8,7 @@ use std::ffi::OsString;
 
 use blkgraph_ctl::QmpClient;
 use blkgraph_tests::{check_pattern, fill_pattern, Daemon, DaemonKind, ExportOptions, TempDir};
-use frontend::blk::{read, write, BlkRequest, S_IOERR, S_OK};
+use frontend::blk::{read, segment, simple, write, BlkRequest, S_IOERR, S_OK, T_DISCARD, T_FLUSH};
 use frontend::driver::Driver;
 use qmp::exec;
 use serde_json::{json, Value};
@@ -382,4 +382,131 @@ fn a_hard_delete_answers_every_request_the_frontend_submitted() {
     assert!(first.iter().all(|r| status(r) == S_OK));
     assert!(second.iter().all(|r| status(r) == S_IOERR));
     serves_io(&mut s.driver, 6);
+}
+
+/// The export's statistics in query-blockstats.
+fn export_stats(qmp: &mut QmpClient) -> Value {
+    let list = exec(qmp, "query-blockstats", json!({})).unwrap();
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["qdev"] == "vub0")
+        .cloned()
+        .expect("an entry for the export");
+    assert_eq!(entry["node-name"], "disk0");
+    entry["stats"].clone()
+}
+
+/// query-blockstats counts exactly what a frontend did, over two queues
+/// (whose counters are summed), including refused requests; the node the
+/// export serves shows the same counts with query-nodes.
+#[test]
+fn statistics_count_what_the_frontend_did() {
+    let dir = TempDir::new("blkgraph-stats").unwrap();
+    let image = dir.path().join("disk.raw");
+    blkgraph_tests::create_sparse_image(&image, SIZE).unwrap();
+    let socket = dir.path().join("vub.sock");
+    let qmp_path = dir.path().join("qmp.sock");
+    let mut options = ExportOptions::new(&image, &socket);
+    options.num_queues = 2;
+    options.discard_unmap = true;
+    let mut args = options.args();
+    args.push(OsString::from("--qmp"));
+    args.push(qmp_path.clone().into());
+    let _daemon = Daemon::start(DaemonKind::Blkgraph, &args, dir.path(), &socket).unwrap();
+    let mut qmp = QmpClient::connect(&qmp_path).unwrap();
+    let before = export_stats(&mut qmp);
+    assert_eq!(before["rd_operations"], 0);
+    assert!(before.get("idle_time_ns").is_none());
+
+    let mut d = Driver::connect(&socket, 2, true);
+    let mem = d.mem.clone();
+    let data = vec![0x5au8; 65536];
+    {
+        let q = &mut d.queues[0];
+        for i in 0..3u64 {
+            assert_eq!(write(q, &mem, i * 256, &data).status, S_OK);
+        }
+        for i in 0..5u64 {
+            assert_eq!(read(q, &mem, i * 8, 4096).status, S_OK);
+        }
+        // Past the end: refused, counted as an invalid read.
+        assert_eq!(read(q, &mem, SIZE / 512, 4096).status, S_IOERR);
+    }
+    {
+        let q = &mut d.queues[1];
+        for i in 0..2u64 {
+            assert_eq!(read(q, &mem, 4096 + i * 16, 8192).status, S_OK);
+        }
+        assert_eq!(simple(q, &mem, T_FLUSH, &[]).status, S_OK);
+        assert_eq!(
+            simple(q, &mem, T_DISCARD, &segment(2048, 16, 0)).status,
+            S_OK
+        );
+    }
+    let s = export_stats(&mut qmp);
+    let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s}"));
+    assert_eq!(n("wr_operations"), 3);
+    assert_eq!(n("wr_bytes"), 3 * 65536);
+    assert_eq!(n("rd_operations"), 7);
+    assert_eq!(n("rd_bytes"), 5 * 4096 + 2 * 8192);
+    assert_eq!(n("flush_operations"), 1);
+    assert_eq!(n("unmap_operations"), 1);
+    assert_eq!(n("unmap_bytes"), 16 * 512);
+    assert_eq!(n("invalid_rd_operations"), 1);
+    assert_eq!(n("failed_rd_operations"), 0);
+    assert_eq!(n("wr_highest_offset"), 2 * 256 * 512 + 65536);
+    assert!(n("rd_total_time_ns") > 0 && n("wr_total_time_ns") > 0);
+    assert!(s["idle_time_ns"].is_u64());
+
+    // The same counts for the node the export serves.
+    let nodes = exec(&mut qmp, "query-blockstats", json!({"query-nodes": true})).unwrap();
+    let disk0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["node-name"] == "disk0")
+        .unwrap();
+    assert_eq!(disk0["stats"]["rd_operations"], 7);
+    assert_eq!(disk0["parent"]["node-name"], "f0");
+
+    // Latency histograms: every read of the queues lands in a bin.
+    let unknown = exec(
+        &mut qmp,
+        "block-latency-histogram-set",
+        json!({"id": "nope", "boundaries": [1000]}),
+    );
+    assert_eq!(unknown.unwrap_err(), "Device 'nope' not found");
+    exec(
+        &mut qmp,
+        "block-latency-histogram-set",
+        json!({"id": "vub0", "boundaries": [1000, 1000000], "boundaries-write": [10]}),
+    )
+    .unwrap();
+    for (i, q) in d.queues.iter_mut().enumerate() {
+        for j in 0..2u64 {
+            assert_eq!(read(q, &mem, (i as u64 * 4 + j) * 8, 4096).status, S_OK);
+        }
+    }
+    let s = export_stats(&mut qmp);
+    let h = &s["rd_latency_histogram"];
+    assert_eq!(h["boundaries"], json!([1000, 1000000]));
+    let bins: u64 = h["bins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap())
+        .sum();
+    assert_eq!(bins, 4);
+    assert_eq!(s["wr_latency_histogram"]["boundaries"], json!([10]));
+    assert_eq!(s["rd_operations"], 11);
+    // No boundaries at all: the histograms go.
+    exec(
+        &mut qmp,
+        "block-latency-histogram-set",
+        json!({"id": "vub0"}),
+    )
+    .unwrap();
+    assert!(export_stats(&mut qmp).get("rd_latency_histogram").is_none());
 }
