@@ -222,6 +222,7 @@ impl Graph {
 
     /// Adds a throttle group object (`--object throttle-group`, object-add).
     pub fn add_throttle_group(&self, id: &str, limits: ThrottleLimits) -> Result<(), Error> {
+        limits.check()?;
         if !valid_node_name(id) {
             return Err(Error::InvalidOptions(format!(
                 "Parameter 'id' expects an identifier, got '{id}'"

@@ -122,6 +122,17 @@ def test_daemonize_reports_errors(daemon_bin, daemon_kind, workdir):
     [
         ("--object", "bogus,id=x", "Parameter 'qom-type' does not accept value 'bogus'"),
         ("--object", "throttle-group,id=t,foo=1", "Parameter 'foo' is unexpected"),
+        # QEMU's full throttle limits, checked as QEMU does.
+        ("--object", "throttle-group,id=t,limits.iops-total=10,limits.iops-total-max=5",
+         "bps_max/iops_max cannot be lower than bps/iops"),
+        ("--object", "throttle-group,id=t,limits.bps-read-max=5",
+         "bps_max/iops_max require corresponding bps/iops values"),
+        ("--object", "throttle-group,id=t,limits.iops-write=10,limits.iops-write-max-length=5",
+         "burst length set without burst rate"),
+        ("--object", "throttle-group,id=t,limits.iops-total=10,limits.iops-read=5",
+         "bps/iops/max total values and read/write values cannot be used at the same time"),
+        ("--object", "throttle-group,id=t,limits.iops-size=4096",
+         "iops size requires an iops value to be set"),
         ("--export", "nbd,id=e,node-name=nope", "Cannot find device='' nor node-name='nope'"),
         ("--blockdev", "driver=raw,node-name=r,file=nope", "Cannot find device='nope' nor node-name='nope'"),
     ],
@@ -135,6 +146,37 @@ def test_configuration_errors(daemon_bin, daemon_kind, workdir, option, value, t
     res = run(base_args(daemon_bin, workdir, img) + extra)
     assert res.returncode == 1
     assert res.stderr.strip() == f"{program(daemon_kind)}: {option} {value}: {text}"
+
+
+def test_full_throttle_limits_are_taken(daemon_bin, workdir):
+    """both: every ThrottleLimits member, on the command line."""
+    limits = ",".join(
+        f"limits.{kind}-{d}{suffix}={value}"
+        for kind, rate in (("iops", 100), ("bps", 1 << 20))
+        for d in ("read", "write")
+        for suffix, value in (("", rate), ("-max", rate * 2), ("-max-length", 3))
+    )
+    img = image(workdir)
+    qmp = workdir / "qmp.sock"
+    # fmt: off
+    args = base_args(daemon_bin, workdir, img) + [
+        "--object", f"throttle-group,id=tg0,{limits},limits.iops-size=8192",
+        "--blockdev", "driver=throttle,node-name=thr,throttle-group=tg0,file=disk0",
+        "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m",
+    ]
+    # fmt: on
+    proc = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not qmp.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        q = qmp_connect(qmp)
+        assert "thr" in {n["node-name"] for n in q.cmd("query-named-block-nodes")}
+        q.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_unknown_option(daemon_bin, daemon_kind):

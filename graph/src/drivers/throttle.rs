@@ -42,7 +42,13 @@ fn open(
     let opts: ThrottleOptions = options.parse("")?;
     let group = match (opts.throttle_group, opts.limits) {
         (Some(id), None) => ctx.throttle_group(&id)?,
-        (None, Some(limits)) => Arc::new(ThrottleGroup::new("", limits)),
+        (None, Some(limits)) => {
+            limits.check().map_err(|e| match e {
+                Error::InvalidOptions(t) => Error::InvalidOptions(format!("limits: {t}")),
+                other => other,
+            })?;
+            Arc::new(ThrottleGroup::new("", limits))
+        }
         (Some(_), Some(_)) => {
             return Err(Error::InvalidOptions(
                 "Parameters 'throttle-group' and 'limits' cannot be used together".into(),
