@@ -3,8 +3,9 @@
 - process conventions: --daemonize (the command returns 0 once every socket
   and the pid file exist, 1 with the error on stderr), errors prefixed with
   the option and exit status 1, --export TYPE,..., --object help;
-- systemd: READY=1 and STOPPING=1 on NOTIFY_SOCKET, socket activation of the
-  QMP socket (systemd-socket-activate);
+- systemd: READY=1 and STOPPING=1 on NOTIFY_SOCKET; contrib/systemd's units,
+  checked by systemd-analyze and run with their sockets passed by
+  systemd-socket-activate (LISTEN_FDS);
 - QMP: nbd-server-add/-remove, iothread objects and exports on them,
   object-add's errors, query-version and the greeting;
 - statistics of NBD clients (qemu-io) in query-blockstats, summed over
@@ -17,6 +18,8 @@ blkgraph has.
 """
 
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -25,6 +28,8 @@ import urllib.request
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from conftest import REPO
 
 MIB = 1 << 20
 SIZE = 16 * MIB
@@ -275,6 +280,33 @@ def test_version_and_greeting(daemon, daemon_kind):
     q.close()
 
 
+def test_state_changes_are_logged(daemon, daemon_kind):
+    """Timestamped log lines: who connected (pid, uid), and each command
+    that changes state with its arguments and result; queries are not
+    logged."""
+    if daemon_kind != "blkgraph":
+        pytest.skip("blkgraph's log")
+    q = qmp_connect(daemon.qmp)
+    q.cmd("blockdev-add", driver="null-co", **{"node-name": "n1"})
+    q.cmd_raw("blockdev-del", {"node-name": "nope"})
+    q.cmd("query-named-block-nodes")
+    q.close()
+    lines = daemon.log.read_text().splitlines()
+    stamp = r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z INFO  "
+    connected = [ln for ln in lines if "QMP client" in ln and "connected" in ln]
+    assert connected and re.match(stamp, connected[-1]), lines
+    assert f"(pid {os.getpid()}, uid {os.getuid()})" in connected[-1]
+    client = re.search(r"QMP client (\d+)", connected[-1]).group(1)
+    ok = f'qmp-client-{client}: blockdev-add {{"driver":"null-co","node-name":"n1"}}: ok'
+    assert any(re.match(stamp, ln) and ln.endswith(ok) for ln in lines), lines
+    failed = (
+        f'qmp-client-{client}: blockdev-del {{"node-name":"nope"}}: '
+        "GenericError: Cannot find device='' nor node-name='nope'"
+    )
+    assert any(ln.endswith(failed) for ln in lines), lines
+    assert not any("query-named-block-nodes" in ln for ln in lines)
+
+
 def test_nbd_server_add_and_remove(daemon, workdir):
     """both: the older NBD export commands."""
     q = qmp_connect(daemon.qmp)
@@ -321,20 +353,50 @@ def test_sd_notify_ready_and_stopping(blkgraph_bin, workdir):
         listener.close()
 
 
-def test_socket_activation(blkgraph_bin, workdir):
-    """The QMP socket comes from systemd-socket-activate (LISTEN_FDS), and
-    the daemon serves it as --chardev socket,fd=3."""
+def unit(name: str) -> str:
+    return (REPO / "contrib" / "systemd" / name).read_text()
+
+
+def exec_start(service: str) -> list:
+    """The service's ExecStart command, continuation lines joined."""
+    text = service.replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("ExecStart=")]
+    return shlex.split(line[len("ExecStart=") :])
+
+
+def test_the_systemd_units(blkgraph_bin, workdir):
+    """contrib/systemd as systemd would run it: systemd-analyze accepts the
+    units, and the service's command line, given the socket unit's two
+    sockets by systemd-socket-activate (LISTEN_FDS), sends READY=1 and
+    serves QMP on descriptor 3 and vhost-user on 4."""
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
         pytest.skip("systemd-socket-activate is missing")
+    service, sockets = unit("blkgraph.service"), unit("blkgraph.socket")
+    if shutil.which("systemd-analyze"):
+        units = workdir / "units"
+        units.mkdir()
+        (units / "blkgraph.service").write_text(service.replace("/usr/local/bin/blkgraph", str(blkgraph_bin)))
+        (units / "blkgraph.socket").write_text(sockets)
+        res = run(["systemd-analyze", "verify", units / "blkgraph.socket", units / "blkgraph.service"])
+        assert res.returncode == 0 and "blkgraph" not in res.stderr, res.stderr
+    listen = [ln.split("=", 1)[1] for ln in sockets.splitlines() if ln.startswith("ListenStream=")]
+    assert [os.path.basename(p) for p in listen] == ["qmp.sock", "vub0.sock"]
+    qmp, vub = workdir / "qmp.sock", workdir / "vub0.sock"
     img = image(workdir)
-    qmp = workdir / "qmp.sock"
-    # fmt: off
-    args = [activate, "-l", str(qmp)] + base_args(str(blkgraph_bin), workdir, img) + [
-        "--chardev", "socket,id=m,fd=3,server=on,wait=off", "--monitor", "chardev=m",
+    command = [str(blkgraph_bin)] + [
+        a.replace("${BLKGRAPH_IMAGE}", str(img)) for a in exec_start(service)[1:]
     ]
+    notify = workdir / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(20)
+    # systemd-socket-activate passes on only the variables given with -E.
+    # fmt: off
+    proc = subprocess.Popen([
+        activate, "-l", str(qmp), "-l", str(vub), "-E", f"NOTIFY_SOCKET={notify}", *command,
+    ])
     # fmt: on
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
         while not qmp.exists():
@@ -342,11 +404,16 @@ def test_socket_activation(blkgraph_bin, workdir):
             time.sleep(0.05)
         # The first connection starts the daemon, which then answers it.
         q = qmp_connect(qmp)
-        assert q.cmd("query-named-block-nodes")[0]["node-name"] in {"f0", "disk0"}
+        assert listener.recv(4096).decode().startswith("READY=1\n")
+        (export,) = q.cmd("query-block-exports")
+        assert (export["id"], export["type"]) == ("vub0", "vhost-user-blk")
         q.close()
+        proc.terminate()
+        assert listener.recv(4096) == b"STOPPING=1"
     finally:
         proc.terminate()
         proc.wait(30)
+        listener.close()
 
 
 # ------------------------------------------------------------ statistics
