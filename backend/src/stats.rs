@@ -164,6 +164,23 @@ impl SourceStats {
         }
     }
 
+    /// The counters now.
+    fn snapshot(&self) -> IoStats {
+        let kinds = self.kinds.each_ref().map(|k| KindStats {
+            operations: k.operations.get(),
+            bytes: k.bytes.get(),
+            total_time_ns: k.total_time_ns.get(),
+            failed: k.failed.get(),
+            invalid: k.invalid.get(),
+        });
+        IoStats {
+            kinds,
+            wr_highest_offset: self.wr_highest_offset.get(),
+            last_done_ns: self.last_done_ns.get(),
+            histograms: self.histograms.lock().clone(),
+        }
+    }
+
     /// Sets (or with `None`, removes) the histogram of each kind; counts
     /// start again from zero.
     pub fn set_histograms(&self, boundaries: &Boundaries) {
@@ -207,26 +224,10 @@ pub struct IoStats {
 impl IoStats {
     /// Adds a source's counters.
     pub fn add(&mut self, s: &SourceStats) {
-        for (sum, k) in self.kinds.iter_mut().zip(&s.kinds) {
-            sum.operations += k.operations.get();
-            sum.bytes += k.bytes.get();
-            sum.total_time_ns += k.total_time_ns.get();
-            sum.failed += k.failed.get();
-            sum.invalid += k.invalid.get();
-        }
-        self.wr_highest_offset = self.wr_highest_offset.max(s.wr_highest_offset.get());
-        self.last_done_ns = self.last_done_ns.max(s.last_done_ns.get());
-        let h = s.histograms.lock();
-        for (sum, h) in self.histograms.iter_mut().zip(h.iter()) {
-            match (sum.as_mut(), h) {
-                (Some(sum), Some(h)) => sum.add(h),
-                (None, Some(h)) => *sum = Some(h.clone()),
-                _ => {}
-            }
-        }
+        self.merge(&s.snapshot());
     }
 
-    /// Adds another sum (of sources that are gone).
+    /// Adds another sum.
     pub fn merge(&mut self, other: &IoStats) {
         for (a, b) in self.kinds.iter_mut().zip(&other.kinds) {
             a.operations += b.operations;
