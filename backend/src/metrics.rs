@@ -36,7 +36,8 @@ impl std::fmt::Debug for ExportCollector {
     }
 }
 
-type Field = fn(&KindStats) -> u64;
+/// A counter's value from an export's counters of one kind.
+type Field = fn(&KindStats) -> f64;
 
 impl Collector for ExportCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -47,30 +48,35 @@ impl Collector for ExportCollector {
             (OpKind::Flush, "flush"),
             (OpKind::Unmap, "unmap"),
         ];
-        let counters: [(&str, &str, Field); 4] = [
+        let counters: [(&str, &str, Field); 5] = [
             (
                 "blkgraph_export_operations",
                 "Requests that succeeded",
-                |k| k.operations,
+                |k| k.operations as f64,
             ),
             (
                 "blkgraph_export_bytes",
                 "Bytes of the requests that succeeded",
-                |k| k.bytes,
+                |k| k.bytes as f64,
+            ),
+            (
+                "blkgraph_export_time_seconds",
+                "Time spent in requests that succeeded",
+                |k| k.total_time_ns as f64 / 1e9,
             ),
             (
                 "blkgraph_export_failed_operations",
                 "Requests whose I/O failed",
-                |k| k.failed,
+                |k| k.failed as f64,
             ),
             (
                 "blkgraph_export_invalid_operations",
                 "Requests refused before any I/O",
-                |k| k.invalid,
+                |k| k.invalid as f64,
             ),
         ];
         for (name, help, field) in counters {
-            let counter = ConstCounter::new(0u64);
+            let counter = ConstCounter::new(0f64);
             let mut family = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             for e in &exports {
                 for (kind, op) in ops {
@@ -82,24 +88,6 @@ impl Collector for ExportCollector {
                     ConstCounter::new(field(e.stats.kind(kind)))
                         .encode(family.encode_family(&labels)?)?;
                 }
-            }
-        }
-        let time = ConstCounter::new(0f64);
-        let mut family = encoder.encode_descriptor(
-            "blkgraph_export_time_seconds",
-            "Time spent in requests that succeeded",
-            None,
-            time.metric_type(),
-        )?;
-        for e in &exports {
-            for (kind, op) in ops {
-                let labels = [
-                    ("export", e.id.as_str()),
-                    ("node", &e.node_name),
-                    ("op", op),
-                ];
-                let seconds = e.stats.kind(kind).total_time_ns as f64 / 1e9;
-                ConstCounter::new(seconds).encode(family.encode_family(&labels)?)?;
             }
         }
         let gauge = ConstGauge::new(0i64);
