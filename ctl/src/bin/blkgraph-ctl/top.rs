@@ -129,6 +129,20 @@ impl Rates {
         r
     }
 
+    /// The columns both of top's tables have: reads, writes and flushes
+    /// per second, bytes read and written per second, mean latency.
+    fn columns(&self) -> String {
+        format!(
+            "{:>8.0} {:>8.0} {:>8.0} {:>11} {:>11} {:>8}",
+            self.iops[0],
+            self.iops[1],
+            self.iops[2],
+            bytes(self.bps[0]),
+            bytes(self.bps[1]),
+            self.mean_ns.map_or("-".into(), duration)
+        )
+    }
+
     /// A short summary for a graph edge.
     pub fn label(&self) -> String {
         format!(
@@ -247,19 +261,8 @@ pub fn screen(socket: &str, a: &Sample, b: &Sample, seconds: f64) -> String {
         let (w50, w99) = pct(r.pct[1]);
         let _ = writeln!(
             out,
-            "{:<14} {:<12} {:>8.0} {:>8.0} {:>8.0} {:>11} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            id,
-            node,
-            r.iops[0],
-            r.iops[1],
-            r.iops[2],
-            bytes(r.bps[0]),
-            bytes(r.bps[1]),
-            r.mean_ns.map_or("-".into(), duration),
-            r50,
-            r99,
-            w50,
-            w99
+            "{id:<14} {node:<12} {} {r50:>8} {r99:>8} {w50:>8} {w99:>8}",
+            r.columns()
         );
     }
     let _ = writeln!(
@@ -270,17 +273,7 @@ pub fn screen(socket: &str, a: &Sample, b: &Sample, seconds: f64) -> String {
     for (name, now) in &b.nodes {
         let before = a.nodes.get(name).cloned().unwrap_or_default();
         let r = Rates::between(&before, now, seconds);
-        let _ = writeln!(
-            out,
-            "{:<27} {:>8.0} {:>8.0} {:>8.0} {:>11} {:>11} {:>8}",
-            name,
-            r.iops[0],
-            r.iops[1],
-            r.iops[2],
-            bytes(r.bps[0]),
-            bytes(r.bps[1]),
-            r.mean_ns.map_or("-".into(), duration)
-        );
+        let _ = writeln!(out, "{name:<27} {}", r.columns());
     }
     out
 }
