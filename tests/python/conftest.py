@@ -11,6 +11,7 @@ Environment:
     BLKGRAPH_TEST_QSD  1: run the daemon tests against QSD too
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# The size of qmp_daemon's image.
+IMAGE_SIZE = 16 << 20
 sys.path.insert(0, str(REPO / "tests" / "guest"))
 
 
@@ -197,3 +200,34 @@ def start_daemon(daemon_bin, workdir):
                 daemon.stop()
             except RuntimeError:
                 pass
+
+
+@pytest.fixture
+def qmp_daemon(daemon_kind, start_daemon, workdir):
+    """The standard test daemon (f0 <- disk0 <- export vub0, a raw image of
+    IMAGE_SIZE) with a QMP socket."""
+    image = workdir / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    return start_daemon(image, qmp=True)
+
+
+@contextlib.contextmanager
+def running(args, ready: Path, timeout: float = 20, **popen):
+    """Runs a command (a daemon) for the block's duration, from the moment
+    `ready` exists; it is sent SIGTERM at the end."""
+    proc = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL, **popen)
+    try:
+        deadline = time.monotonic() + timeout
+        while not Path(ready).exists():
+            assert proc.poll() is None, f"{args[0]} exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"{ready} did not appear"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

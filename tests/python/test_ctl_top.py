@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import running
+
 MIB = 1 << 20
 
 
@@ -29,11 +31,6 @@ def busy_daemon(blkgraph_bin, workdir):
         "--qmp", str(qmp),
     ]
     # fmt: on
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not qmp.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
     stop = threading.Event()
     uri = f"nbd+unix:///d0?socket={nbd}"
     commands = [a for i in range(400) for a in ("-c", f"write {i % 64 * 4}k 4k", "-c", "read 0 4k")]
@@ -44,13 +41,14 @@ def busy_daemon(blkgraph_bin, workdir):
         while not stop.is_set() and time.monotonic() < end:
             subprocess.run(["qemu-io", "-f", "raw", *commands, uri], capture_output=True, timeout=60)
 
-    thread = threading.Thread(target=load)
-    thread.start()
-    yield qmp
-    stop.set()
-    thread.join()
-    proc.terminate()
-    proc.wait(30)
+    with running(args, qmp, stderr=subprocess.DEVNULL):
+        thread = threading.Thread(target=load)
+        thread.start()
+        try:
+            yield qmp
+        finally:
+            stop.set()
+            thread.join()
 
 
 def ctl(blkgraph_bin):

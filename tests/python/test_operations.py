@@ -29,7 +29,7 @@ import urllib.request
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from conftest import REPO
+from conftest import REPO, running
 
 MIB = 1 << 20
 SIZE = 16 * MIB
@@ -170,18 +170,10 @@ def test_full_throttle_limits_are_taken(daemon_bin, workdir):
         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m",
     ]
     # fmt: on
-    proc = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with running(args, qmp):
         q = qmp_connect(qmp)
         assert "thr" in {n["node-name"] for n in q.cmd("query-named-block-nodes")}
         q.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_unknown_option(daemon_bin, daemon_kind):
@@ -216,12 +208,7 @@ def test_export_type_first_and_iothreads(daemon_bin, workdir):
         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m",
     ]
     # fmt: on
-    proc = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with running(args, qmp):
         q = qmp_connect(qmp)
         assert [(e["id"], e["type"]) for e in q.cmd("query-block-exports")] == [("e0", "nbd")]
         r = q.cmd_raw("object-add", {"qom-type": "iothread", "id": "io1", "poll-max-ns": 0})
@@ -240,14 +227,11 @@ def test_export_type_first_and_iothreads(daemon_bin, workdir):
             "addr": {"type": "unix", "path": str(workdir / "vub2.sock")}})  # fmt: skip
         assert "io1" in r["error"]["desc"], r
         q.close()
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
-def test_object_add_errors_name_the_type(daemon, daemon_kind):
+def test_object_add_errors_name_the_type(qmp_daemon, daemon_kind):
     """both: an unsupported type is named, not its first property."""
-    q = qmp_connect(daemon.qmp)
+    q = qmp_connect(qmp_daemon.qmp)
     r = q.cmd_raw("object-add", {"qom-type": "secret", "id": "s0", "data": "x"})
     if daemon_kind == "blkgraph":
         assert r["error"] == {
@@ -261,14 +245,9 @@ def test_object_add_errors_name_the_type(daemon, daemon_kind):
     q.close()
 
 
-@pytest.fixture
-def daemon(daemon_kind, start_daemon, workdir):
-    return start_daemon(image(workdir), qmp=True)
-
-
-def test_version_and_greeting(daemon, daemon_kind):
+def test_version_and_greeting(qmp_daemon, daemon_kind):
     """both: the greeting's version is query-version's, QEMU's layout."""
-    q = QEMUMonitorProtocol(str(daemon.qmp))
+    q = QEMUMonitorProtocol(str(qmp_daemon.qmp))
     greeting = q.connect(negotiate=True)
     version = q.cmd("query-version")
     assert greeting["QMP"]["version"] == version
@@ -280,18 +259,18 @@ def test_version_and_greeting(daemon, daemon_kind):
     q.close()
 
 
-def test_state_changes_are_logged(daemon, daemon_kind):
+def test_state_changes_are_logged(qmp_daemon, daemon_kind):
     """Timestamped log lines: who connected (pid, uid), and each command
     that changes state with its arguments and result; queries are not
     logged."""
     if daemon_kind != "blkgraph":
         pytest.skip("blkgraph's log")
-    q = qmp_connect(daemon.qmp)
+    q = qmp_connect(qmp_daemon.qmp)
     q.cmd("blockdev-add", driver="null-co", **{"node-name": "n1"})
     q.cmd_raw("blockdev-del", {"node-name": "nope"})
     q.cmd("query-named-block-nodes")
     q.close()
-    lines = daemon.log.read_text().splitlines()
+    lines = qmp_daemon.log.read_text().splitlines()
     stamp = r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z INFO  "
     connected = [ln for ln in lines if "QMP client" in ln and "connected" in ln]
     assert connected and re.match(stamp, connected[-1]), lines
@@ -307,9 +286,9 @@ def test_state_changes_are_logged(daemon, daemon_kind):
     assert not any("query-named-block-nodes" in ln for ln in lines)
 
 
-def test_nbd_server_add_and_remove(daemon, workdir):
+def test_nbd_server_add_and_remove(qmp_daemon, workdir):
     """both: the older NBD export commands."""
-    q = qmp_connect(daemon.qmp)
+    q = qmp_connect(qmp_daemon.qmp)
     sock = workdir / "nbd.sock"
     r = q.cmd_raw("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
     assert r == {"return": {}}
@@ -326,6 +305,7 @@ def test_nbd_server_add_and_remove(daemon, workdir):
     r = q.cmd_raw("nbd-server-remove", {"name": "d0"})
     assert "error" in r
     q.close()
+
 
 
 # ------------------------------------------------------------ systemd
@@ -446,12 +426,7 @@ def test_nbd_statistics_and_metrics(blkgraph_bin, workdir):
         "--qmp", str(qmp), "--metrics", f"tcp:127.0.0.1:{port}",
     ]
     # fmt: on
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with running(args, qmp) as proc:
         uri = f"nbd+unix:///d0?socket={nbd}"
         qemu_io(uri, "write -P 0x11 0 64k", "write -P 0x22 1M 4k", "read 0 4k")
         qemu_io(uri, "read -P 0x22 1M 4k", "read 8k 8k", "discard 2M 64k")
@@ -495,6 +470,5 @@ def test_nbd_statistics_and_metrics(blkgraph_bin, workdir):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
         assert err.value.code == 404
-    finally:
         proc.terminate()
         assert proc.wait(30) == 0

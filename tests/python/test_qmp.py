@@ -35,7 +35,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-IMAGE_SIZE = 16 << 20
+from conftest import IMAGE_SIZE
 
 COMMANDS = {
     "qmp_capabilities",
@@ -64,12 +64,9 @@ PERMISSIONS = {"consistent-read", "write", "write-unchanged", "resize"}
 
 
 @pytest.fixture
-def daemon(daemon_kind, start_daemon, workdir):
+def daemon(qmp_daemon):
     """The standard test daemon (f0 <- disk0 <- export vub0) with a QMP socket."""
-    image = workdir / "disk.raw"
-    with open(image, "wb") as f:
-        f.truncate(IMAGE_SIZE)
-    return start_daemon(image, qmp=True)
+    return qmp_daemon
 
 
 def blkgraph_only(daemon_kind):

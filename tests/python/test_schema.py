@@ -20,13 +20,12 @@
 """
 
 import shutil
-import subprocess
-import time
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-IMAGE_SIZE = 16 << 20
+from conftest import running
+
 META_FIELDS = {
     "builtin": {"json-type"},
     "enum": {"members"},
@@ -132,16 +131,8 @@ ACTIONS = {
 
 
 @pytest.fixture
-def daemon(daemon_kind, start_daemon, workdir):
-    image = workdir / "disk.raw"
-    with open(image, "wb") as f:
-        f.truncate(IMAGE_SIZE)
-    return start_daemon(image, qmp=True)
-
-
-@pytest.fixture
-def qmp(daemon):
-    q = QEMUMonitorProtocol(str(daemon.qmp))
+def qmp(qmp_daemon):
+    q = QEMUMonitorProtocol(str(qmp_daemon.qmp))
     q.connect()
     yield q
     q.close()
@@ -406,23 +397,13 @@ def qsd_schema(tmp_path_factory):
     if not qsd:
         return None
     sock = tmp_path_factory.mktemp("qsd") / "qmp.sock"
-    proc = subprocess.Popen(
-        [qsd, "--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "chardev=m"],
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "QSD did not start"
-            time.sleep(0.05)
+    args = [qsd, "--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "chardev=m"]
+    with running(args, sock):
         q = QEMUMonitorProtocol(str(sock))
         q.connect()
         schema = Schema(q.cmd("query-qmp-schema"))
         q.close()
         return schema
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def shape(schema: Schema, type_name: str, depth=0) -> dict:
