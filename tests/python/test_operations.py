@@ -8,6 +8,8 @@
   systemd-socket-activate (LISTEN_FDS);
 - QMP: nbd-server-add/-remove, iothread objects and exports on them,
   object-add's errors, query-version and the greeting;
+- exit: the sockets removed are the daemon's own, not those of exports
+  deleted before;
 - statistics of NBD clients (qemu-io) in query-blockstats, summed over
   connections, and the same counters on the metrics endpoint, scraped over
   HTTP and parsed with prometheus_client's OpenMetrics parser.
@@ -306,6 +308,18 @@ def test_nbd_server_add_and_remove(qmp_daemon, workdir):
     assert "error" in r
     q.close()
 
+
+def test_exit_leaves_the_socket_of_a_deleted_export(qmp_daemon):
+    """both: at exit the daemon removes its sockets, not the path of an
+    export deleted before (someone else's by then)."""
+    q = qmp_connect(qmp_daemon.qmp)
+    assert q.cmd_raw("block-export-del", {"id": "vub0"}) == {"return": {}}
+    assert q.get_events(wait=5.0)[0]["event"] == "BLOCK_EXPORT_DELETED"
+    q.close()
+    qmp_daemon.socket.unlink(missing_ok=True)
+    qmp_daemon.socket.write_text("another daemon's\n")
+    assert qmp_daemon.stop() == 0
+    assert qmp_daemon.socket.read_text() == "another daemon's\n"
 
 
 # ------------------------------------------------------------ systemd
