@@ -36,6 +36,8 @@ pub struct DirtyBitmap {
     words: Vec<AtomicU64>,
     recording: AtomicBool,
     journal: ArcSwapOption<Journal>,
+    /// Counts journals opened and closed, for [`DirtyBitmap::record`].
+    journal_seq: AtomicU64,
     /// Removed by a transaction that has not committed yet: invisible, but
     /// still recording in case it is rolled back.
     hidden: AtomicBool,
@@ -95,6 +97,7 @@ impl DirtyBitmap {
             words: zeroed_words(bits.div_ceil(64))?,
             recording: AtomicBool::new(recording),
             journal: ArcSwapOption::empty(),
+            journal_seq: AtomicU64::new(0),
             hidden: AtomicBool::new(false),
             persistent: AtomicBool::new(false),
             inconsistent: AtomicBool::new(false),
@@ -266,15 +269,25 @@ impl DirtyBitmap {
 
     /// Marks `[offset, offset + len)` dirty if the bitmap is recording.
     pub fn record(&self, offset: u64, len: u64) {
-        // The journal first: a rollback that reads it before this write
-        // sets the bitmap also overwrites the bitmap before this write.
-        if let Some(journal) = &*self.journal.load() {
-            if journal.recording {
-                set_bits(&journal.words, self.bits(offset, len));
+        loop {
+            // A transaction that opens or closes a journal meanwhile may
+            // have saved or restored the words around this write: then
+            // it is recorded again (setting bits twice is harmless).
+            let seq = self.journal_seq.load(Ordering::SeqCst);
+            // The journal first: a rollback that reads it before this
+            // write sets the bitmap also overwrites the bitmap before
+            // this write.
+            if let Some(journal) = &*self.journal.load() {
+                if journal.recording {
+                    set_bits(&journal.words, self.bits(offset, len));
+                }
             }
-        }
-        if self.recording() {
-            self.set_range(offset, len);
+            if self.recording() {
+                self.set_range(offset, len);
+            }
+            if self.journal_seq.load(Ordering::SeqCst) == seq {
+                break;
+            }
         }
     }
 
@@ -356,6 +369,7 @@ impl DirtyBitmap {
             words: journal,
             recording,
         })));
+        self.journal_seq.fetch_add(1, Ordering::SeqCst);
         // Saved after the journal is open: a write in between is in both.
         for (s, w) in words.iter_mut().zip(&self.words) {
             *s = w.load(Ordering::SeqCst);
@@ -366,6 +380,7 @@ impl DirtyBitmap {
     /// Ends the transaction's journal: its changes stay.
     pub(crate) fn commit_journal(&self) {
         self.journal.store(None);
+        self.journal_seq.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Puts back the state saved by [`DirtyBitmap::begin_journal`], plus
@@ -374,10 +389,21 @@ impl DirtyBitmap {
         self.recording.store(saved.recording, Ordering::SeqCst);
         if let Some(journal) = &*self.journal.load() {
             for ((w, s), j) in self.words.iter().zip(&saved.words).zip(&journal.words) {
-                w.store(s | j.load(Ordering::SeqCst), Ordering::SeqCst);
+                // A write that sets a bit between the journal's read and
+                // the store is in the journal by then (it sets the journal
+                // first): try again rather than store over it.
+                let mut current = w.load(Ordering::SeqCst);
+                loop {
+                    let want = s | j.load(Ordering::SeqCst);
+                    match w.compare_exchange(current, want, Ordering::SeqCst, Ordering::SeqCst) {
+                        Ok(_) => break,
+                        Err(now) => current = now,
+                    }
+                }
             }
         }
         self.journal.store(None);
+        self.journal_seq.fetch_add(1, Ordering::SeqCst);
         self.hidden.store(false, Ordering::SeqCst);
     }
 

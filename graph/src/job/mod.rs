@@ -537,7 +537,8 @@ impl Job {
     }
 
     /// For a job's copy loop, after an operation failed on `side`: applies
-    /// the error policy (see [`Job::on_error`]) and returns `Ok` when the
+    /// the error policy (reports the error, and stops the job for `stop`)
+    /// and returns `Ok` when the
     /// loop should try the operation again: at once after a stop and a
     /// resume, after a short delay when the error is ignored (as QEMU's
     /// jobs, which must get the data there to succeed); or the error that
