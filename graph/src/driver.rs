@@ -91,6 +91,10 @@ pub struct BlockLimits {
     pub discard_alignment: u64,
     /// Alignment of requests that performs best (a qcow2 cluster, say).
     pub optimal_alignment: u64,
+    /// Requests are served by another host or process (rbd, an NBD
+    /// server) and complete after hundreds of microseconds or more:
+    /// busy-polling for their completions costs CPU and gains nothing.
+    pub remote: bool,
 }
 
 impl Default for BlockLimits {
@@ -100,6 +104,7 @@ impl Default for BlockLimits {
             max_transfer: None,
             discard_alignment: 1,
             optimal_alignment: 1,
+            remote: false,
         }
     }
 }

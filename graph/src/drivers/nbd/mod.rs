@@ -873,6 +873,7 @@ impl BlockDriver for Nbd {
         BlockLimits {
             request_alignment: u64::from(self.shared.info.min_block),
             max_transfer: Some(self.max_block()),
+            remote: true,
             ..BlockLimits::default()
         }
     }

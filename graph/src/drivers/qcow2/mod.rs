@@ -513,6 +513,7 @@ impl BlockDriver for Qcow2 {
             max_transfer: None,
             discard_alignment: self.g.cluster_size,
             optimal_alignment: self.g.cluster_size,
+            remote: self.file.node().limits().remote,
         }
     }
 

@@ -523,6 +523,7 @@ impl BlockDriver for Rbd {
         crate::driver::BlockLimits {
             optimal_alignment: self.object_size,
             discard_alignment: 1,
+            remote: true,
             ..Default::default()
         }
     }
