@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 use blkgraph_graph::{Child, Node};
 use parking_lot::Mutex;
@@ -18,6 +19,7 @@ use vm_memory::GuestMemoryAtomic;
 
 use super::channel::send_config_change;
 use super::config::{BlkConfig, WCE_OFFSET};
+use super::export::DEFAULT_POLL_US;
 use super::inflight::QueueInflight;
 use super::request::{DeviceLimits, GuestMemory};
 use super::worker::{QueueContext, QueueSource, QueueWorker, Vring};
@@ -41,8 +43,23 @@ pub struct DeviceOptions {
     /// Logical block size in bytes.
     pub logical_block_size: u32,
     /// How long a queue worker keeps polling its ring after the last
-    /// request before it sleeps until the next kick.
-    pub poll: std::time::Duration,
+    /// request before it sleeps until the next kick; `None`: by the root
+    /// node (see [`poll_for`]).
+    pub poll: Option<Duration>,
+}
+
+/// How long a queue polls after its last request when the export did not
+/// set `x-poll-us`: [`DEFAULT_POLL_US`] on local storage, where a
+/// completion or the driver's next request is microseconds away, and not at
+/// all on a remote node (rbd, nbd), whose requests take hundreds of
+/// microseconds or milliseconds: polling through that burns a core that
+/// librbd, the NBD socket or the guest need.
+pub fn poll_for(node: &Node) -> Duration {
+    if node.limits().remote {
+        Duration::ZERO
+    } else {
+        Duration::from_micros(u64::from(DEFAULT_POLL_US))
+    }
 }
 
 /// A vhost-user-blk device serving requests from a graph node.
@@ -158,7 +175,8 @@ impl VhostUserBlkDevice {
                 limits: self.limits(),
                 serial: self.options.id.as_bytes(),
                 event_idx: self.event_idx.load(Ordering::Relaxed),
-                poll: self.options.poll,
+                // The root may have been replaced since the last kick.
+                poll: self.options.poll.unwrap_or_else(|| poll_for(&root)),
                 gate: &self.gate,
             };
             worker.process_queue(vring, &queue)?;
@@ -299,5 +317,22 @@ impl VhostUserBlkDevice {
         let result = self.serve(&mut worker, vring, completion);
         source.requests.notify_if_idle(&worker);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkgraph_graph::{Graph, Options};
+
+    #[test]
+    fn queues_poll_on_local_nodes_only_by_default() {
+        let graph = Graph::new();
+        let add = |s: &str| graph.add(Options::from_arg(s, None).unwrap()).unwrap();
+        add("driver=null-co,node-name=n0,size=1M");
+        add("driver=raw,node-name=top,file=n0");
+        let top = graph.find("top").unwrap();
+        assert!(!top.limits().remote);
+        assert_eq!(poll_for(&top), Duration::from_micros(50));
     }
 }

@@ -17,7 +17,8 @@ use crate::export::{self, Export, ExportError, PauseGate};
 use crate::listen_fd::ListenFd;
 use crate::stats::Sources;
 
-/// Default of `x-poll-us`.
+/// Default of `x-poll-us` for a root node on local storage; 0 for a
+/// node whose requests are served remotely (see `BlockLimits::remote`).
 pub const DEFAULT_POLL_US: u32 = 50;
 
 /// A listening socket address in QAPI's flat SocketAddress form.
@@ -53,7 +54,7 @@ struct VhostUserBlkOptions {
     #[serde(default)]
     logical_block_size: Option<u32>,
     /// blkgraph extension: microseconds a queue keeps polling after its
-    /// last request (default 50, 0 disables).
+    /// last request (0 disables; default 50, or 0 on a remote node).
     #[serde(default, rename = "x-poll-us")]
     poll_us: Option<u32>,
     /// Accepted for compatibility: blkgraph has no inactive images.
@@ -196,7 +197,9 @@ pub fn start(
         writethrough: opts.writethrough,
         num_queues: usize::from(num_queues),
         logical_block_size: block_size,
-        poll: std::time::Duration::from_micros(u64::from(opts.poll_us.unwrap_or(DEFAULT_POLL_US))),
+        poll: opts
+            .poll_us
+            .map(|us| std::time::Duration::from_micros(u64::from(us))),
     };
     // The listener leaves its socket file behind: remove it on failure.
     let unbind = |e: ExportError| {
