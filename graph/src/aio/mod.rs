@@ -16,6 +16,7 @@ mod mutex;
 mod pool;
 mod sleep;
 mod uring;
+mod watch;
 
 pub use detached::{race, spawn_detached, Detached, Either};
 pub use executor::{block_on, Executor, Notifier};
@@ -24,3 +25,4 @@ pub use mutex::{AsyncMutex, Guard, Lock};
 pub(crate) use pool::{run_blocking, BlockingOp};
 pub use sleep::sleep;
 pub(crate) use uring::{submit, Keepalive, UringOp};
+pub(crate) use watch::{SharedWatch, WatchUse};

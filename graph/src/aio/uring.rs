@@ -5,16 +5,24 @@
 //! its future: dropping or forgetting the future cannot free memory the
 //! kernel still uses. A reactor that is dropped with operations in flight
 //! cancels them and waits for their completions before it closes the ring.
+//!
+//! Besides operations, a reactor keeps watches: multishot polls of a file
+//! descriptor that call a function each time it becomes ready, for
+//! completions that other code signals on a descriptor (an NBD client's
+//! socket, an eventfd that a library writes) and that are best handled on
+//! the thread that waits for them, without a thread of their own in
+//! between.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::buffer::IoBuffer;
@@ -42,8 +50,24 @@ pub(crate) enum Keepalive {
     Other(Box<dyn std::any::Any + Send>),
 }
 
+/// The function of a watch (see [`watch`]). Called on the reactor's
+/// thread with the poll events each time the descriptor is ready
+/// (returning false ends the watch), and with `None` once, when the watch
+/// has ended (it was ended, its reactor closed, or polling failed). It
+/// runs while the reactor reaps: it must not block, and it must not poll
+/// this reactor's operations (waking futures is what it is for).
+pub(crate) type WatchFn = Arc<dyn Fn(Option<u32>) -> bool + Send + Sync>;
+
 enum OpState {
     Free,
+    /// A multishot poll: `call` at each readiness; `entry` arms it again
+    /// when the kernel ends it on its own; `stopping` once it is being
+    /// cancelled.
+    Watch {
+        call: WatchFn,
+        entry: squeue::Entry,
+        stopping: bool,
+    },
     /// Submitted; the waker of the future that waits for it, once polled.
     Pending(Option<Waker>),
     /// Completed with this result; the future has not seen it yet.
@@ -55,7 +79,14 @@ enum OpState {
 struct Slot {
     state: OpState,
     keep: Keepalive,
+    /// Counts the slot's uses, so that a watch's slot is not mistaken for
+    /// its successor's.
+    generation: u64,
 }
+
+/// A watch's function to call, with the event (see [`WatchFn`]), and its
+/// slot and generation.
+type WatchCall = (u32, u64, WatchFn, Option<u32>);
 
 struct Inner {
     ring: IoUring,
@@ -95,6 +126,7 @@ impl Reactor {
                 inner.slots.push(Slot {
                     state: OpState::Free,
                     keep: Keepalive::Nothing,
+                    generation: 0,
                 });
                 (inner.slots.len() - 1) as u32
             }
@@ -112,34 +144,65 @@ impl Reactor {
                 return Err(e);
             }
         }
-        inner.slots[id as usize] = Slot {
-            state: OpState::Pending(None),
-            keep,
-        };
+        let slot = &mut inner.slots[id as usize];
+        slot.state = OpState::Pending(None);
+        slot.keep = keep;
+        slot.generation += 1;
         Ok(id)
     }
 
-    /// Submits queued entries and wakes the futures of completed ones;
-    /// returns the number of completions.
+    /// Submits queued entries, wakes the futures of completed ones and
+    /// calls the watches that fired; returns the number of completions.
     pub(crate) fn submit_and_reap(&self) -> usize {
-        let mut inner = self.inner.borrow_mut();
         let mut reaped = 0;
+        let mut calls = Vec::new();
         loop {
-            // Completions that did not fit the completion queue wait in
-            // the kernel until an io_uring_enter flushes them (the crate
-            // asks for that when the overflow flag is up); they post no
-            // eventfd on their own.
-            let overflow = inner.ring.submission().cq_overflow();
-            if !inner.ring.submission().is_empty() || overflow {
-                if let Err(e) = inner.ring.submit() {
-                    log::error!("io_uring submit failed: {e}");
+            let again = {
+                let mut inner = self.inner.borrow_mut();
+                // Completions that did not fit the completion queue wait in
+                // the kernel until an io_uring_enter flushes them (the crate
+                // asks for that when the overflow flag is up); they post no
+                // eventfd on their own.
+                let overflow = inner.ring.submission().cq_overflow();
+                if !inner.ring.submission().is_empty() || overflow {
+                    if let Err(e) = inner.ring.submit() {
+                        log::error!("io_uring submit failed: {e}");
+                    }
                 }
-            }
-            reaped += inner.reap();
-            if !overflow {
+                let (n, rearmed) = inner.reap(&mut calls);
+                reaped += n;
+                overflow || rearmed
+            };
+            if calls.is_empty() && !again {
                 return reaped;
             }
+            // Outside the borrow: a watch's function may start a watch.
+            let stop: Vec<(u32, u64)> = calls
+                .drain(..)
+                .filter_map(|(id, generation, call, event)| {
+                    (!call(event) && event.is_some()).then_some((id, generation))
+                })
+                .collect();
+            let mut inner = self.inner.borrow_mut();
+            for (id, generation) in stop {
+                inner.stop_watch(id, generation);
+            }
         }
+    }
+
+    /// Starts a watch of `fd` (see [`watch`]).
+    fn watch(&self, fd: RawFd, events: u32, keep: Keepalive, call: WatchFn) -> io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(fd), events)
+            .multi(true)
+            .build();
+        let id = self.push(entry.clone(), keep)?;
+        let mut inner = self.inner.borrow_mut();
+        inner.slots[id as usize].state = OpState::Watch {
+            call,
+            entry: entry.user_data(u64::from(id)),
+            stopping: false,
+        };
+        Ok(())
     }
 
     fn poll_op(&self, id: u32, cx: &mut Context<'_>) -> Poll<i32> {
@@ -156,7 +219,9 @@ impl Reactor {
                 *waker = Some(cx.waker().clone());
                 Poll::Pending
             }
-            OpState::Free | OpState::Abandoned => Poll::Ready(-libc::EINVAL),
+            OpState::Free | OpState::Abandoned | OpState::Watch { .. } => {
+                Poll::Ready(-libc::EINVAL)
+            }
         }
     }
 
@@ -171,7 +236,7 @@ impl Reactor {
                 slot.state = OpState::Free;
                 inner.free.push(id);
             }
-            OpState::Free | OpState::Abandoned => {}
+            OpState::Free | OpState::Abandoned | OpState::Watch { .. } => {}
         }
     }
 }
@@ -181,22 +246,103 @@ impl Inner {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| matches!(s.state, OpState::Pending(_) | OpState::Abandoned))
+            .filter(|(_, s)| {
+                matches!(
+                    s.state,
+                    OpState::Pending(_) | OpState::Abandoned | OpState::Watch { .. }
+                )
+            })
             .map(|(i, _)| i)
     }
 
-    fn reap(&mut self) -> usize {
-        let completions: Vec<(u64, i32)> = self
+    /// Cancels watch `id` if it is still that of `generation`; its slot is
+    /// freed at its last completion.
+    fn stop_watch(&mut self, id: u32, generation: u64) {
+        let slot = &mut self.slots[id as usize];
+        if slot.generation != generation {
+            return;
+        }
+        if let OpState::Watch { stopping, .. } = &mut slot.state {
+            if !*stopping {
+                *stopping = true;
+                let cancel = opcode::AsyncCancel::new(u64::from(id))
+                    .build()
+                    .user_data(CANCEL);
+                // SAFETY: a cancel request points to no memory.
+                while unsafe { self.ring.submission().push(&cancel) }.is_err() {
+                    if self.ring.submit().is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles the completion of watch `id`; returns whether it was armed
+    /// again.
+    fn reap_watch(&mut self, id: u32, result: i32, flags: u32, calls: &mut Vec<WatchCall>) -> bool {
+        let slot = &mut self.slots[id as usize];
+        let OpState::Watch {
+            call,
+            entry,
+            stopping,
+        } = &slot.state
+        else {
+            return false;
+        };
+        if result >= 0 {
+            calls.push((id, slot.generation, call.clone(), Some(result as u32)));
+        }
+        if cqueue::more(flags) {
+            return false;
+        }
+        if result >= 0 && !*stopping {
+            // The kernel ended the multishot poll (a full completion queue
+            // does that): arm it again.
+            let entry = entry.clone();
+            // SAFETY: a poll points to no memory; the descriptor is kept
+            // open by the slot's keepalive.
+            while unsafe { self.ring.submission().push(&entry) }.is_err() {
+                if self.ring.submit().is_err() {
+                    break;
+                }
+            }
+            return true;
+        }
+        // Cancelled, or polling failed: the watch has ended.
+        if !*stopping && result != -libc::ECANCELED {
+            log::error!(
+                "io_uring: a watch failed: {}",
+                io::Error::from_raw_os_error(-result)
+            );
+        }
+        calls.push((id, slot.generation, call.clone(), None));
+        slot.state = OpState::Free;
+        slot.keep = Keepalive::Nothing;
+        self.free.push(id);
+        false
+    }
+
+    /// Reaps the completion queue: wakes the futures of completed
+    /// operations and adds the calls of watches to `calls`. Returns the
+    /// number of completions and whether a watch was armed again.
+    fn reap(&mut self, calls: &mut Vec<WatchCall>) -> (usize, bool) {
+        let completions: Vec<(u64, i32, u32)> = self
             .ring
             .completion()
-            .map(|c| (c.user_data(), c.result()))
+            .map(|c| (c.user_data(), c.result(), c.flags()))
             .collect();
         let mut reaped = 0;
-        for (user_data, result) in completions {
+        let mut rearmed = false;
+        for (user_data, result, flags) in completions {
             let Some(slot) = self.slots.get_mut(user_data as usize) else {
                 continue; // a cancel request's own completion
             };
             reaped += 1;
+            if let OpState::Watch { .. } = slot.state {
+                rearmed |= self.reap_watch(user_data as u32, result, flags, calls);
+                continue;
+            }
             // The kernel is done with the operation's memory.
             slot.keep = Keepalive::Nothing;
             match std::mem::replace(&mut slot.state, OpState::Done(result)) {
@@ -209,12 +355,12 @@ impl Inner {
                     slot.state = OpState::Free;
                     self.free.push(user_data as u32);
                 }
-                OpState::Free | OpState::Done(_) => {
+                OpState::Free | OpState::Done(_) | OpState::Watch { .. } => {
                     log::error!("io_uring completion for idle slot {user_data}")
                 }
             }
         }
-        reaped
+        (reaped, rearmed)
     }
 }
 
@@ -225,7 +371,11 @@ impl Drop for Reactor {
     fn drop(&mut self) {
         let inner = self.inner.get_mut();
         let pending: Vec<usize> = inner.in_flight().collect();
+        let mut calls = Vec::new();
         for id in pending {
+            if let OpState::Watch { stopping, .. } = &mut inner.slots[id].state {
+                *stopping = true;
+            }
             let cancel = opcode::AsyncCancel::new(id as u64)
                 .build()
                 .user_data(CANCEL);
@@ -239,18 +389,25 @@ impl Drop for Reactor {
         while inner.in_flight().next().is_some() {
             match inner.ring.submit_and_wait(1) {
                 Ok(_) => {
-                    inner.reap();
+                    inner.reap(&mut calls);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // The memory cannot be proven unused: never free it.
                     log::error!("io_uring: cannot wait for operations in flight: {e}");
                     for slot in inner.slots.drain(..) {
+                        if let OpState::Watch { call, .. } = &slot.state {
+                            calls.push((0, 0, call.clone(), None));
+                        }
                         std::mem::forget(slot.keep);
                     }
-                    return;
+                    break;
                 }
             }
+        }
+        // Whoever relies on a watch of this reactor learns that it ended.
+        for (_, _, call, event) in calls {
+            call(event);
         }
     }
 }
@@ -276,6 +433,22 @@ fn with_current<R>(f: impl FnOnce(&Reactor) -> R) -> Option<R> {
     // drop, during which the reactor it points to is borrowed by the running
     // executor and so alive; it is only used from this thread.
     (!ptr.is_null()).then(|| f(unsafe { &*ptr }))
+}
+
+/// Watches `fd` on the io_uring of the executor running on this thread:
+/// `call` runs on this thread each time `fd` has one of the poll `events`
+/// (and also on errors and hang-ups), until it returns false or the
+/// reactor closes, and then once more with `None` (see [`WatchFn`]).
+/// `keep` keeps `fd` open meanwhile.
+pub(crate) fn watch(fd: RawFd, events: u32, keep: Keepalive, call: WatchFn) -> io::Result<()> {
+    with_current(|r| r.watch(fd, events, keep, call)).ok_or_else(|| {
+        io::Error::other("a watch outside of an executor (no reactor on this thread)")
+    })?
+}
+
+/// The id of the reactor of the executor running on this thread, if any.
+pub(crate) fn current_reactor() -> Option<u64> {
+    with_current(|r| r.id)
 }
 
 /// An operation submitted to the current thread's io_uring.
@@ -426,5 +599,53 @@ mod tests {
         })
         .unwrap();
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Watches an eventfd; the watch's function reads it and logs what it
+    /// read, and stops after reading 3.
+    fn logged_watch(fd: &Arc<EventFd>, log: &Arc<parking_lot::Mutex<Vec<Option<u64>>>>) {
+        let (theirs, log) = (fd.clone(), log.clone());
+        watch(
+            fd.as_raw_fd(),
+            libc::POLLIN as u32,
+            Keepalive::Other(Box::new(fd.clone())),
+            Arc::new(move |event| {
+                let value = event.map(|_| theirs.read().unwrap_or(0));
+                log.lock().push(value);
+                value != Some(3)
+            }),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_watch_calls_at_each_readiness_until_it_stops() {
+        let fd = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        block_on(async {
+            logged_watch(&fd, &log);
+            for value in [1, 3, 1] {
+                // From another thread, as a library or a server would.
+                let theirs = fd.clone();
+                std::thread::spawn(move || theirs.write(value).unwrap())
+                    .join()
+                    .unwrap();
+                sleep(Duration::from_millis(20)).await.unwrap();
+            }
+        })
+        .unwrap();
+        // The third write came after the watch had stopped.
+        assert_eq!(*log.lock(), vec![Some(1), Some(3), None]);
+        assert_eq!(fd.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_closing_reactor_ends_its_watches() {
+        let fd = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        block_on(async { logged_watch(&fd, &log) }).unwrap();
+        assert_eq!(*log.lock(), vec![None]);
+        // Nothing polls the descriptor any more.
+        assert_eq!(Arc::strong_count(&fd), 1);
     }
 }

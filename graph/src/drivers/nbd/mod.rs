@@ -3,15 +3,18 @@
 //!
 //! One connection per node carries many requests at once. A request is
 //! sent by the task that makes it, on its own executor's io_uring, under an
-//! async lock that keeps messages whole; each node has one connection
-//! thread that reads replies (structured or simple) with blocking reads,
-//! copies read data straight into the request's buffer, and wakes the
-//! request's future. The table of requests in flight holds a clone of each
-//! read's buffer, so a dropped future leaves its memory valid until the
-//! reply was read.
+//! async lock that keeps messages whole. Replies (structured or simple) are
+//! read on the executors that wait for them, as QEMU reads them in the
+//! requesting coroutine's thread: every executor with a request in flight
+//! watches the socket on its io_uring, and the one that sees it readable
+//! reads every reply that arrived, copies read data straight into the
+//! requests' buffers and wakes them (see [`Receiver`]). The table of
+//! requests in flight holds a clone of each read's buffer, so a dropped
+//! future leaves its memory valid until the reply was read.
 //!
-//! When the connection fails, the thread puts every request in flight back
-//! to wait for a new connection and reconnects (first after 100 ms, then
+//! When the connection fails, every request in flight is put back to wait
+//! for a new connection, and the node's connection thread, which does
+//! nothing else, reconnects (first after 100 ms, then
 //! backing off to 2 s between attempts). Requests wait at most
 //! `reconnect-delay` seconds from the failure and are sent again on the new
 //! connection, so a server restart within the delay is a pause for the
@@ -40,7 +43,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::Deserialize;
 
 use self::proto::ExportInfo;
-use crate::aio::{run_blocking, sleep, submit, AsyncMutex, Keepalive};
+use crate::aio::{run_blocking, sleep, submit, AsyncMutex, Keepalive, SharedWatch, WatchUse};
 use crate::buffer::IoBuffer;
 use crate::driver::{BlockDriver, BlockLimits, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
@@ -112,13 +115,6 @@ impl Sock {
                 Err(last)
             }
         }
-    }
-
-    fn try_clone(&self) -> io::Result<Sock> {
-        Ok(match self {
-            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
-            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
-        })
     }
 
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
@@ -201,11 +197,14 @@ struct Inflight {
     /// The first error chunk of a structured reply.
     error: Option<i32>,
     status: Option<BlockStatus>,
+    /// Keeps the socket watched on the executor that sent the request
+    /// until its reply was read, also when its future was dropped.
+    _watch: WatchUse,
 }
 
 enum Conn {
     /// Connected: the socket requests are written to.
-    Up(Arc<Sock>),
+    Up(Link),
     /// Reconnecting; requests wait until the deadline.
     Reconnecting(Instant),
     /// Requests fail (reconnect-delay is over, or 0).
@@ -289,9 +288,6 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
     if info.flags & proto::FLAG_READ_ONLY != 0 && !ctx.common.is_read_only() {
         return Err(Error::OpenFailed("NBD export is read-only".into()));
     }
-    let reader = sock
-        .try_clone()
-        .map_err(|e| Error::OpenFailed(format!("NBD socket: {e}")))?;
     let shared = Arc::new(Shared {
         node: ctx.node_name().to_string(),
         server: opts.server,
@@ -299,7 +295,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
         reconnect_delay: Duration::from_secs(opts.reconnect_delay.unwrap_or(0).into()),
         info,
         state: Mutex::new(State {
-            conn: Conn::Up(Arc::new(sock)),
+            conn: Conn::Down,
             inflight: HashMap::new(),
             waiters: Vec::new(),
             attempts: 0,
@@ -309,10 +305,11 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
         cookie: AtomicU64::new(1),
         send_lock: AsyncMutex::new(()),
     });
+    shared.state.lock().conn = Conn::Up(Link::new(&shared, sock));
     let theirs = shared.clone();
     let thread = std::thread::Builder::new()
         .name(format!("nbd-{}", shared.node))
-        .spawn(move || connection_thread(theirs, reader))
+        .spawn(move || connection_thread(theirs))
         .map_err(|e| Error::OpenFailed(format!("cannot start the NBD thread: {e}")))?;
     Ok(Box::new(Nbd {
         shared,
@@ -339,145 +336,396 @@ fn protocol_error(text: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, text.to_string())
 }
 
-/// Bytes the connection thread reads at once.
+/// Bytes read from the socket at once.
 const RECV_BUFFER: usize = 64 << 10;
+/// Read data at least this large goes from the socket straight into the
+/// request's buffer.
+const DIRECT_READ: usize = 16 << 10;
+/// Longest part of a server's error message that is logged.
+const MAX_MESSAGE: usize = 4096;
 
-/// The reading half of a connection. Replies are read into a buffer, as
-/// much as the socket holds, and parsed from there: a batch of replies
-/// costs one read, where reading each field on its own cost five to seven
-/// per reply. The requests they complete are woken together once the
-/// buffer is used up, before the thread blocks on the socket again, so the
-/// queue thread that waits for them is woken once per batch, not per reply.
+/// What the receiver expects next on the stream.
+enum Step {
+    /// A reply header (and the fixed fields of its chunk).
+    Header,
+    /// The data of a read, into `into` from `done`; then `end`.
+    Data {
+        into: IoBuffer,
+        done: usize,
+        end: ChunkEnd,
+    },
+    /// `left` bytes of no interest; then `end`.
+    Skip { left: u64, end: ChunkEnd },
+}
+
+/// What a reply, or a chunk of a structured reply, tells its request once
+/// it was read whole.
+struct ChunkEnd {
+    cookie: u64,
+    kind: u16,
+    /// A simple reply: the request is done, with `error`.
+    simple: bool,
+    /// NBD_REPLY_FLAG_DONE of a structured chunk.
+    done: bool,
+    error: Option<i32>,
+    status: Option<BlockStatus>,
+}
+
+/// The reading half of a connection, run by the watches of its socket on
+/// the executors whose requests wait for replies (see `aio::SharedWatch`).
+/// When the socket is readable, the executor that sees it reads what the
+/// socket holds, as much as fits a buffer, without blocking, and parses it
+/// from there, across as many replies as arrived: a batch of replies costs
+/// one or two system calls and no thread switch. Read data is copied into
+/// the request's buffer (received straight into it when large); the
+/// requests completed are woken together at the end of the batch (those of
+/// the executor's own thread without a system call). A reply cut off by the
+/// end of what arrived is taken up where it stopped at the next readiness.
 struct Receiver {
-    sock: Sock,
+    sock: Arc<Sock>,
     buf: Box<[u8]>,
     /// The unparsed bytes are `buf[start..end]`.
     start: usize,
     end: usize,
-    /// Requests completed since the last read from the socket.
+    step: Step,
+    /// Requests completed in this batch.
     wakers: Vec<Waker>,
 }
 
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+/// Reads from `fd` into `buf`'s segments without blocking: the bytes
+/// read, or `None` if nothing is there.
+fn recv_into(fd: RawFd, buf: &IoBuffer) -> io::Result<Option<usize>> {
+    let segs = buf.segments();
+    // SAFETY: msghdr is plain data for which zero bytes are valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = segs.as_ptr().cast_mut();
+    msg.msg_iovlen = segs.len().min(libc::UIO_MAXIOV as usize) as _;
+    loop {
+        // SAFETY: the iovecs point to memory that `buf` keeps valid and
+        // that is only written through system calls; msg is valid.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => return Ok(Some(n as usize)),
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => return Ok(None),
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+}
+
 impl Receiver {
-    fn new(sock: Sock) -> Self {
+    fn new(sock: Arc<Sock>) -> Self {
         Receiver {
             sock,
             buf: vec![0; RECV_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
+            step: Step::Header,
             wakers: Vec::new(),
         }
     }
 
-    /// Wakes the requests completed so far.
-    fn wake(&mut self) {
+    /// Reads and handles every reply the socket holds; an error means the
+    /// connection failed. Wakes the requests completed either way.
+    fn pump(&mut self, shared: &Shared) -> io::Result<()> {
+        let result = (|| loop {
+            while self.advance(shared)? {}
+            if !self.read_more()? {
+                return Ok(());
+            }
+        })();
         self.wakers.drain(..).for_each(Waker::wake);
+        result
     }
 
-    /// Refills the empty buffer from the socket (blocking); wakes the
-    /// completed requests first.
-    fn fill(&mut self) -> io::Result<()> {
-        self.wake();
-        self.start = 0;
-        self.end = 0;
+    /// Reads what the socket holds without blocking; false if nothing.
+    fn read_more(&mut self) -> io::Result<bool> {
+        if let Step::Data { into, done, .. } = &mut self.step {
+            let left = into.len() - *done;
+            if self.start == self.end && left >= DIRECT_READ {
+                let rest = into.slice(*done, left);
+                return Ok(match recv_into(self.sock.as_raw_fd(), &rest)? {
+                    Some(n) => {
+                        *done += n;
+                        true
+                    }
+                    None => false,
+                });
+            }
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        // The current step needs less than the buffer holds: there is room.
+        debug_assert!(self.end < self.buf.len());
         loop {
-            match self.sock.read(&mut self.buf) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    self.end = n;
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Reads `buf.len()` bytes into `buf`: what the buffer holds, then a
-    /// large rest straight from the socket.
-    fn read_into(&mut self, buf: &IoBuffer) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let left = buf.len() - done;
-            if self.start == self.end {
-                if left >= RECV_BUFFER / 2 {
-                    self.wake();
-                    return self.read_direct(&buf.slice(done, left));
-                }
-                self.fill()?;
-            }
-            let n = (self.end - self.start).min(left);
-            buf.copy_from(done, &self.buf[self.start..self.start + n]);
-            self.start += n;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Reads `buf.len()` bytes from the socket into `buf` (the receive
-    /// buffer is empty).
-    fn read_direct(&mut self, buf: &IoBuffer) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let rest = buf.slice(done, buf.len() - done);
-            let segs = rest.segments();
-            let n = segs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-            // SAFETY: the segments point to memory that `rest` keeps valid
-            // and that is only written through system calls.
-            let ret = unsafe { libc::readv(self.sock.as_raw_fd(), segs.as_ptr(), n) };
-            match ret {
+            let free = &mut self.buf[self.end..];
+            // SAFETY: recv writes at most free.len() bytes into free.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    free.as_mut_ptr().cast(),
+                    free.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match n {
                 0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n if n < 0 => {
+                n if n > 0 => {
+                    self.end += n as usize;
+                    return Ok(true);
+                }
+                _ => {
                     let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
+                    match e.kind() {
+                        io::ErrorKind::Interrupted => {}
+                        io::ErrorKind::WouldBlock => return Ok(false),
+                        _ => return Err(e),
                     }
                 }
-                n => done += n as usize,
             }
         }
-        Ok(())
     }
 
-    fn skip(&mut self, mut len: u64) -> io::Result<()> {
-        while len > 0 {
-            if self.start == self.end {
-                self.fill()?;
+    /// Handles what the buffer holds for the current step; false when it
+    /// needs more bytes.
+    fn advance(&mut self, shared: &Shared) -> io::Result<bool> {
+        let avail = self.end - self.start;
+        match std::mem::replace(&mut self.step, Step::Header) {
+            Step::Header => self.header(shared),
+            Step::Data {
+                into,
+                mut done,
+                end,
+            } => {
+                let n = avail.min(into.len() - done);
+                into.copy_from(done, &self.buf[self.start..self.start + n]);
+                self.start += n;
+                done += n;
+                if done == into.len() {
+                    self.chunk_end(shared, end);
+                    Ok(true)
+                } else {
+                    self.step = Step::Data { into, done, end };
+                    Ok(false)
+                }
             }
-            let n = ((self.end - self.start) as u64).min(len);
-            self.start += n as usize;
-            len -= n;
+            Step::Skip { left, end } => {
+                let n = (avail as u64).min(left);
+                self.start += n as usize;
+                if n == left {
+                    self.chunk_end(shared, end);
+                    Ok(true)
+                } else {
+                    self.step = Step::Skip {
+                        left: left - n,
+                        end,
+                    };
+                    Ok(false)
+                }
+            }
         }
-        Ok(())
     }
-}
 
-impl Read for Receiver {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.start == self.end {
-            self.fill()?;
+    /// Parses a reply header and its chunk's fixed fields once they are all
+    /// in the buffer; false until then.
+    fn header(&mut self, shared: &Shared) -> io::Result<bool> {
+        let b = &self.buf[self.start..self.end];
+        if b.len() < 4 {
+            return Ok(false);
         }
-        let n = (self.end - self.start).min(out.len());
-        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-        self.start += n;
-        Ok(n)
-    }
-}
-
-impl Drop for Receiver {
-    /// Requests whose replies were read before the connection failed
-    /// are done: they must not wait for the reconnect.
-    fn drop(&mut self) {
-        self.wake();
-    }
-}
-
-/// Reads replies until the connection fails; returns why.
-fn receive(shared: &Shared, rx: &mut Receiver) -> io::Error {
-    loop {
-        if let Err(e) = receive_one(shared, rx) {
-            return e;
+        match be32(b) {
+            proto::SIMPLE_REPLY_MAGIC => {
+                if b.len() < 16 {
+                    return Ok(false);
+                }
+                let (error, cookie) = (be32(&b[4..]), be64(&b[8..]));
+                self.start += 16;
+                let (kind, _, _, buf) = lookup(shared, cookie)?;
+                if kind == proto::CMD_BLOCK_STATUS
+                    || (kind == proto::CMD_READ && shared.info.structured)
+                {
+                    return Err(protocol_error("the server sent a simple reply to a read"));
+                }
+                let end = ChunkEnd {
+                    cookie,
+                    kind,
+                    simple: true,
+                    done: true,
+                    error: (error != 0).then(|| proto::errno(error)),
+                    status: None,
+                };
+                match buf {
+                    Some(into) if kind == proto::CMD_READ && error == 0 => {
+                        self.step = Step::Data { into, done: 0, end };
+                    }
+                    _ => self.chunk_end(shared, end),
+                }
+                Ok(true)
+            }
+            proto::STRUCTURED_REPLY_MAGIC => {
+                if b.len() < 20 {
+                    return Ok(false);
+                }
+                let (flags, chunk) = (be16(&b[4..]), be16(&b[6..]));
+                let (cookie, length) = (be64(&b[8..]), be32(&b[16..]));
+                let fixed = match chunk {
+                    proto::REPLY_TYPE_OFFSET_DATA => 8,
+                    proto::REPLY_TYPE_OFFSET_HOLE | proto::REPLY_TYPE_BLOCK_STATUS => 12,
+                    t if t & proto::REPLY_TYPE_ERROR_BIT != 0 && length >= 6 => {
+                        if b.len() < 26 {
+                            return Ok(false);
+                        }
+                        6 + usize::from(be16(&b[24..])).min(MAX_MESSAGE)
+                    }
+                    _ => 0,
+                }
+                .min(length as usize);
+                if b.len() < 20 + fixed {
+                    return Ok(false);
+                }
+                let body = b[20..20 + fixed].to_vec();
+                self.start += 20 + fixed;
+                let (kind, offset, len, buf) = lookup(shared, cookie)?;
+                let mut end = ChunkEnd {
+                    cookie,
+                    kind,
+                    simple: false,
+                    done: flags & proto::REPLY_FLAG_DONE != 0,
+                    error: None,
+                    status: None,
+                };
+                // What follows the fixed fields.
+                let left = u64::from(length) - fixed as u64;
+                match chunk {
+                    proto::REPLY_TYPE_NONE if length == 0 => {}
+                    proto::REPLY_TYPE_OFFSET_DATA | proto::REPLY_TYPE_OFFSET_HOLE
+                        if kind == proto::CMD_READ && length >= 8 =>
+                    {
+                        let at = be64(&body);
+                        let n = if chunk == proto::REPLY_TYPE_OFFSET_DATA {
+                            u64::from(length - 8)
+                        } else if length == 12 {
+                            u64::from(be32(&body[8..]))
+                        } else {
+                            return Err(protocol_error("bad hole chunk"));
+                        };
+                        if at < offset || at + n > offset + u64::from(len) {
+                            return Err(protocol_error("the server sent data outside the read"));
+                        }
+                        let buf = buf.ok_or_else(|| protocol_error("read without a buffer"))?;
+                        let part = buf.slice((at - offset) as usize, n as usize);
+                        if chunk == proto::REPLY_TYPE_OFFSET_DATA {
+                            self.step = Step::Data {
+                                into: part,
+                                done: 0,
+                                end,
+                            };
+                            return Ok(true);
+                        }
+                        part.fill_zero(0, part.len());
+                    }
+                    proto::REPLY_TYPE_BLOCK_STATUS
+                        if kind == proto::CMD_BLOCK_STATUS
+                            && (12..=MAX_CHUNK).contains(&length) =>
+                    {
+                        let (id, ext_len, ext_flags) =
+                            (be32(&body), be32(&body[4..]), be32(&body[8..]));
+                        if Some(id) == shared.info.base_allocation {
+                            if ext_len == 0 {
+                                end.error = Some(libc::EIO);
+                            } else {
+                                end.status = Some(BlockStatus {
+                                    len: u64::from(ext_len.min(len)),
+                                    data: ext_flags & proto::STATE_HOLE == 0,
+                                    zero: ext_flags & proto::STATE_ZERO != 0,
+                                    depth: 1,
+                                });
+                            }
+                        }
+                    }
+                    t if t & proto::REPLY_TYPE_ERROR_BIT != 0
+                        && (6..=MAX_CHUNK).contains(&length) =>
+                    {
+                        let (code, msg_len) = (be32(&body), be16(&body[4..]));
+                        if u32::from(msg_len) > length - 6 {
+                            return Err(protocol_error("bad error chunk"));
+                        }
+                        log::debug!(
+                            "nbd node {}: server error {code}: {}",
+                            shared.node,
+                            String::from_utf8_lossy(&body[6..])
+                        );
+                        end.error = Some(if code == 0 {
+                            libc::EINVAL
+                        } else {
+                            proto::errno(code)
+                        });
+                    }
+                    _ => return Err(protocol_error("the server sent an unexpected reply chunk")),
+                }
+                if left == 0 {
+                    self.chunk_end(shared, end);
+                } else {
+                    self.step = Step::Skip { left, end };
+                }
+                Ok(true)
+            }
+            _ => Err(protocol_error("the server sent a bad reply magic")),
         }
+    }
+
+    /// A reply or chunk was read whole: record it, and complete its request
+    /// if it was the last.
+    fn chunk_end(&mut self, shared: &Shared, end: ChunkEnd) {
+        let mut state = shared.state.lock();
+        let waker = if end.simple {
+            complete(&mut state, end.cookie, end.error.map_or(Ok(None), Err))
+        } else {
+            let Some(req) = state.inflight.get_mut(&end.cookie) else {
+                return;
+            };
+            if req.error.is_none() {
+                req.error = end.error;
+            }
+            if req.status.is_none() {
+                req.status = end.status;
+            }
+            if !end.done {
+                return;
+            }
+            let result = match (req.error, req.status) {
+                (Some(e), _) => Err(e),
+                (None, None) if end.kind == proto::CMD_BLOCK_STATUS => Err(libc::EIO),
+                (None, status) => Ok(status),
+            };
+            complete(&mut state, end.cookie, result)
+        };
+        drop(state);
+        self.wakers.extend(waker);
     }
 }
 
@@ -491,140 +739,58 @@ fn lookup(shared: &Shared, cookie: u64) -> io::Result<(u16, u64, u32, Option<IoB
     Ok((req.kind, req.offset, req.len, req.buf.clone()))
 }
 
-fn receive_one(shared: &Shared, rx: &mut Receiver) -> io::Result<()> {
-    let magic = proto::read_u32(rx)?;
-    match magic {
-        proto::SIMPLE_REPLY_MAGIC => {
-            let error = proto::read_u32(rx)?;
-            let cookie = proto::read_u64(rx)?;
-            let (kind, _, _, buf) = lookup(shared, cookie)?;
-            if kind == proto::CMD_BLOCK_STATUS
-                || (kind == proto::CMD_READ && shared.info.structured)
-            {
-                return Err(protocol_error("the server sent a simple reply to a read"));
-            }
-            if kind == proto::CMD_READ && error == 0 {
-                if let Some(buf) = &buf {
-                    rx.read_into(buf)?;
-                }
-            }
-            let result = if error == 0 {
-                Ok(None)
-            } else {
-                Err(proto::errno(error))
-            };
-            let waker = complete(&mut shared.state.lock(), cookie, result);
-            rx.wakers.extend(waker);
-            Ok(())
-        }
-        proto::STRUCTURED_REPLY_MAGIC => {
-            let flags = proto::read_u16(rx)?;
-            let chunk = proto::read_u16(rx)?;
-            let cookie = proto::read_u64(rx)?;
-            let length = proto::read_u32(rx)?;
-            let (kind, offset, len, buf) = lookup(shared, cookie)?;
-            let mut error = None;
-            let mut status = None;
-            match chunk {
-                proto::REPLY_TYPE_NONE if length == 0 => {}
-                proto::REPLY_TYPE_OFFSET_DATA | proto::REPLY_TYPE_OFFSET_HOLE
-                    if kind == proto::CMD_READ && length >= 8 =>
-                {
-                    let at = proto::read_u64(rx)?;
-                    let n = if chunk == proto::REPLY_TYPE_OFFSET_DATA {
-                        u64::from(length - 8)
-                    } else if length == 12 {
-                        u64::from(proto::read_u32(rx)?)
-                    } else {
-                        return Err(protocol_error("bad hole chunk"));
-                    };
-                    if at < offset || at + n > offset + u64::from(len) {
-                        return Err(protocol_error("the server sent data outside the read"));
-                    }
-                    let buf = buf.ok_or_else(|| protocol_error("read without a buffer"))?;
-                    let part = buf.slice((at - offset) as usize, n as usize);
-                    if chunk == proto::REPLY_TYPE_OFFSET_DATA {
-                        rx.read_into(&part)?;
-                    } else {
-                        part.fill_zero(0, part.len());
+/// A connection to the server: its socket, and the watches that read its
+/// replies on the executors waiting for them (see [`Receiver`]).
+struct Link {
+    sock: Arc<Sock>,
+    watch: Arc<SharedWatch>,
+}
+
+impl Link {
+    /// Starts reading replies from `sock` for `shared`'s requests.
+    fn new(shared: &Arc<Shared>, sock: Sock) -> Link {
+        let sock = Arc::new(sock);
+        let rx = Mutex::new(Receiver::new(sock.clone()));
+        let (weak, theirs) = (Arc::downgrade(shared), sock.clone());
+        let watch = SharedWatch::new(
+            sock.as_raw_fd(),
+            Box::new(sock.clone()),
+            Box::new(move || {
+                let Some(shared) = weak.upgrade() else {
+                    return false;
+                };
+                let result = rx.lock().pump(&shared);
+                match result {
+                    Ok(()) => true,
+                    Err(why) => {
+                        connection_lost(&shared, &theirs, &why);
+                        false
                     }
                 }
-                proto::REPLY_TYPE_BLOCK_STATUS
-                    if kind == proto::CMD_BLOCK_STATUS && (12..=MAX_CHUNK).contains(&length) =>
-                {
-                    let id = proto::read_u32(rx)?;
-                    let ext_len = proto::read_u32(rx)?;
-                    let ext_flags = proto::read_u32(rx)?;
-                    rx.skip(u64::from(length - 12))?;
-                    if Some(id) == shared.info.base_allocation {
-                        if ext_len == 0 {
-                            error = Some(libc::EIO);
-                        } else {
-                            status = Some(BlockStatus {
-                                len: u64::from(ext_len.min(len)),
-                                data: ext_flags & proto::STATE_HOLE == 0,
-                                zero: ext_flags & proto::STATE_ZERO != 0,
-                                depth: 1,
-                            });
-                        }
-                    }
-                }
-                t if t & proto::REPLY_TYPE_ERROR_BIT != 0 && (6..=MAX_CHUNK).contains(&length) => {
-                    let code = proto::read_u32(rx)?;
-                    let msg_len = proto::read_u16(rx)?;
-                    if u32::from(msg_len) > length - 6 {
-                        return Err(protocol_error("bad error chunk"));
-                    }
-                    let mut msg = vec![0; msg_len as usize];
-                    rx.read_exact(&mut msg)?;
-                    rx.skip(u64::from(length - 6 - u32::from(msg_len)))?;
-                    log::debug!(
-                        "nbd node {}: server error {code}: {}",
-                        shared.node,
-                        String::from_utf8_lossy(&msg)
-                    );
-                    error = Some(if code == 0 {
-                        libc::EINVAL
-                    } else {
-                        proto::errno(code)
-                    });
-                }
-                _ => return Err(protocol_error("the server sent an unexpected reply chunk")),
-            }
-            let mut state = shared.state.lock();
-            if let Some(req) = state.inflight.get_mut(&cookie) {
-                if req.error.is_none() {
-                    req.error = error;
-                }
-                if req.status.is_none() {
-                    req.status = status;
-                }
-                if flags & proto::REPLY_FLAG_DONE != 0 {
-                    let result = match (req.error, req.status) {
-                        (Some(e), _) => Err(e),
-                        (None, None) if kind == proto::CMD_BLOCK_STATUS => Err(libc::EIO),
-                        (None, status) => Ok(status),
-                    };
-                    let waker = complete(&mut state, cookie, result);
-                    rx.wakers.extend(waker);
-                }
-            }
-            Ok(())
-        }
-        _ => Err(protocol_error("the server sent a bad reply magic")),
+            }),
+        );
+        Link { sock, watch }
     }
 }
 
-/// Marks the connection lost: requests in flight wait for the next one
-/// (or fail at once with `reconnect-delay=0`). False once the node closed.
-fn connection_lost(shared: &Shared) -> bool {
+/// The connection on `sock` failed (or the node closed): requests in flight
+/// wait for the next connection (or fail at once with
+/// `reconnect-delay=0`), and the connection thread reconnects. Nothing
+/// happens for a connection that was replaced already.
+fn connection_lost(shared: &Shared, sock: &Arc<Sock>, why: &io::Error) {
     let mut state = shared.state.lock();
-    if let Conn::Up(sock) = &state.conn {
-        sock.shutdown();
-    }
+    let current = matches!(&state.conn, Conn::Up(link) if Arc::ptr_eq(&link.sock, sock));
     let closed = matches!(state.conn, Conn::Closed);
-    let wait = !closed && !shared.reconnect_delay.is_zero();
-    if !closed {
+    if !current && !closed {
+        return;
+    }
+    sock.shutdown();
+    let wait = current && !shared.reconnect_delay.is_zero();
+    if current {
+        log::warn!(
+            "nbd node {}: connection lost ({why}); reconnecting",
+            shared.node
+        );
         state.conn = if wait {
             Conn::Reconnecting(Instant::now() + shared.reconnect_delay)
         } else {
@@ -632,7 +798,10 @@ fn connection_lost(shared: &Shared) -> bool {
         };
     }
     let mut wakers: Vec<Waker> = state.waiters.drain(..).collect();
-    for (_, req) in state.inflight.drain() {
+    let inflight: Vec<Inflight> = state.inflight.drain().map(|(_, req)| req).collect();
+    drop(state);
+    shared.closing.notify_all();
+    for req in inflight {
         let new = if wait {
             Outcome::Retry
         } else {
@@ -642,41 +811,38 @@ fn connection_lost(shared: &Shared) -> bool {
             wakers.push(w);
         }
     }
-    drop(state);
     wakers.into_iter().for_each(Waker::wake);
-    !closed
 }
 
-fn connection_thread(shared: Arc<Shared>, mut sock: Sock) {
+/// Reconnects whenever the connection was lost, until the node closes.
+fn connection_thread(shared: Arc<Shared>) {
     loop {
-        let mut rx = Receiver::new(sock);
-        let why = receive(&shared, &mut rx);
-        drop(rx);
-        if !connection_lost(&shared) {
-            return;
+        {
+            let mut state = shared.state.lock();
+            while matches!(state.conn, Conn::Up(_)) {
+                shared.closing.wait(&mut state);
+            }
+            if matches!(state.conn, Conn::Closed) {
+                return;
+            }
         }
-        log::warn!(
-            "nbd node {}: connection lost ({why}); reconnecting",
-            shared.node
-        );
-        match reconnect(&shared) {
-            Some(s) => sock = s,
-            None => return,
+        if !reconnect(&shared) {
+            return;
         }
     }
 }
 
-/// Reconnects until it succeeds (returns the reading half) or the node is
-/// closed (returns None). Once reconnect-delay is over, waiting requests
-/// fail; from then on a new request asks for an attempt at once and fails
-/// if it does not connect (QEMU's behaviour, also with a delay of 0).
-fn reconnect(shared: &Shared) -> Option<Sock> {
+/// Reconnects until it succeeds (true) or the node is closed (false).
+/// Once reconnect-delay is over, waiting requests fail; from then on a new
+/// request asks for an attempt at once and fails if it does not connect
+/// (QEMU's behaviour, also with a delay of 0).
+fn reconnect(shared: &Arc<Shared>) -> bool {
     let mut pause = RECONNECT_MIN;
     loop {
         {
             let mut state = shared.state.lock();
             let deadline = match state.conn {
-                Conn::Closed => return None,
+                Conn::Closed => return false,
                 Conn::Reconnecting(deadline) => Some(deadline),
                 _ => None,
             };
@@ -697,7 +863,7 @@ fn reconnect(shared: &Shared) -> Option<Sock> {
                 shared.closing.wait_for(&mut state, wait);
             }
             if matches!(state.conn, Conn::Closed) {
-                return None;
+                return false;
             }
             state.attempt_wanted = false;
         }
@@ -713,28 +879,27 @@ fn reconnect(shared: &Shared) -> Option<Sock> {
                     "the server's export changed ({info:?} instead of {old:?})"
                 )));
             }
-            let reader = sock.try_clone()?;
-            Ok((sock, reader))
+            Ok(sock)
         });
         let mut state = shared.state.lock();
         state.attempts += 1;
         let wakers: Vec<Waker> = state.waiters.drain(..).collect();
-        let result = match attempt {
+        let connected = match attempt {
             Err(e) => {
                 log::debug!("nbd node {}: reconnect failed: {e}", shared.node);
-                None
+                false
             }
-            Ok(_) if matches!(state.conn, Conn::Closed) => return None,
-            Ok((sock, reader)) => {
-                state.conn = Conn::Up(Arc::new(sock));
+            Ok(_) if matches!(state.conn, Conn::Closed) => return false,
+            Ok(sock) => {
+                state.conn = Conn::Up(Link::new(shared, sock));
                 log::warn!("nbd node {}: reconnected", shared.node);
-                Some(reader)
+                true
             }
         };
         drop(state);
         wakers.into_iter().for_each(Waker::wake);
-        if result.is_some() {
-            return result;
+        if connected {
+            return true;
         }
     }
 }
@@ -790,8 +955,12 @@ impl Nbd {
             // Registered under the lock that `connection_lost` empties the
             // table under: a request is either in the table when its
             // connection fails (and is sent again) or sees the new state.
-            Conn::Up(sock) => {
-                let sock = sock.clone();
+            Conn::Up(link) => {
+                let watch = match link.watch.enter() {
+                    Ok(w) => w,
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
+                let sock = link.sock.clone();
                 let cookie = self.shared.cookie.fetch_add(1, Ordering::Relaxed);
                 let outcome = Arc::new(Mutex::new(Outcome::Pending(None)));
                 state.inflight.insert(
@@ -804,6 +973,7 @@ impl Nbd {
                         outcome: outcome.clone(),
                         error: None,
                         status: None,
+                        _watch: watch,
                     },
                 );
                 Poll::Ready(Ok((sock, cookie, outcome)))
@@ -1069,12 +1239,20 @@ impl BlockDriver for Nbd {
 
     fn drain(&self) -> IoFuture<'_> {
         Box::pin(async move {
-            // Replies to requests whose futures were dropped.
+            // Replies to requests whose futures were dropped. Their
+            // executors may be gone: this one watches the socket meanwhile.
+            let mut watching = None;
             loop {
                 {
                     let state = self.shared.state.lock();
-                    if state.inflight.is_empty() || !matches!(state.conn, Conn::Up(_)) {
+                    let Conn::Up(link) = &state.conn else {
                         return Ok(());
+                    };
+                    if state.inflight.is_empty() {
+                        return Ok(());
+                    }
+                    if watching.is_none() {
+                        watching = Some(link.watch.enter()?);
                     }
                 }
                 sleep(Duration::from_millis(1)).await?;
@@ -1103,7 +1281,7 @@ impl Nbd {
     /// connection thread.
     fn stop(&self, polite: bool) {
         let mut state = self.shared.state.lock();
-        if let Conn::Up(sock) = &state.conn {
+        if let Conn::Up(Link { sock, .. }) = &state.conn {
             if polite {
                 let cookie = self.shared.cookie.fetch_add(1, Ordering::Relaxed);
                 let msg = proto::request(0, proto::CMD_DISC, cookie, 0, 0);
