@@ -116,6 +116,10 @@ client mount timeout = 20
 
 [mon.a]
 public addrv = {addr}
+# The monitor stores a few MiB; on a shared, nearly full disk its default
+# (refuse to start below 5 % free) would fail every test.
+mon data avail crit = 1
+mon data avail warn = 2
 
 [osd.0]
 # A SIGTERM must unmount the store: memstore saves its data only then.
