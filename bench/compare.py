@@ -379,7 +379,7 @@ def measure(peer, binary, raw, rundir, sc, bench, runtime, ramp):
 
 def median_summary(results):
     def med(key, sub=None):
-        vals = [r[key][sub] if sub else r[key] for r in results]
+        vals = [r[key][sub] if sub else r.get(key) for r in results]
         vals = [v for v in vals if v is not None]
         return round(statistics.median(vals), 3) if vals else None
 
@@ -391,6 +391,7 @@ def median_summary(results):
         "lat_p99_us": med("lat_us", "p99"),
         "backend_cpu_s": med("backend_cpu_s"),
         "backend_cpu_per_io_us": med("backend_cpu_per_io_us"),
+        "backend_ctxsw_per_io": med("backend_ctxsw_per_io"),
         "client_cpu_per_io_us": med("client_cpu_per_io_us"),
     }
 

@@ -11,8 +11,8 @@ two daemons measured alternately (the order flips on every repetition):
 
 The daemon's command line is `--blockdev <rbd or nbd> --blockdev raw
 --export vhost-user-blk`. One JSON summary goes to stdout (medians per
-scenario and peer, blkgraph/QSD ratios of IOPS and backend CPU per I/O);
-progress to stderr. The CPU of the Ceph daemons or of qemu-nbd is not the
+scenario and peer, blkgraph/QSD ratios of IOPS, backend CPU per I/O and
+backend context switches per I/O); progress to stderr. The CPU of the Ceph daemons or of qemu-nbd is not the
 backend's and is not counted.
 
 Environment: BLKGRAPH_BIN, QSD_BIN, BENCH_BIN as for compare.py.
@@ -124,7 +124,8 @@ def main():
                         r = compare.run_bench(bench, socket, d.proc.pid, sc, args.runtime, args.ramp)
                     finally:
                         d.stop()
-                    compare.log(f"{name} {peer}: {r['iops']:.0f} IOPS, backend {r['backend_cpu_per_io_us']} us CPU/IO")
+                    compare.log(f"{name} {peer}: {r['iops']:.0f} IOPS, backend {r['backend_cpu_per_io_us']} us CPU/IO, "
+                                f"{r.get('backend_ctxsw_per_io')} context switches/IO")
                     results.setdefault(name, []).append({"peer": peer, "rep": rep, "result": r})
         out = {}
         for name in names:
@@ -136,6 +137,7 @@ def main():
                 entry["ratio_blkgraph_over_qsd"] = {
                     "iops": compare.ratio(b["iops"], q["iops"]),
                     "backend_cpu_per_io": compare.ratio(b["backend_cpu_per_io_us"], q["backend_cpu_per_io_us"]),
+                    "backend_ctxsw_per_io": compare.ratio(b["backend_ctxsw_per_io"], q["backend_ctxsw_per_io"]),
                 }
             out[name] = entry
         summary["scenarios"] = out

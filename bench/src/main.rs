@@ -180,7 +180,7 @@ fn run(args: &Args) -> Result<Report, String> {
         capacity,
     } = dev;
 
-    let (results, backend_cpu, client_cpu, elapsed) = thread::scope(|s| {
+    let (results, backend_cpu, backend_ctxsw, client_cpu, elapsed) = thread::scope(|s| {
         let handles: Vec<_> = queues
             .into_iter()
             .zip(&regions)
@@ -208,9 +208,11 @@ fn run(args: &Args) -> Result<Report, String> {
         sleep_until(measure_start);
         let t0 = Instant::now();
         let b0 = args.pid.map(stats::process_cpu_s);
+        let s0 = args.pid.map(stats::process_ctxsw);
         let c0 = stats::self_cpu_s();
         sleep_until(end);
         let b1 = args.pid.map(stats::process_cpu_s);
+        let s1 = args.pid.map(stats::process_ctxsw);
         let c1 = stats::self_cpu_s();
         let elapsed = t0.elapsed();
 
@@ -226,7 +228,11 @@ fn run(args: &Args) -> Result<Report, String> {
             (Some(Err(e)), _) | (_, Some(Err(e))) => Err(format!("backend CPU time: {e}")),
             _ => Ok(None),
         };
-        (results, backend, c1 - c0, elapsed)
+        let switches = match (s0, s1) {
+            (Some(Ok(a)), Some(Ok(b))) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        (results, backend, switches, c1 - c0, elapsed)
     });
     drop(blkio);
 
@@ -263,6 +269,13 @@ fn run(args: &Args) -> Result<Report, String> {
         lat_us: LatencyUs::from_ns_histogram(&lat),
         backend_cpu_s: backend_cpu.map(round3),
         backend_cpu_per_io_us: backend_cpu.map(per_io_us),
+        backend_ctxsw_per_io: backend_ctxsw.map(|n| {
+            if ios == 0 {
+                0.0
+            } else {
+                round3(n as f64 / ios as f64)
+            }
+        }),
         client_cpu_s: round3(client_cpu),
         client_cpu_per_io_us: per_io_us(client_cpu),
         capacity,

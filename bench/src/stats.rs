@@ -45,6 +45,30 @@ pub fn process_cpu_s(pid: u32) -> Result<f64, String> {
     parse_proc_stat_cpu(&text, clock_ticks())
 }
 
+/// Context switches (voluntary and involuntary) counted in the contents of
+/// a `/proc/PID/task/TID/status` file.
+pub fn parse_status_ctxsw(status: &str) -> u64 {
+    status
+        .lines()
+        .filter(|l| {
+            l.starts_with("voluntary_ctxt_switches:")
+                || l.starts_with("nonvoluntary_ctxt_switches:")
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Context switches of all threads of process `pid` so far (threads that
+/// have exited are not counted).
+pub fn process_ctxsw(pid: u32) -> Result<u64, String> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = fs::read_dir(&dir).map_err(|e| format!("cannot read {dir}: {e}"))?;
+    Ok(tasks
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .map(|s| parse_status_ctxsw(&s))
+        .sum())
+}
+
 /// CPU seconds (user + system, all threads) consumed so far by this process.
 pub fn self_cpu_s() -> f64 {
     // SAFETY: rusage is a plain C struct for which all-zero bytes are valid.
@@ -116,6 +140,10 @@ pub struct Report {
     pub backend_cpu_s: Option<f64>,
     /// Backend CPU microseconds per request (`null` without `--pid`).
     pub backend_cpu_per_io_us: Option<f64>,
+    /// The backend's context switches (all its threads, voluntary and
+    /// not) per request (`null` without `--pid`): its wake-ups, which cost
+    /// CPU on the backend's cores and hold requests up.
+    pub backend_ctxsw_per_io: Option<f64>,
     /// This client's CPU seconds over the window (all threads).
     pub client_cpu_s: f64,
     /// Client CPU microseconds per request.
@@ -134,6 +162,14 @@ pub fn round3(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_both_kinds_of_context_switches() {
+        let status = "Name:\tvub-queue0\nState:\tS (sleeping)\n\
+                      voluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_status_ctxsw(status), 127);
+        assert_eq!(parse_status_ctxsw("Name:\tx\n"), 0);
+    }
 
     #[test]
     fn parses_stat_with_odd_command_name() {
