@@ -25,6 +25,9 @@ struct Subscriber {
 struct Subscribers {
     next_id: u64,
     list: Vec<Subscriber>,
+    /// Events sent with [`Events::emit_or_hold`] while no client was
+    /// negotiated: for the first one that is.
+    held: Vec<Line>,
 }
 
 /// A handle that sends events to every negotiated client of the servers
@@ -62,29 +65,22 @@ impl Events {
     /// normally an object; `Value::Null` leaves the member out, as QEMU does
     /// for events without data.
     pub fn emit(&self, event: &str, data: Value) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let line: Line = to_line(&Event {
-            event,
-            data: (!data.is_null()).then_some(&data),
-            timestamp: Timestamp {
-                seconds: now.as_secs(),
-                microseconds: now.subsec_micros(),
-            },
-        })
-        .into();
-        self.lock()
-            .list
-            .retain(|s| match s.queue.try_send(line.clone()) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    log::warn!("QMP client cannot keep up with events: disconnecting it");
-                    let _ = s.conn.shutdown(Shutdown::Both);
-                    false
-                }
-                Err(TrySendError::Disconnected(_)) => false,
-            });
+        send(&mut self.lock(), encode(event, &data));
+    }
+
+    /// Sends an event as [`Events::emit`] does or, while no client is
+    /// negotiated (the daemon is starting), keeps it for the first client
+    /// that negotiates, which gets it right after the reply that completes
+    /// negotiation: what a daemon found as it started is not lost on the
+    /// client that connects once it is ready.
+    pub fn emit_or_hold(&self, event: &str, data: Value) {
+        let line = encode(event, &data);
+        let mut subs = self.lock();
+        if subs.list.is_empty() {
+            subs.held.push(line);
+        } else {
+            send(&mut subs, line);
+        }
     }
 
     /// The number of clients that receive events.
@@ -94,7 +90,8 @@ impl Events {
 
     /// Queues `first` (the reply that completes negotiation) and adds the
     /// client, atomically with respect to [`Events::emit`]: the client gets
-    /// every event emitted after the reply, and none before it. Returns the
+    /// every event emitted after the reply, and none before it (but those
+    /// held for the first client, if it is). Returns the
     /// subscription id, or `None` if the queue was full (the client is then
     /// disconnected).
     pub(crate) fn subscribe(
@@ -107,6 +104,12 @@ impl Events {
         if queue.try_send(first).is_err() {
             let _ = conn.shutdown(Shutdown::Both);
             return None;
+        }
+        for line in std::mem::take(&mut subs.held) {
+            if queue.try_send(line).is_err() {
+                let _ = conn.shutdown(Shutdown::Both);
+                return None;
+            }
         }
         let id = subs.next_id;
         subs.next_id += 1;
@@ -123,6 +126,36 @@ impl Events {
         // The list stays consistent even if a holder panicked.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Encodes `{"event": EVENT, "data": DATA, "timestamp": ...}`, stamped now.
+fn encode(event: &str, data: &Value) -> Line {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    to_line(&Event {
+        event,
+        data: (!data.is_null()).then_some(data),
+        timestamp: Timestamp {
+            seconds: now.as_secs(),
+            microseconds: now.subsec_micros(),
+        },
+    })
+    .into()
+}
+
+/// Queues `line` for every client; a client whose queue is full is
+/// disconnected.
+fn send(subs: &mut Subscribers, line: Line) {
+    subs.list.retain(|s| match s.queue.try_send(line.clone()) {
+        Ok(()) => true,
+        Err(TrySendError::Full(_)) => {
+            log::warn!("QMP client cannot keep up with events: disconnecting it");
+            let _ = s.conn.shutdown(Shutdown::Both);
+            false
+        }
+        Err(TrySendError::Disconnected(_)) => false,
+    });
 }
 
 #[cfg(test)]
@@ -159,6 +192,30 @@ mod tests {
         assert!(e2.get("data").is_none());
         events.unsubscribe(id);
         assert_eq!(events.subscribers(), 0);
+    }
+
+    #[test]
+    fn held_events_go_to_the_first_client_only() {
+        let events = Events::new();
+        events.emit_or_hold("HELD", json!({"n": 1}));
+        events.emit("DROPPED", json!({}));
+        let (tx, rx) = sync_channel(4);
+        let (conn, _peer) = UnixStream::pair().unwrap();
+        events
+            .subscribe(Arc::from(&b"first\r\n"[..]), tx, conn)
+            .unwrap();
+        events.emit_or_hold("LATER", json!({}));
+        assert_eq!(&*rx.recv().unwrap(), b"first\r\n");
+        assert_eq!(parse(&rx.recv().unwrap())["event"], "HELD");
+        assert_eq!(parse(&rx.recv().unwrap())["event"], "LATER");
+        assert!(rx.try_recv().is_err());
+        let (tx2, rx2) = sync_channel(4);
+        let (conn2, _peer2) = UnixStream::pair().unwrap();
+        events
+            .subscribe(Arc::from(&b"first\r\n"[..]), tx2, conn2)
+            .unwrap();
+        assert_eq!(&*rx2.recv().unwrap(), b"first\r\n");
+        assert!(rx2.try_recv().is_err());
     }
 
     #[test]
