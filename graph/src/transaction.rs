@@ -306,6 +306,24 @@ impl<'g> Transaction<'g> {
         Ok(())
     }
 
+    /// Recreates a bitmap whose bits were lost with the process that had
+    /// it (a daemon restarted from its state file): as
+    /// [`Transaction::bitmap_add`], but inconsistent, as QEMU marks a
+    /// bitmap of an image that was not closed cleanly, so that nothing
+    /// reads it (an incremental backup, an NBD export) and it can only be
+    /// removed.
+    pub fn bitmap_add_lost(
+        &mut self,
+        node: &str,
+        name: &str,
+        o: BitmapOptions,
+    ) -> Result<(), Error> {
+        self.bitmap_add(node, name, o)?;
+        let (_, bitmap) = self.bitmap(node, name)?;
+        bitmap.mark_inconsistent();
+        Ok(())
+    }
+
     /// Opens the transaction's journal on a bitmap it is about to change.
     fn journal(&mut self, bitmap: &Arc<DirtyBitmap>) -> Result<(), Error> {
         let saved = bitmap.begin_journal().map_err(|e| {
@@ -837,6 +855,31 @@ mod tests {
         assert_eq!(counts(), (2, 2));
         g.remove("disk0").unwrap_err();
         assert_eq!(counts(), (3, 3));
+    }
+
+    #[test]
+    fn a_lost_bitmap_is_inconsistent_and_unusable() {
+        let g = base();
+        let mut tx = g.transaction();
+        let options = BitmapOptions {
+            granularity: Some(4096),
+            disabled: true,
+            ..Default::default()
+        };
+        tx.bitmap_add_lost("disk0", "b0", options).unwrap();
+        tx.commit().unwrap();
+        let b = g.find("disk0").unwrap().bitmap("b0").unwrap();
+        assert!(b.inconsistent());
+        assert!(!b.recording());
+        assert_eq!(b.granularity(), 4096);
+        assert_eq!(
+            b.usable(false),
+            Err(BitmapUnusable::Inconsistent("b0".into()))
+        );
+        let mut tx = g.transaction();
+        tx.bitmap_remove("disk0", "b0").unwrap();
+        tx.commit().unwrap();
+        assert!(g.find("disk0").unwrap().bitmap("b0").is_none());
     }
 
     #[test]
