@@ -30,10 +30,17 @@ pub struct ExportStats {
 /// Called with an event name and its data (BLOCK_EXPORT_DELETED, ...).
 pub type EventSink = Box<dyn Fn(&str, Value) + Send + Sync>;
 
+/// A running export and the options it was started with.
+struct Running {
+    export: Arc<dyn Export>,
+    /// `--export` / block-export-add options as given, for the state file.
+    given: Options,
+}
+
 /// The running exports.
 pub struct Exports {
     graph: Arc<Graph>,
-    exports: Mutex<BTreeMap<String, Arc<dyn Export>>>,
+    exports: Mutex<BTreeMap<String, Running>>,
     events: Mutex<Option<EventSink>>,
     /// The NBD server, while it runs. Lock order: `exports`, then `nbd`.
     nbd: Mutex<Option<Arc<NbdServer>>>,
@@ -67,6 +74,7 @@ impl Exports {
     /// socket of an `fd` address, already taken and checked by
     /// [`crate::listen_fd`].
     pub fn add(&self, mut options: Options, listener: Option<ListenFd>) -> Result<(), ExportError> {
+        let given = options.clone();
         let kind = match options.take("type") {
             Some(Value::String(t)) => t,
             Some(_) => {
@@ -92,7 +100,7 @@ impl Exports {
         }
         self.take_iothread(&mut options, &kind)?;
         let export = self.start(kind, options, listener)?;
-        exports.insert(export.id().to_string(), export);
+        exports.insert(export.id().to_string(), Running { export, given });
         Ok(())
     }
 
@@ -163,7 +171,7 @@ impl Exports {
         let mut exports = self.exports.lock();
         let export = exports
             .get(id)
-            .cloned()
+            .map(|r| r.export.clone())
             .ok_or_else(|| ExportError::NotFound(format!("Export '{id}' is not found")))?;
         stop_drained(&export, hard)?;
         exports.remove(id);
@@ -209,12 +217,13 @@ impl Exports {
         };
         let ids: Vec<String> = exports
             .values()
+            .map(|r| &r.export)
             .filter(|e| e.kind() == "nbd")
             .map(|e| e.id().to_string())
             .collect();
         let mut removed = Vec::new();
         for id in ids {
-            if let Some(export) = exports.remove(&id) {
+            if let Some(Running { export, .. }) = exports.remove(&id) {
                 stop_drained(&export, true)?;
                 removed.push(export);
             }
@@ -236,6 +245,7 @@ impl Exports {
         Value::Array(
             exports
                 .values()
+                .map(|r| &r.export)
                 .map(|e| {
                     json!({
                         "id": e.id(),
@@ -250,7 +260,12 @@ impl Exports {
 
     /// Tells every export that a node was resized.
     pub fn resized(&self) {
-        let exports: Vec<_> = self.exports.lock().values().cloned().collect();
+        let exports: Vec<_> = self
+            .exports
+            .lock()
+            .values()
+            .map(|r| r.export.clone())
+            .collect();
         for export in exports {
             export.resized();
         }
@@ -261,6 +276,7 @@ impl Exports {
         let exports = self.exports.lock();
         exports
             .values()
+            .map(|r| &r.export)
             .map(|e| ExportStats {
                 id: e.id().to_string(),
                 kind: e.kind(),
@@ -276,8 +292,25 @@ impl Exports {
         let export = exports
             .get(id)
             .ok_or_else(|| ExportError::NotFound(format!("Device '{id}' not found")))?;
-        export.stats().set_histograms(boundaries);
+        export.export.stats().set_histograms(boundaries);
         Ok(())
+    }
+
+    /// Every export's options as given, with the node it serves now (a
+    /// filter may have been inserted over its root since): what starts it
+    /// again, for the state file.
+    pub fn saved(&self) -> Vec<Options> {
+        let exports = self.exports.lock();
+        exports
+            .values()
+            .map(|r| {
+                let mut options = r.given.clone();
+                options
+                    .map
+                    .insert("node-name".into(), Value::String(r.export.node_name()));
+                options
+            })
+            .collect()
     }
 
     /// The socket paths to remove at exit.
@@ -285,7 +318,7 @@ impl Exports {
         let exports = self.exports.lock();
         let mut paths: Vec<_> = exports
             .values()
-            .filter_map(|e| e.socket_path().map(|p| p.to_path_buf()))
+            .filter_map(|r| r.export.socket_path().map(|p| p.to_path_buf()))
             .collect();
         if let Some(server) = self.nbd.lock().as_ref() {
             paths.extend(server.socket_path().cloned());
