@@ -40,6 +40,12 @@ qemu-storage-daemon compatible options:
   --qmp PATH             shorthand: serve QMP on a unix socket at PATH
   --metrics ADDRESS      serve Prometheus/OpenMetrics metrics over HTTP on
                          unix:PATH or tcp:127.0.0.1:PORT (off by default)
+  --state-file PATH      keep the objects, nodes, NBD server, exports and dirty
+                         bitmaps in PATH, rewritten atomically after every
+                         change (QMP commands, jobs that end); if PATH exists
+                         at start, build them from it and ignore the command
+                         line's --object, --blockdev, --nbd-server and --export
+                         (a file that cannot be read is an error)
 
 vhost-user backend program options (docs/interop/vhost-user.rst):
   --socket-path PATH     serve --blk-file on this socket
@@ -118,6 +124,8 @@ pub struct Config {
     pub daemonize: bool,
     /// `--metrics`.
     pub metrics: Option<MetricsAddress>,
+    /// `--state-file`.
+    pub state_file: Option<PathBuf>,
     /// No arguments at all: the embedded default.
     pub embedded_default: bool,
 }
@@ -185,6 +193,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             }
             "--pidfile" => config.pidfile = Some(value(&name, inline, &mut args)?.into()),
             "--daemonize" => config.daemonize = true,
+            "--state-file" => config.state_file = Some(value(&name, inline, &mut args)?.into()),
             "--metrics" => {
                 let v = value(&name, inline, &mut args)?;
                 config.metrics = Some(metrics_address(&v).map_err(|e| format!("{name} {v}: {e}"))?);
@@ -361,10 +370,15 @@ mod tests {
             "--daemonize",
             "--metrics",
             "tcp:127.0.0.1:9000",
+            "--state-file=/var/lib/blkgraph/state.json",
         ]))
         .unwrap() else {
             panic!()
         };
+        assert_eq!(
+            c.state_file.as_deref(),
+            Some(std::path::Path::new("/var/lib/blkgraph/state.json"))
+        );
         assert_eq!(c.nbd_servers.len(), 1);
         assert_eq!(c.exports[0].options.map["type"], "nbd");
         assert!(c.daemonize);

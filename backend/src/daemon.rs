@@ -14,6 +14,7 @@ use crate::exports::Exports;
 use crate::listen_fd::{self, Source};
 use crate::nbd::NbdServerOptions;
 use crate::pidfile::PidFile;
+use crate::state_file::{self, SavedOptions, State, StateFile};
 use crate::{daemonize, metrics, sd_notify, signals};
 
 /// The image of the embedded default.
@@ -93,6 +94,95 @@ impl Drop for Cleanup {
     }
 }
 
+/// Replaces the command line's objects, nodes, NBD server and exports by
+/// those of the state file `path` (the monitors, pid file and the rest of
+/// the command line still apply); returns its dirty bitmaps, recreated
+/// once the nodes are open.
+fn from_state_file(config: &mut Config, path: &Path, state: State) -> Vec<state_file::SavedBitmap> {
+    let ignored = config.objects.len()
+        + config.blockdevs.len()
+        + config.nbd_servers.len()
+        + config.exports.len();
+    log::info!(
+        "state file '{}': building {} objects, {} nodes, {} NBD server and {} exports from it{}",
+        path.display(),
+        state.objects.len(),
+        state.blockdevs.len(),
+        usize::from(state.nbd_server.is_some()),
+        state.exports.len(),
+        if ignored > 0 {
+            format!(
+                "; the command line's {ignored} --object, --blockdev, --nbd-server and \
+                 --export options are ignored"
+            )
+        } else {
+            String::new()
+        }
+    );
+    let at = |what: String, saved: &SavedOptions| Arg {
+        context: format!("state file '{}': {what}", path.display()),
+        options: saved.to_options(),
+    };
+    let name = |saved: &SavedOptions, key: &str| {
+        saved
+            .options
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    config.objects = state
+        .objects
+        .iter()
+        .map(|(id, o)| at(format!("object '{id}'"), o))
+        .collect();
+    config.blockdevs = state
+        .blockdevs
+        .iter()
+        .map(|o| at(format!("node '{}'", name(o, "node-name")), o))
+        .collect();
+    config.nbd_servers = state
+        .nbd_server
+        .iter()
+        .map(|o| at("NBD server".into(), o))
+        .collect();
+    config.exports = state
+        .exports
+        .iter()
+        .map(|o| at(format!("export '{}'", name(o, "id")), o))
+        .collect();
+    state.bitmaps
+}
+
+/// Whether a graph event ends a job, which may have changed the graph
+/// (a mirror's or a commit's pivot, a stream's new backing).
+fn ends_job(name: &str, data: &serde_json::Value) -> bool {
+    name == "JOB_STATUS_CHANGE" && data["status"] == "concluded"
+}
+
+/// A thread that writes the state file each time a job ends: a job ends
+/// on its own thread, with locks held, where the file cannot be written.
+fn state_writer(
+    state: Arc<StateFile>,
+    graph: Arc<Graph>,
+    exports: Arc<Exports>,
+) -> Result<std::sync::mpsc::Sender<()>, String> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("state-file".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                // Jobs that ended meanwhile are in this one write.
+                while rx.try_recv().is_ok() {}
+                if let Err(e) = state.write(&graph, &exports) {
+                    log::error!("{e}: the change is not kept across a restart");
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the state file's thread: {e}"))?;
+    Ok(tx)
+}
+
 /// Runs the daemon until SIGTERM, SIGINT or SIGHUP. Errors begin with the
 /// option they come from, as qemu-storage-daemon's.
 pub fn run(mut config: Config) -> Result<(), String> {
@@ -117,10 +207,36 @@ pub fn run(mut config: Config) -> Result<(), String> {
     if config.embedded_default {
         embedded_default(&mut config)?;
     }
+    let restored = match &config.state_file {
+        Some(path) => StateFile::read(path).map_err(|e| e.to_string())?,
+        None => None,
+    };
+    let bitmaps = match (config.state_file.clone(), restored) {
+        (Some(path), Some(state)) => from_state_file(&mut config, &path, state),
+        _ => Vec::new(),
+    };
+    // What the state file records of the objects and the NBD server from
+    // now on: what the daemon is built with.
+    let state = config.state_file.as_ref().map(|path| {
+        let objects = config
+            .objects
+            .iter()
+            .filter_map(|arg| {
+                let id = arg.options.map.get("id")?.as_str()?.to_string();
+                Some((id, SavedOptions::of(&arg.options)))
+            })
+            .collect();
+        let nbd_server = config
+            .nbd_servers
+            .first()
+            .map(|a| SavedOptions::of(&a.options));
+        Arc::new(StateFile::new(path.clone(), objects, nbd_server))
+    });
     // SAFETY: this is the only `Inherited`, and it claims every descriptor
-    // number of the command line here, before the daemon opens descriptors
-    // of its own (the embedded default's image file, if it was created just
-    // now, is closed again).
+    // number of the command line (or of the state file) here, before the
+    // daemon opens descriptors of its own (the embedded default's image
+    // file, if it was created just now, and the state file are closed
+    // again).
     let mut inherited = unsafe { listen_fd::Inherited::new() };
     let nbd_servers = config
         .nbd_servers
@@ -165,6 +281,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             .collect(),
         export_sockets: Vec::new(),
     };
+    let events = Events::new();
     let graph = Graph::shared();
     let exports = Arc::new(Exports::new(graph.clone()));
     for arg in config.objects.drain(..) {
@@ -177,6 +294,10 @@ pub fn run(mut config: Config) -> Result<(), String> {
             .add(arg.options)
             .map_err(|e| format!("{}: {e}", arg.context))?;
     }
+    let lost = match &state {
+        Some(state) => state_file::restore_bitmaps(state.path(), &graph, &bitmaps, &events)?,
+        None => Vec::new(),
+    };
     for (context, options, fd) in nbd_servers {
         exports
             .nbd_server_start(&options, fd)
@@ -184,6 +305,15 @@ pub fn run(mut config: Config) -> Result<(), String> {
         cleanup.export_sockets = exports.socket_paths();
     }
     for (arg, fd) in export_args {
+        if state_file::exports_lost_bitmap(&arg.options.map, &lost) {
+            log::warn!(
+                "{}: not started: it exports a bitmap whose bits were lost",
+                arg.context
+            );
+            let id = arg.options.map.get("id").cloned().unwrap_or_default();
+            events.emit_or_hold("BLOCK_EXPORT_DELETED", serde_json::json!({ "id": id }));
+            continue;
+        }
         exports
             .add(arg.options, fd)
             .map_err(|e| format!("{}: {e}", arg.context))?;
@@ -195,10 +325,26 @@ pub fn run(mut config: Config) -> Result<(), String> {
             cleanup.own_sockets.push(path.clone());
         }
     }
-    let events = Events::new();
     exports.set_event_sink(control::event_sink(events.clone()));
     let graph_events = events.clone();
-    graph.set_event_sink(Arc::new(move |name, data| graph_events.emit(name, data)));
+    let job_ended = match &state {
+        Some(state) => {
+            // What the command line or the state file built, at once: a
+            // state file that cannot be written is an error now rather
+            // than a restart without the changes made from now on.
+            state.write(&graph, &exports).map_err(|e| e.to_string())?;
+            Some(state_writer(state.clone(), graph.clone(), exports.clone())?)
+        }
+        None => None,
+    };
+    graph.set_event_sink(Arc::new(move |name, data| {
+        if let Some(job_ended) = &job_ended {
+            if ends_job(name, &data) {
+                let _ = job_ended.send(());
+            }
+        }
+        graph_events.emit(name, data)
+    }));
     let quit: Box<dyn Fn() + Send + Sync> = Box::new(|| {
         // Reply first, then exit as on SIGTERM.
         std::thread::spawn(|| {
@@ -207,8 +353,11 @@ pub fn run(mut config: Config) -> Result<(), String> {
             unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
         });
     });
-    let dispatcher: Arc<dyn Dispatcher> =
-        Arc::new(Control::new(graph.clone(), exports.clone(), quit));
+    let mut control = Control::new(graph.clone(), exports.clone(), quit);
+    if let Some(state) = &state {
+        control = control.with_state_file(state.clone());
+    }
+    let dispatcher: Arc<dyn Dispatcher> = Arc::new(control);
     for (server, _) in qmp_listeners {
         server
             .spawn(dispatcher.clone(), events.clone(), control::version())
@@ -230,6 +379,10 @@ pub fn run(mut config: Config) -> Result<(), String> {
     sd_notify::notify("STOPPING=1");
     log::info!("signal {sig}: exiting");
     cleanup.export_sockets = exports.socket_paths();
+    // The state file keeps what ran, not what the shutdown takes down.
+    if let Some(state) = &state {
+        state.freeze();
+    }
     // No request runs from now on (those still queued stay queued); every
     // node is flushed and closed, as qemu-storage-daemon does at exit.
     graph.shut_down();

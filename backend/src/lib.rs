@@ -16,5 +16,6 @@ pub mod nbd;
 mod pidfile;
 mod sd_notify;
 mod signals;
+mod state_file;
 pub mod stats;
 pub mod vhost_user_blk;

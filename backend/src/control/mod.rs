@@ -24,6 +24,7 @@ use blkgraph_graph::Graph;
 use serde_json::{json, Map, Value};
 
 use crate::exports::Exports;
+use crate::state_file::StateFile;
 pub use objects::OBJECT_TYPES;
 pub(crate) use objects::{create as create_object, parse_object};
 pub use queries::SNAPSHOT_INFO_MEMBER;
@@ -51,6 +52,8 @@ pub struct Control {
     graph: Arc<Graph>,
     exports: Arc<Exports>,
     quit: Box<dyn Fn() + Send + Sync>,
+    /// `--state-file`: written after every command that changed something.
+    state: Option<Arc<StateFile>>,
 }
 
 impl Control {
@@ -64,7 +67,15 @@ impl Control {
             graph,
             exports,
             quit,
+            state: None,
         }
+    }
+
+    /// Writes `state` after every command that succeeds and changes the
+    /// daemon's state, before the command's reply.
+    pub(crate) fn with_state_file(mut self, state: Arc<StateFile>) -> Self {
+        self.state = Some(state);
+        self
     }
 }
 
@@ -99,8 +110,16 @@ impl Dispatcher for Control {
         // the peer's pid and uid.
         let thread = std::thread::current();
         let who = thread.name().unwrap_or("qmp");
-        let what = Value::Object(args.clone());
+        let given = args.clone();
         let result = entry.execute(self, args, fds);
+        if let (Ok(_), Some(state)) = (&result, &self.state) {
+            // The change is made: a state file that cannot be written is
+            // the operator's to fix, not the command's failure.
+            if let Err(e) = state.committed(command, &given, &self.graph, &self.exports) {
+                log::error!("{e}: the change is not kept across a restart");
+            }
+        }
+        let what = Value::Object(given);
         match &result {
             Ok(_) => log::info!("{who}: {command} {what}: ok"),
             Err(e) => log::info!("{who}: {command} {what}: {e}"),

@@ -1015,6 +1015,10 @@ static SNAPSHOT_BROKEN: Object = object(
     "q_obj___org.blkgraph_SNAPSHOT_BROKEN-arg",
     &[req("node-name", STR), req("error", STR)],
 );
+static BITMAP_LOST: Object = object(
+    "q_obj___org.blkgraph_BLOCK_DIRTY_BITMAP_LOST-arg",
+    &[req("node", STR), req("name", STR)],
+);
 
 /// Every event blkgraph sends.
 pub(super) static EVENTS: &[EventDef] = &[
@@ -1029,6 +1033,10 @@ pub(super) static EVENTS: &[EventDef] = &[
     EventDef {
         name: blkgraph_graph::SNAPSHOT_BROKEN_EVENT,
         data: &SNAPSHOT_BROKEN,
+    },
+    EventDef {
+        name: crate::state_file::BITMAP_LOST_EVENT,
+        data: &BITMAP_LOST,
     },
     EventDef {
         name: "JOB_STATUS_CHANGE",
