@@ -16,6 +16,12 @@ out of order, as they do without a throttle.  QEMU's chardev reconnects
   is in flight and leaves what is queued in the ring; the new one has
   nothing to resubmit and takes the queued requests.
 
+- kill -9 of a daemon started with --state-file that had its throttle filter
+  inserted over QMP (object-add, blockdev-add, x-blockdev-replace) rather
+  than on its command line: started again with the same command line, it
+  comes back with the filter over the export's root, and takes what was in
+  flight in it.
+
 Either way fio must end without an error or a verification failure, and the
 guest must log no I/O error.  The test prints the guest-visible stall (fio's
 largest completion latency) and each restart's time from start to serving.
@@ -33,6 +39,8 @@ from pathlib import Path
 import pytest
 
 from guest import Guest, fio_errors
+from test_jobs import connect, ok
+from test_state_file import insert_throttle
 
 SIZE = 48 << 20  # the region fio writes and verifies
 IMAGE_SIZE = 2 * SIZE
@@ -48,7 +56,7 @@ assert SIZE // 4096 / THROTTLE_IOPS > RESTARTS * RESTART_EVERY + 10
 # the whole run and are verified (crc32c) once all are written; the reads,
 # not throttled, keep overtaking them, so requests complete out of order,
 # until the writes job ends (exitall).
-FIO_JOB = f"""\
+FIO_JOB_TEMPLATE = """\
 [global]
 filename=${{DISK}}
 direct=1
@@ -59,7 +67,7 @@ exitall=1
 [writes]
 rw=randwrite
 iodepth=32
-size={SIZE}
+size={size}
 verify=crc32c
 verify_fatal=1
 do_verify=1
@@ -67,11 +75,12 @@ do_verify=1
 [reads]
 rw=randread
 iodepth=8
-offset={SIZE}
-size={SIZE}
+offset={size}
+size={size}
 time_based=1
 runtime=600
 """
+FIO_JOB = FIO_JOB_TEMPLATE.format(size=SIZE)
 
 VERIFY_FAILURES = ("verify failed", "bad magic header", "bad header", "verify type mismatch")
 RESUBMITTED = re.compile(r"resubmitting (\d+) requests left in flight")
@@ -175,7 +184,9 @@ def test_restart_under_fio(daemon_kind, daemon_bin, start_daemon, workdir, monke
     stall_ms = job["write"]["clat_ns"]["max"] / 1e6
     print(
         f"\n{daemon_kind} {how}: largest write completion latency {stall_ms:.0f} ms; "
-        + "; ".join(f"started in {s * 1000:.0f} ms, reconnected after {c * 1000:.0f} ms" for s, c in timings)
+        + "; ".join(
+            f"started in {s * 1000:.0f} ms, reconnected after {c * 1000:.0f} ms" for s, c in timings
+        )
         + f"; resubmitted per process: {resubmitted}"
     )
     if daemon_kind == "blkgraph":
@@ -185,3 +196,63 @@ def test_restart_under_fio(daemon_kind, daemon_bin, start_daemon, workdir, monke
         else:
             # SIGTERM finishes what is in flight: nothing to resubmit.
             assert sum(resubmitted) == 0, resubmitted
+
+
+# The writes of the state file test: they last about FILTERED_SIZE / 4096 /
+# THROTTLE_IOPS seconds (10 s) from the moment the guest's fio starts.
+FILTERED_SIZE = 16 << 20
+
+
+def test_restart_keeps_a_filter_inserted_over_qmp(
+    daemon_kind, daemon_bin, start_daemon, workdir, monkeypatch
+):
+    if daemon_kind != "blkgraph":
+        pytest.skip("qemu-storage-daemon has no --state-file")
+    monkeypatch.setenv("BLKGRAPH_LOG", "info")
+    image = workdir / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(2 * FILTERED_SIZE)
+    state = workdir / "state.json"
+    daemon = start_daemon(image, qmp=True, extra_args=["--state-file", str(state)])
+    q = connect(daemon)
+    insert_throttle(q, {"iops-write": THROTTLE_IOPS})
+    q.close()
+    guest = Guest(
+        daemon.socket,
+        workdir,
+        "fio",
+        fio_job=FIO_JOB_TEMPLATE.format(size=FILTERED_SIZE),
+        reconnect_ms=RECONNECT_MS,
+        timeout=FILTERED_SIZE // 4096 // THROTTLE_IOPS + 180,
+    ).start()
+    try:
+        guest.wait_console("== fio")
+        wait_writing(image, guest)
+        started = restart(daemon, daemon_bin, "kill", 1)
+        reconnected = wait_connected(daemon)
+        q = connect(daemon)
+        root = next(e for e in ok(q, "query-block-exports") if e["id"] == "vub0")["node-name"]
+        nodes = {n["node-name"]: n for n in ok(q, "query-named-block-nodes")}
+        q.close()
+        assert guest.running(), "fio ended before the restart: the filter did not hold it"
+        result = guest.wait()
+    finally:
+        guest.kill()
+
+    assert root == "thr0" and nodes["thr0"]["drv"] == "throttle"
+    fio = result["fio"]
+    assert fio.rc == 0, result.console[-4000:]
+    report = fio.json()
+    assert fio_errors(report) == 0
+    assert "I/O error" not in result.console, result.console[-4000:]
+    assert not [m for m in VERIFY_FAILURES if m in result.console], result.console[-4000:]
+    job = next(j for j in report["jobs"] if j["jobname"] == "writes")
+    assert job["write"]["io_bytes"] == FILTERED_SIZE
+    resubmitted = sum(int(n) for n in RESUBMITTED.findall(daemon.log.read_text(errors="replace")))
+    print(
+        f"\nstate file restart: started in {started * 1000:.0f} ms, reconnected after "
+        f"{reconnected * 1000:.0f} ms, resubmitted {resubmitted}, largest write completion "
+        f"latency {job['write']['clat_ns']['max'] / 1e6:.0f} ms"
+    )
+    # The filter came back full: what was in flight in it was taken again.
+    assert resubmitted > 0
