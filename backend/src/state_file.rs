@@ -15,8 +15,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use blkgraph_ctl::Events;
@@ -242,7 +243,9 @@ impl StateFile {
 
     /// Writes the state to a new file beside the old one, made stable,
     /// then renamed over it, and the directory made stable: the file is
-    /// always one whole state, the last one or the one before.
+    /// always one whole state, the last one or the one before. It is the
+    /// owner's only (mode 0600), as the daemon's sockets are: it names
+    /// every image and socket.
     fn write_locked(
         &self,
         r: &Recorded,
@@ -266,7 +269,13 @@ impl StateFile {
         let mut tmp = self.path.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        let mut f = File::create(&tmp).map_err(io)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
         f.write_all(&text).map_err(io)?;
         f.sync_all().map_err(io)?;
         drop(f);
@@ -410,8 +419,11 @@ mod tests {
                 ..State::default()
             }
         );
-        // No temporary file is left beside it.
+        // No temporary file is left beside it, and it is the owner's.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
         file.freeze();
         file.committed("object-add", &map(json!({"id": "x"})), &graph, &exports)
             .unwrap();
