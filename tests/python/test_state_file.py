@@ -114,7 +114,9 @@ def test_a_restart_comes_back_with_what_qmp_changed(start_daemon, workdir):
     run("qemu-img", "create", "-q", "-f", "qcow2", qcow2, SIZE)
     state = workdir / "state.json"
     nbd = workdir / "nbd.sock"
-    daemon = start_daemon(image, qmp=True, extra_args=["--state-file", str(state)])
+    # An object on the command line: it comes back from the file too.
+    object_arg = ["--object", "throttle-group,id=tgc,limits.iops-total=1000"]
+    daemon = start_daemon(image, qmp=True, extra_args=["--state-file", str(state), *object_arg])
     # The command line's graph is in the file from the start.
     assert node_names(json.loads(state.read_text())) == {"f0", "disk0"}
     q = connect(daemon)
@@ -146,7 +148,7 @@ def test_a_restart_comes_back_with_what_qmp_changed(start_daemon, workdir):
         "vub0": "thr0",
         "n0": "q0",
     }
-    assert set(saved["objects"]) == {"tg0"}
+    assert set(saved["objects"]) == {"tg0", "tgc"}
 
     # The same command line: its graph options are ignored for the file's.
     daemon.start()
@@ -172,6 +174,8 @@ def test_a_restart_comes_back_with_what_qmp_changed(start_daemon, workdir):
     )
     assert desc == INCONSISTENT.format("b0")
     ok(q, "blockdev-add", driver="null-co", **{"node-name": "null0"}, size=SIZE)
+    ok(q, "blockdev-add", driver="throttle", file="null0",
+       **{"node-name": "thr1", "throttle-group": "tgc"})  # fmt: skip
     desc = error(q, "blockdev-backup", device="disk0", target="null0", sync="incremental",
                  bitmap="b0", **{"job-id": "bk0"})  # fmt: skip
     assert desc == INCONSISTENT.format("b0")
@@ -183,7 +187,7 @@ def test_a_restart_comes_back_with_what_qmp_changed(start_daemon, workdir):
     # What changed after the restart is kept too.
     saved = json.loads(state.read_text())
     assert {(b["node"], b["name"]) for b in saved["bitmaps"]} == {("q0", "p0"), ("disk0", "b1")}
-    assert "null0" in node_names(saved)
+    assert {"null0", "thr1"} <= node_names(saved)
 
 
 def test_a_job_that_ends_writes_the_file(start_daemon, workdir):
