@@ -136,6 +136,9 @@ def test_a_restart_comes_back_with_what_qmp_changed(start_daemon, workdir):
     uri = f"nbd+unix:///q0?socket={nbd}"
     run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", uri)
     before = shape(q)
+    # An export of a bitmap that will lose its bits: not started again.
+    ok(q, "block-export-add", type="nbd", id="n2", name="d0", bitmaps=["b1"],
+       **{"node-name": "disk0"})  # fmt: skip
     bitmaps_before = bitmaps(q)
     q.close()
     assert bitmaps_before[("q0", "p0")]["count"] == 65536
@@ -147,6 +150,7 @@ def test_a_restart_comes_back_with_what_qmp_changed(start_daemon, workdir):
     assert {e["options"]["id"]: e["options"]["node-name"] for e in saved["exports"]} == {
         "vub0": "thr0",
         "n0": "q0",
+        "n2": "disk0",
     }
     assert set(saved["objects"]) == {"tg0", "tgc"}
 
@@ -154,8 +158,12 @@ def test_a_restart_comes_back_with_what_qmp_changed(start_daemon, workdir):
     daemon.start()
     assert "--export options are ignored" in daemon.log.read_text()
     q = connect(daemon)
-    lost = sorted((e["data"]["node"], e["data"]["name"]) for e in events(q) if e["event"] == LOST)
+    came = events(q)
+    lost = sorted((e["data"]["node"], e["data"]["name"]) for e in came if e["event"] == LOST)
     assert lost == [("disk0", "b0"), ("disk0", "b1")]
+    deleted = [e["data"] for e in came if e["event"] == "BLOCK_EXPORT_DELETED"]
+    assert deleted == [{"id": "n2"}]
+    assert "export 'n2': not started" in daemon.log.read_text()
     assert shape(q) == before
     after = bitmaps(q)
     assert set(after) == set(bitmaps_before)
