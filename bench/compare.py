@@ -331,6 +331,8 @@ def run_bench(bench, socket, pid, sc, runtime, ramp):
     cmd = [str(bench), "--socket", str(socket), "--rw", sc["rw"], "--bs", str(sc["bs"]),
            "--iodepth", str(sc["iodepth"]), "--queues", str(sc["queues"]),
            "--runtime", str(runtime), "--ramp", str(ramp), "--pid", str(pid)]
+    if sc.get("rate_iops"):
+        cmd += ["--rate-iops", str(sc["rate_iops"])]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise Fatal(f"blkgraph-bench failed ({p.returncode}): {p.stderr.strip()}")

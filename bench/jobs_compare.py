@@ -6,10 +6,12 @@
   bytes / time from the command to BLOCK_JOB_COMPLETED) and daemon CPU
   seconds.
 - mirror: blockdev-mirror sync=full of the image under a steady guest
-  write load (blkgraph-bench, 4k random writes QD8); convergence time (the
-  command to BLOCK_JOB_READY), then the job stays in sync until the load
-  ends. The client's write latency with the job, against a run of the same
-  load with no job.
+  write load (blkgraph-bench, 4k random writes QD8 at a fixed rate that both
+  daemons sustain, --rate-iops; 0 writes as fast as each daemon completes,
+  which is a heavier load on the faster one); convergence time (the command
+  to BLOCK_JOB_READY), then the job stays in sync until the load ends. The
+  client's write latency with the job, against a run of the same load with
+  no job.
 
 Each repetition starts a fresh daemon per peer and flips the peers' order.
 Prints one JSON object: every run, medians and blkgraph/QSD ratios.
@@ -92,7 +94,7 @@ def backup(peer, binary, image, rundir, size):
         (rundir / "target.raw").unlink(missing_ok=True)
 
 
-def mirror(peer, binary, bench, image, rundir, size, runtime, with_job):
+def mirror(peer, binary, bench, image, rundir, size, runtime, rate_iops, with_job):
     d, q = start(peer, binary, image, rundir)
     try:
         add_target(q, rundir, size)
@@ -100,7 +102,8 @@ def mirror(peer, binary, bench, image, rundir, size, runtime, with_job):
         load = {}
 
         def run_load():
-            load["r"] = c.run_bench(bench, d.socket, d.proc.pid, SCENARIO, runtime, 0)
+            sc = dict(SCENARIO, rate_iops=rate_iops)
+            load["r"] = c.run_bench(bench, d.socket, d.proc.pid, sc, runtime, 0)
 
         t = threading.Thread(target=run_load)
         t.start()
@@ -135,6 +138,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image-size", type=c.size_arg, default=1024 * c.MIB)
     ap.add_argument("--runtime", type=float, default=10.0, help="mirror load seconds")
+    ap.add_argument("--rate-iops", type=int, default=4000,
+                    help="the mirror's guest load in writes per second (0: unlimited)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--output", default="-")
@@ -160,7 +165,7 @@ def main():
                 for kind, with_job in (("load", False), ("mirror", True)):
                     c.log(f"rep {rep}: {peer} {kind}")
                     r = mirror(peer, peers[peer], bench, image, rundir, args.image_size,
-                               args.runtime, with_job)
+                               args.runtime, args.rate_iops, with_job)
                     runs.append({"peer": peer, "kind": kind, "rep": rep, "result": r})
     med = {}
     for peer in peers:
@@ -186,7 +191,8 @@ def main():
     b, q = med["blkgraph"], med["qsd"]
     out = {
         "machine": c.machine_info(),
-        "scenario": dict(SCENARIO, image_bytes=args.image_size, load_runtime_s=args.runtime),
+        "scenario": dict(SCENARIO, image_bytes=args.image_size, load_runtime_s=args.runtime,
+                         rate_iops=args.rate_iops),
         "runs": runs,
         "median": med,
         "ratios": {

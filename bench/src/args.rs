@@ -86,6 +86,9 @@ pub struct Args {
     /// virtqueue size negotiated with the backend; `None` uses libblkio's default (256), or the
     /// next power of two of `3 * iodepth` when that does not fit.
     pub queue_size: Option<u32>,
+    /// Requests per second over all queues (each queue takes its share); `None` runs as fast as
+    /// the backend completes.
+    pub rate_iops: Option<u32>,
 }
 
 /// Text printed for `--help`.
@@ -107,6 +110,7 @@ options:
   --pid PID           backend pid: report its CPU time from /proc/PID/stat
   --seed N            seed of the offset generator                     [1]
   --queue-size N      virtqueue size (power of two)      [256, or 3*iodepth rounded up]
+  --rate-iops N       fixed load: N requests per second over all queues  [as fast as possible]
   -h, --help          print this text
 ";
 
@@ -180,6 +184,7 @@ where
         pid: None,
         seed: 1,
         queue_size: None,
+        rate_iops: None,
     };
 
     let argv: Vec<String> = argv.into_iter().map(|s| s.as_ref().to_owned()).collect();
@@ -224,6 +229,7 @@ where
             "pid" => args.pid = Some(parse_num(&name, &value)?),
             "seed" => args.seed = parse_num(&name, &value)?,
             "queue-size" => args.queue_size = Some(parse_num(&name, &value)?),
+            "rate-iops" => args.rate_iops = Some(parse_num(&name, &value)?),
             _ => return Err(format!("unknown option --{name}")),
         }
     }
@@ -257,6 +263,9 @@ where
     }
     if args.rwmixread > 100 {
         return Err(format!("--rwmixread {} is above 100", args.rwmixread));
+    }
+    if args.rate_iops == Some(0) {
+        return Err("--rate-iops must be greater than 0".into());
     }
     if let Some(qs) = args.queue_size {
         if !qs.is_power_of_two() || qs > 32768 {
@@ -304,6 +313,7 @@ mod tests {
         assert_eq!(a.ramp, Duration::ZERO);
         assert_eq!(a.size, None);
         assert_eq!(a.pid, None);
+        assert_eq!(a.rate_iops, None);
     }
 
     #[test]
@@ -327,6 +337,7 @@ mod tests {
             "--seed=7",
             "--queue-size",
             "1024",
+            "--rate-iops=5000",
         ]);
         assert_eq!(a.rw, RwMode::RandRw);
         assert_eq!(a.bs, 65536);
@@ -339,6 +350,7 @@ mod tests {
         assert_eq!(a.pid, Some(1234));
         assert_eq!(a.seed, 7);
         assert_eq!(a.queue_size, Some(1024));
+        assert_eq!(a.rate_iops, Some(5000));
     }
 
     #[test]
@@ -372,6 +384,7 @@ mod tests {
             &["--socket", "s", "--rwmixread", "101"],  // above 100
             &["--socket", "s", "--pid", "-3"],         // negative pid
             &["--socket", "s", "--queue-size", "100"], // not a power of two
+            &["--socket", "s", "--rate-iops", "0"],    // zero rate
             &["--socket", "s", "--frobnicate", "1"],   // unknown option
             &["--socket", "s", "extra"],               // positional
         ];

@@ -197,6 +197,7 @@ fn run(args: &Args) -> Result<Report, String> {
                     buf_addr: region.addr,
                     measure_start,
                     end,
+                    interval: args.rate_iops.map(|rate| Duration::from_secs(nq) / rate),
                 };
                 thread::Builder::new()
                     .name(format!("bench-q{i}"))
@@ -260,6 +261,7 @@ fn run(args: &Args) -> Result<Report, String> {
         bs: args.bs,
         iodepth: args.iodepth,
         queues: args.queues,
+        rate_iops: args.rate_iops,
         runtime_s: round3(runtime_s),
         ios,
         read_ios: reads,

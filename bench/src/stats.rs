@@ -122,6 +122,8 @@ pub struct Report {
     pub iodepth: usize,
     /// Number of queues (threads).
     pub queues: usize,
+    /// The fixed load asked for, requests per second; `null` when unlimited.
+    pub rate_iops: Option<u32>,
     /// Measured wall-clock seconds.
     pub runtime_s: f64,
     /// Requests completed within the measured window.

@@ -2,12 +2,14 @@
 //!
 //! The worker fills its queue with `iodepth` requests, then loops on `do_io` with
 //! `min_completions = 1`, resubmitting a new request for every completion until the end of the
-//! run, and finally drains what is still in flight.
+//! run, and finally drains what is still in flight. With a rate, a request goes out only when
+//! its turn comes (one every `interval`, at most `iodepth` in flight): a steady load that does
+//! not speed up when the backend does.
 
 use crate::args::RwMode;
 use crate::histogram::Histogram;
 use crate::rng::Rng;
-use blkio::{Blkioq, Completion, ReqFlags};
+use blkio::{Blkioq, Completion, Errno, ReqFlags};
 use std::io;
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
@@ -39,6 +41,9 @@ pub struct WorkerConfig {
     pub measure_start: Instant,
     /// No request is submitted at or after this instant.
     pub end: Instant,
+    /// Time between two submissions for a fixed rate; `None` submits as fast as completions
+    /// free a slot.
+    pub interval: Option<Duration>,
 }
 
 /// What one worker measured inside the window `[measure_start, end)`.
@@ -129,19 +134,49 @@ pub fn run(mut q: Blkioq, cfg: &WorkerConfig) -> Result<WorkerResult, String> {
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..cfg.iodepth).map(|_| MaybeUninit::uninit()).collect();
 
-    if now >= cfg.end {
-        return Ok(result);
-    }
-    for i in 0..cfg.iodepth {
-        submit(&mut q, cfg, &mut slots, i, &mut gen);
-    }
-    let mut in_flight = cfg.iodepth;
-
-    while in_flight > 0 {
-        let mut timeout = COMPLETION_TIMEOUT;
-        let n = q
-            .do_io(&mut completions, 1, Some(&mut timeout), None)
-            .map_err(|e| format!("do_io failed: {e} (errno {})", e.errno().raw_os_error()))?;
+    let mut free: Vec<usize> = (0..cfg.iodepth).rev().collect();
+    let mut in_flight = 0;
+    let mut next_due = now;
+    loop {
+        let now = Instant::now();
+        if now < cfg.end {
+            while let Some(&i) = free.last() {
+                if let Some(interval) = cfg.interval {
+                    if now < next_due {
+                        break;
+                    }
+                    // A backend that fell behind gets no burst larger than the queue.
+                    let floor = now.checked_sub(interval * cfg.iodepth as u32);
+                    next_due = next_due.max(floor.unwrap_or(next_due)) + interval;
+                }
+                free.pop();
+                submit(&mut q, cfg, &mut slots, i, &mut gen);
+                in_flight += 1;
+            }
+        }
+        let waiting_for_turn = cfg.interval.is_some() && !free.is_empty() && now < cfg.end;
+        if in_flight == 0 {
+            if !waiting_for_turn {
+                break;
+            }
+            std::thread::sleep(next_due.min(cfg.end).saturating_duration_since(now));
+            continue;
+        }
+        let mut timeout = if waiting_for_turn {
+            next_due.min(cfg.end).saturating_duration_since(now)
+        } else {
+            COMPLETION_TIMEOUT
+        };
+        let n = match q.do_io(&mut completions, 1, Some(&mut timeout), None) {
+            Ok(n) => n,
+            Err(e) if waiting_for_turn && e.errno() == Errno::TIME => 0,
+            Err(e) => {
+                return Err(format!(
+                    "do_io failed: {e} (errno {})",
+                    e.errno().raw_os_error()
+                ))
+            }
+        };
         let now = Instant::now();
         let counted = now >= cfg.measure_start && now < cfg.end;
         for c in &completions[..n] {
@@ -168,11 +203,8 @@ pub fn run(mut q: Blkioq, cfg: &WorkerConfig) -> Result<WorkerResult, String> {
                     result.writes += 1;
                 }
             }
-            if now < cfg.end {
-                submit(&mut q, cfg, &mut slots, i, &mut gen);
-            } else {
-                in_flight -= 1;
-            }
+            in_flight -= 1;
+            free.push(i);
         }
     }
     Ok(result)
