@@ -318,6 +318,37 @@ impl Node {
         chain
     }
 
+    /// Whether the node is a filter (passes requests to one child).
+    pub fn is_filter(&self) -> bool {
+        self.driver.filtered_child().is_some()
+    }
+
+    /// The layer below this node in its backing chain that `name` names as
+    /// a file (QEMU's bdrv_find_backing_image): a layer's file name as
+    /// given, or the same file by a path absolute or relative to the
+    /// directory of the layer above it (as a backing file name in an
+    /// image header is).
+    pub fn find_backing_image(self: &Arc<Self>, name: &str) -> Option<Arc<Node>> {
+        let canonical = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+        let chain = self.backing_chain();
+        chain.windows(2).find_map(|pair| {
+            let (above, layer) = (&pair[0], &pair[1]);
+            let file = layer.filename()?;
+            if file == name {
+                return Some(layer.clone());
+            }
+            let given = std::path::Path::new(name);
+            let wanted = match above.filename() {
+                Some(f) if given.is_relative() => std::path::Path::new(&f)
+                    .parent()
+                    .map_or_else(|| given.to_path_buf(), |dir| dir.join(given)),
+                _ => given.to_path_buf(),
+            };
+            let same = canonical(&wanted)? == canonical(std::path::Path::new(&file))?;
+            same.then(|| layer.clone())
+        })
+    }
+
     /// Gives the node a new backing child (or none): QEMU's
     /// bdrv_set_backing_hd, for drivers that have backing files. The
     /// caller (a transaction) checks the permissions and undoes it if

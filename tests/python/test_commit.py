@@ -9,12 +9,15 @@ BLKGRAPH_TEST_QSD=1.
   what the guest saw.
 - Intermediate commit: the middle layer of a three-layer chain goes into the
   base; the top's backing file (graph and header) becomes the base and the
-  content is unchanged.
+  content is unchanged. Layers named by node-name, or by file name
+  (`top`, `base`) as QEMU allows.
 - A read-only base is refused with a clear error.
 """
 
 import json
 import subprocess
+
+import pytest
 
 from guest import Guest, file_md5, fio_errors
 from test_jobs import cmd, connect, ok, wait_event
@@ -75,7 +78,8 @@ def test_active_commit_under_a_guest(daemon_kind, start_daemon, workdir):
     assert file_md5(flat, 48 * MIB) == result.md5
 
 
-def test_intermediate_commit(daemon_kind, start_daemon, workdir):
+@pytest.mark.parametrize("naming", ["node", "file"])
+def test_intermediate_commit(daemon_kind, start_daemon, workdir, naming):
     base = workdir / "base.raw"
     base.write_bytes(bytes([0x31]) * SIZE)
     mid = workdir / "mid.qcow2"
@@ -93,12 +97,13 @@ def test_intermediate_commit(daemon_kind, start_daemon, workdir):
     ]
     daemon = start_daemon(None, qmp=True, blockdevs=blockdevs)
     q = connect(daemon)
-    ok(
-        q,
-        "block-commit",
-        device="disk0",
-        **{"job-id": "c1", "top-node": "mid", "base-node": "base"},
-    )
+    if naming == "node":
+        layers = {"top-node": "mid", "base-node": "base"}
+    else:
+        r = cmd(q, "block-commit", device="disk0", top=str(workdir / "nothere.qcow2"))
+        assert r["error"]["desc"] == f"Top image file {workdir / 'nothere.qcow2'} not found", r
+        layers = {"top": str(mid), "base": str(base)}
+    ok(q, "block-commit", device="disk0", **{"job-id": "c1"}, **layers)
     done = wait_event(q, "BLOCK_JOB_COMPLETED", device="c1")
     assert "error" not in done["data"], done
     nodes = {n["node-name"]: n for n in ok(q, "query-named-block-nodes")}

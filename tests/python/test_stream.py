@@ -10,13 +10,19 @@ against qemu-storage-daemon too when BLKGRAPH_TEST_QSD=1.
 - A three-layer chain of named nodes streamed down to a base: the top gets
   the middle layer's data, its backing file (graph and header) becomes the
   base, and the content is unchanged.
+- The same on a chain opened from the images' headers (relative backing
+  file names, auto-named layers), the base named as QEMU allows: by its file
+  name (absolute, or as the header above it says) or by the lowest layer to
+  copy (`bottom`); and QEMU's refusals of ambiguous or unknown bases.
 """
 
 import json
 import subprocess
 
+import pytest
+
 from guest import Guest, file_md5, fio_errors
-from test_jobs import connect, ok, wait_event
+from test_jobs import cmd, connect, ok, wait_event
 
 MIB = 1 << 20
 SIZE = 128 * MIB
@@ -111,3 +117,49 @@ def test_stream_down_to_a_base(daemon_kind, start_daemon, workdir):
     depth0 = [e for e in json.loads(out) if e["depth"] == 0 and e["data"]]
     covered = sum(e["length"] for e in depth0)
     assert covered == 8 * MIB + 1 * MIB, depth0
+
+
+@pytest.mark.parametrize("how", ["base-absolute", "base-as-in-header", "bottom"])
+def test_stream_base_by_file_or_bottom(daemon_kind, start_daemon, workdir, how):
+    base = workdir / "base.raw"
+    pattern_image(base, SIZE, 5)
+    mid = workdir / "mid.qcow2"
+    top = workdir / "top.qcow2"
+    # Relative backing file names, as qemu-img writes them when told so.
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid)
+    run("qemu-io", "-f", "qcow2", mid, "-c", "write -P 0x63 16M 4M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
+    run("qemu-io", "-f", "qcow2", top, "-c", "write -P 0x73 17M 1M")
+    before = workdir / "before.raw"
+    run("qemu-img", "convert", "-O", "raw", top, before)
+    daemon = start_daemon(top, qmp=True, fmt="qcow2")
+    q = connect(daemon)
+    r = cmd(q, "block-stream", device="disk0", base="base.raw", bottom="x")
+    assert r["error"]["desc"] == "'base' and 'bottom' cannot be specified at the same time", r
+    r = cmd(q, "block-stream", device="disk0", bottom="x", **{"base-node": "y"})
+    assert r["error"]["desc"] == "'bottom' and 'base-node' cannot be specified at the same time"
+    r = cmd(q, "block-stream", device="disk0", base=str(workdir / "nothere.raw"))
+    assert r["error"]["desc"] == f"Can't find '{workdir / 'nothere.raw'}' in the backing chain"
+    assert ok(q, "query-jobs") == []
+    if how == "bottom":
+        mid_node = next(
+            n["node-name"]
+            for n in ok(q, "query-named-block-nodes")
+            if n["drv"] == "qcow2" and n["file"] == str(mid)
+        )
+        where = {"bottom": mid_node}
+    else:
+        where = {"base": str(base) if how == "base-absolute" else "base.raw"}
+    ok(q, "block-stream", device="disk0", **{"job-id": "s2"}, **where)
+    done = wait_event(q, "BLOCK_JOB_COMPLETED", device="s2")
+    assert "error" not in done["data"], done
+    q.close()
+    assert daemon.stop() == 0
+    run("qemu-img", "check", top)
+    assert info(top)["backing-filename"] == str(base)
+    after = workdir / "after.raw"
+    run("qemu-img", "convert", "-O", "raw", top, after)
+    assert after.read_bytes() == before.read_bytes()
+    out = run("qemu-img", "map", "--output=json", top)
+    depth0 = [e for e in json.loads(out) if e["depth"] == 0 and e["data"]]
+    assert sum(e["length"] for e in depth0) == 4 * MIB, depth0

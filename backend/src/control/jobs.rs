@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use blkgraph_ctl::{ErrorClass, NamedFds, QmpError};
 use blkgraph_graph::job::{
-    BackupOptions, BitmapMode, CommitOptions, Compression, CopyMode, CreateOptions, Job,
-    JobOptions, MirrorOptions, OnError, Qcow2CreateOptions, StreamOptions, SyncMode,
+    BackupOptions, BitmapMode, ChainLayer, CommitOptions, Compression, CopyMode, CreateOptions,
+    Job, JobOptions, MirrorOptions, OnError, Qcow2CreateOptions, StreamBase, StreamOptions,
+    SyncMode,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -543,22 +544,30 @@ struct BlockStream {
 /// Parses block-stream's arguments.
 pub(super) fn parse_stream(args: Map<String, Value>) -> Result<StreamOptions, QmpError> {
     let a: BlockStream = parse(args)?;
-    if a.base.is_some() && a.base_node.is_some() {
-        return Err(generic(
-            "'base' and 'base-node' cannot be specified at the same time",
-        ));
-    }
-    for (given, name) in [
-        (a.base.is_some(), "base"),
-        (a.bottom.is_some(), "bottom"),
-        (a.filter_node_name.is_some(), "filter-node-name"),
-    ] {
-        if given {
+    // QEMU's order of names in its texts.
+    let given = [
+        ("base", a.base.is_some()),
+        ("bottom", a.bottom.is_some()),
+        ("base-node", a.base_node.is_some()),
+    ];
+    for (i, &(first, first_given)) in given.iter().enumerate() {
+        if let Some(&(second, _)) = given[i + 1..].iter().find(|g| first_given && g.1) {
             return Err(generic(format!(
-                "Parameter '{name}' is not supported by blkgraph's block-stream (use 'base-node')"
+                "'{first}' and '{second}' cannot be specified at the same time"
             )));
         }
     }
+    if a.filter_node_name.is_some() {
+        return Err(generic(
+            "Parameter 'filter-node-name' is not supported by blkgraph's block-stream",
+        ));
+    }
+    let base = match (a.base_node, a.base, a.bottom) {
+        (Some(node), _, _) => Some(StreamBase::Node(node)),
+        (_, Some(file), _) => Some(StreamBase::File(file)),
+        (_, _, Some(bottom)) => Some(StreamBase::Bottom(bottom)),
+        _ => None,
+    };
     let _accepted = a.backing_mask_protocol;
     Ok(StreamOptions {
         job: job_options(
@@ -571,7 +580,7 @@ pub(super) fn parse_stream(args: Map<String, Value>) -> Result<StreamOptions, Qm
             a.auto_dismiss,
         )?,
         device: a.device,
-        base_node: a.base_node,
+        base,
         backing_file: a.backing_file,
     })
 }
@@ -632,16 +641,6 @@ pub(super) fn parse_commit(args: Map<String, Value>) -> Result<CommitOptions, Qm
             "'top' and 'top-node' cannot be specified at the same time",
         ));
     }
-    for (given, name, instead) in [
-        (a.base.is_some(), "base", "base-node"),
-        (a.top.is_some(), "top", "top-node"),
-    ] {
-        if given {
-            return Err(generic(format!(
-                "Parameter '{name}' is not supported by blkgraph's block-commit (use '{instead}')"
-            )));
-        }
-    }
     let _accepted = a.backing_mask_protocol;
     Ok(CommitOptions {
         job: job_options(
@@ -654,11 +653,16 @@ pub(super) fn parse_commit(args: Map<String, Value>) -> Result<CommitOptions, Qm
             a.auto_dismiss,
         )?,
         device: a.device,
-        top_node: a.top_node,
-        base_node: a.base_node,
+        top: layer(a.top_node, a.top),
+        base: layer(a.base_node, a.base),
         backing_file: a.backing_file,
         filter_node_name: a.filter_node_name,
     })
+}
+
+/// A chain layer named by node-name or by file name (at most one given).
+fn layer(node: Option<String>, file: Option<String>) -> Option<ChainLayer> {
+    node.map(ChainLayer::Node).or(file.map(ChainLayer::File))
 }
 
 /// block-commit: starts the job in a drained graph (an active commit puts

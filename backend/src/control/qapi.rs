@@ -867,31 +867,34 @@ pub(super) static BLOCKDEV_MIRROR_ARGS: Object = object(
         opt("auto-dismiss", BOOL),
     ],
 );
-/// QEMU's block-stream arguments, without `base`, `bottom` and
-/// `filter-node-name` (refused whatever their value).
+/// QEMU's block-stream arguments, without `filter-node-name` (refused
+/// whatever its value).
 pub(super) static BLOCK_STREAM_ARGS: Object = object(
     "q_obj_block-stream-arg",
     &[
         opt("job-id", STR),
         req("device", STR),
+        opt("base", STR),
         opt("base-node", STR),
         opt("backing-file", STR),
         opt("backing-mask-protocol", BOOL),
+        opt("bottom", STR),
         opt("speed", INT),
         opt("on-error", Ty::Enum(&ON_ERROR)),
         opt("auto-finalize", BOOL),
         opt("auto-dismiss", BOOL),
     ],
 );
-/// QEMU's block-commit arguments, without `base` and `top` (refused
-/// whatever their value: nodes are named by `base-node` and `top-node`).
+/// QEMU's block-commit arguments.
 pub(super) static BLOCK_COMMIT_ARGS: Object = object(
     "q_obj_block-commit-arg",
     &[
         opt("job-id", STR),
         req("device", STR),
         opt("base-node", STR),
+        opt("base", STR),
         opt("top-node", STR),
+        opt("top", STR),
         opt("backing-file", STR),
         opt("backing-mask-protocol", BOOL),
         opt("speed", INT),

@@ -31,13 +31,23 @@ pub struct CommitOptions {
     /// The active layer of the chain.
     pub device: String,
     /// The highest layer to commit; the active layer if none.
-    pub top_node: Option<String>,
+    pub top: Option<ChainLayer>,
     /// The layer to commit into; the bottom of the chain if none.
-    pub base_node: Option<String>,
+    pub base: Option<ChainLayer>,
     /// The backing file name to write in the overlay instead of the base's.
     pub backing_file: Option<String>,
     /// The node-name of an active commit's filter.
     pub filter_node_name: Option<String>,
+}
+
+/// A layer of a backing chain as block-commit names it: `top-node` and
+/// `base-node`, or `top` and `base`.
+#[derive(Clone, Debug)]
+pub enum ChainLayer {
+    /// By node-name.
+    Node(String),
+    /// By file name, as in the backing chain.
+    File(String),
 }
 
 /// Bytes copied at once, at most.
@@ -62,8 +72,14 @@ impl Transaction<'_> {
     pub fn block_commit(&mut self, o: &CommitOptions) -> Result<Arc<Job>, Error> {
         let active = self.find(&o.device)?;
         let layers = active.backing_chain();
-        let top = match &o.top_node {
-            Some(name) => self.find(name)?,
+        let top = match &o.top {
+            Some(ChainLayer::Node(name)) => self.find(name)?,
+            Some(ChainLayer::File(name)) if active.filename().as_deref() == Some(name) => {
+                active.clone()
+            }
+            Some(ChainLayer::File(name)) => active
+                .find_backing_image(name)
+                .ok_or_else(|| error(format!("Top image file {name} not found")))?,
             None => active.clone(),
         };
         let top_at = layers
@@ -75,8 +91,11 @@ impl Transaction<'_> {
                     top.name()
                 ))
             })?;
-        let base = match &o.base_node {
-            Some(name) => self.find(name)?,
+        let base = match &o.base {
+            Some(ChainLayer::Node(name)) => self.find(name)?,
+            Some(ChainLayer::File(name)) => top
+                .find_backing_image(name)
+                .ok_or_else(|| error(format!("Can't find '{name}' in the backing chain")))?,
             None => layers
                 .last()
                 .cloned()

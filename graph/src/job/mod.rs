@@ -35,11 +35,11 @@ use crate::EventSink;
 
 pub use crate::drivers::qcow2::create::{Compression, Qcow2CreateOptions};
 pub use backup::{BackupOptions, BitmapMode, SyncMode};
-pub use commit::CommitOptions;
+pub use commit::{ChainLayer, CommitOptions};
 pub use create::CreateOptions;
 pub use mirror::{CopyMode, MirrorOptions};
 pub use status::{JobStatus, Verb};
-pub use stream::StreamOptions;
+pub use stream::{StreamBase, StreamOptions};
 
 /// What a job does with an I/O error (QAPI's BlockdevOnError).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]

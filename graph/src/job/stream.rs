@@ -25,10 +25,22 @@ pub struct StreamOptions {
     pub job: JobOptions,
     /// The node to stream into.
     pub device: String,
-    /// The layer that stays below it (by node-name), or none.
-    pub base_node: Option<String>,
+    /// The layer that stays below it, or none.
+    pub base: Option<StreamBase>,
     /// The backing file name to write in the image instead of the base's.
     pub backing_file: Option<String>,
+}
+
+/// How block-stream names the layer that stays (QEMU's `base-node`,
+/// `base` and `bottom`).
+#[derive(Clone, Debug)]
+pub enum StreamBase {
+    /// The base by node-name.
+    Node(String),
+    /// The base by file name, as in the backing chain.
+    File(String),
+    /// The lowest layer to copy, by node-name: the base is its backing.
+    Bottom(String),
 }
 
 /// Bytes copied at once, at most.
@@ -52,22 +64,45 @@ impl Transaction<'_> {
     pub fn block_stream(&mut self, o: &StreamOptions) -> Result<Arc<Job>, Error> {
         let top = self.find(&o.device)?;
         let layers = top.backing_chain();
-        let (base, base_depth) = match &o.base_node {
-            Some(name) => {
-                let base = self.find(name)?;
+        let base = match &o.base {
+            None => None,
+            Some(StreamBase::Node(name)) => Some(self.find(name)?),
+            Some(StreamBase::File(name)) => Some(
+                top.find_backing_image(name)
+                    .ok_or_else(|| error(format!("Can't find '{name}' in the backing chain")))?,
+            ),
+            Some(StreamBase::Bottom(name)) => {
+                let bottom = self.find(name)?;
+                if bottom.is_filter() {
+                    return Err(error(format!(
+                        "Node '{name}' is a filter, use a non-filter node as 'bottom'"
+                    )));
+                }
+                if !layers.iter().any(|n| Arc::ptr_eq(n, &bottom)) {
+                    return Err(error(format!(
+                        "Node '{name}' is not in a chain starting from '{}'",
+                        o.device
+                    )));
+                }
+                bottom.backing()
+            }
+        };
+        let base_depth = match &base {
+            Some(base) => {
                 let at = layers
                     .iter()
                     .skip(1)
-                    .position(|n| Arc::ptr_eq(n, &base))
+                    .position(|n| Arc::ptr_eq(n, base))
                     .ok_or_else(|| {
                         error(format!(
-                            "Node '{name}' is not a backing image of '{}'",
+                            "Node '{}' is not a backing image of '{}'",
+                            base.name(),
                             o.device
                         ))
                     })?;
-                (Some(base), at as u32 + 2)
+                at as u32 + 2
             }
-            None => (None, u32::MAX),
+            None => u32::MAX,
         };
         if o.backing_file.is_some() && base.is_none() {
             return Err(error(
