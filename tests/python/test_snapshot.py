@@ -8,7 +8,8 @@ against qemu-storage-daemon too when BLKGRAPH_TEST_QSD=1.
   snapshot, the client's later writes land in the overlay, and the overlay
   read through an NBD export is the guest's view;
 - blockdev-snapshot-sync in a transaction with a bitmap: the overlay file is
-  made by the daemon, with the disk as its backing file;
+  made by the daemon, with the disk as its backing file; as in QEMU, an
+  overlay of a node named by node-name needs a snapshot-node-name;
 - QEMU's refusals: an overlay in use, or with a backing file already.
 """
 
@@ -82,6 +83,20 @@ def test_snapshot_sync_in_a_transaction(daemon_kind, start_daemon, workdir):
     assert info["backing-filename"] == str(image)
     assert info["virtual-size"] == SIZE
     run("qemu-img", "check", overlay)
+
+
+def test_snapshot_sync_needs_the_overlay_name(daemon_kind, start_daemon, workdir):
+    image = workdir / "disk.raw"
+    make_image(image)
+    overlay = workdir / "unnamed.qcow2"
+    daemon = start_daemon(image, qmp=True)
+    q = connect(daemon)
+    r = cmd(q, "blockdev-snapshot-sync", **{"node-name": "disk0", "snapshot-file": str(overlay)})
+    assert r["error"]["desc"] == "New overlay node-name missing", r
+    assert export_root(q) == "disk0"
+    assert not overlay.exists()
+    q.close()
+    daemon.stop()
 
 
 def test_overlay_with_a_backing_file_is_refused(daemon_kind, start_daemon, workdir):

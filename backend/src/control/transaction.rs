@@ -132,9 +132,7 @@ impl SnapshotSync {
             return Err(generic("Parameter 'mode' does not accept this value"));
         }
         if self.snapshot_node_name.is_none() {
-            return Err(generic(
-                "Parameter 'snapshot-node-name' is missing (blkgraph names every node)",
-            ));
+            return Err(generic("New overlay node-name missing"));
         }
         Ok(())
     }
