@@ -67,6 +67,55 @@ impl<T> Future for JoinAll<'_, T> {
     }
 }
 
+/// Futures that run concurrently on the task that polls them, each taken
+/// out as it finishes: a window of work that is refilled as it drains
+/// (a job's copies), where [`join_all`] would wait for the slowest.
+pub struct InFlight<'a, T> {
+    futures: Vec<IoFuture<'a, T>>,
+}
+
+impl<T> Default for InFlight<'_, T> {
+    fn default() -> Self {
+        InFlight {
+            futures: Vec::new(),
+        }
+    }
+}
+
+impl<'a, T> InFlight<'a, T> {
+    /// How many futures have not finished.
+    pub fn len(&self) -> usize {
+        self.futures.len()
+    }
+
+    /// Whether every future has finished.
+    pub fn is_empty(&self) -> bool {
+        self.futures.is_empty()
+    }
+
+    /// Adds a future; it first runs when [`InFlight::next`] is polled.
+    pub fn push(&mut self, future: IoFuture<'a, T>) {
+        self.futures.push(future);
+    }
+
+    /// The output of the next future to finish; `None` once none is left.
+    pub async fn next(&mut self) -> Option<io::Result<T>> {
+        if self.futures.is_empty() {
+            return None;
+        }
+        std::future::poll_fn(|cx| {
+            for i in 0..self.futures.len() {
+                if let Poll::Ready(out) = self.futures[i].as_mut().poll(cx) {
+                    drop(self.futures.swap_remove(i));
+                    return Poll::Ready(Some(out));
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +145,27 @@ mod tests {
         .unwrap();
         assert_eq!(out.unwrap_err().raw_os_error(), Some(libc::EIO));
         assert!(finished.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
+    fn in_flight_gives_outputs_as_they_finish() {
+        let order = block_on(async {
+            let mut window = InFlight::default();
+            for (value, ms) in [(1, 40), (2, 0), (3, 15)] {
+                window.push(Box::pin(async move {
+                    sleep(Duration::from_millis(ms)).await?;
+                    Ok(value)
+                }) as IoFuture<'_, i32>);
+            }
+            assert_eq!(window.len(), 3);
+            let mut order = Vec::new();
+            while let Some(out) = window.next().await {
+                order.push(out.unwrap());
+            }
+            assert!(window.is_empty());
+            order
+        })
+        .unwrap();
+        assert_eq!(order, vec![2, 3, 1]);
     }
 }

@@ -20,7 +20,7 @@ mod watch;
 
 pub use detached::{race, spawn_detached, Detached, Either};
 pub use executor::{block_on, Executor, Notifier};
-pub use join::{join_all, IoFuture, JoinAll};
+pub use join::{join_all, InFlight, IoFuture, JoinAll};
 pub use mutex::{AsyncMutex, Guard, Lock};
 pub(crate) use pool::{run_blocking, BlockingOp};
 pub use sleep::sleep;

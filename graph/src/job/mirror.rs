@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Job, JobDriver, JobOptions, JobTxn, SyncMode};
-use crate::aio::{block_on, join_all, sleep, IoFuture};
+use crate::aio::{block_on, sleep, InFlight, IoFuture};
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
 use crate::driver::{BlockDriver, BlockStatus, ChildRole, WriteFlags, ZeroFlags};
@@ -142,10 +142,15 @@ impl Shared {
     /// Copies `[offset, offset + len)` from the source to the target; the
     /// range is dirty again if this fails.
     async fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
-        let _held = self.locks.lock(offset, offset + len, true).await;
-        // Cleared before the source is read: a change that completes
-        // after the read sets the bits again.
         self.dirty.reset_range(offset, len);
+        self.copy_taken(offset, len).await
+    }
+
+    /// Copies a range whose dirty bits the caller cleared, before the
+    /// source is read: a change that completes after the read sets them
+    /// again. The range is dirty again if this fails.
+    async fn copy_taken(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let _held = self.locks.lock(offset, offset + len, true).await;
         let result = self.copy_unlocked(offset, len).await;
         if result.is_err() {
             self.dirty.set_range(offset, len);
@@ -400,57 +405,56 @@ impl Mirror {
         Ok(())
     }
 
-    /// The next runs to copy from `cursor` on, at most `buf_size` bytes;
-    /// starts again from 0 once the end is passed.
-    fn next_runs(&self, cursor: &mut u64) -> Vec<(u64, u64)> {
-        let chunk = MAX_CHUNK
-            .min(self.buf_size)
-            .max(self.shared.dirty.granularity());
-        let mut runs = Vec::new();
-        let mut budget = self.buf_size;
-        let mut wrapped = false;
-        while runs.len() < MAX_IN_FLIGHT && budget > 0 {
-            match self.shared.dirty.next_dirty_run(*cursor, chunk.min(budget)) {
-                Some((offset, len)) => {
-                    if wrapped && runs.iter().any(|&(o, _)| o == offset) {
-                        break;
-                    }
-                    runs.push((offset, len));
-                    budget = budget.saturating_sub(len);
-                    *cursor = offset + len;
-                }
-                None if !wrapped && *cursor > 0 => {
-                    *cursor = 0;
-                    wrapped = true;
-                }
-                None => break,
-            }
-        }
-        runs
+    /// Takes the next dirty run from `cursor` on, at most `max` bytes,
+    /// looking again from 0 once the end is passed: its bits are cleared
+    /// (the copy is on its way, and no other copy takes it meanwhile).
+    fn take_next_run(&self, cursor: &mut u64, max: u64) -> Option<(u64, u64)> {
+        let dirty = &self.shared.dirty;
+        let (offset, len) = match dirty.next_dirty_run(*cursor, max) {
+            Some(run) => run,
+            None if *cursor > 0 => dirty.next_dirty_run(0, max)?,
+            None => return None,
+        };
+        dirty.reset_range(offset, len);
+        *cursor = offset + len;
+        Some((offset, len))
     }
 
+    /// Copies until the job is cancelled, or ready and asked to end. Up to
+    /// MAX_IN_FLIGHT copies and `buf_size` bytes are in flight, a new one
+    /// starting as soon as one ends (as QEMU's mirror): under a guest's
+    /// writes the dirty runs are small and scattered, and waiting for a
+    /// whole batch would leave the window mostly empty.
     async fn mirror(&self, job: &Job) -> io::Result<()> {
         if let Initial::Above(depth) = self.initial {
             self.mark_allocated(job, depth).await?;
         }
         let shared = &self.shared;
+        let chunk = MAX_CHUNK.min(self.buf_size).max(shared.dirty.granularity());
+        let mut window: InFlight<'_, (u64, Option<CopyError>)> = InFlight::default();
+        let mut in_flight_bytes = 0u64;
         let mut copied = 0u64;
         let mut cursor = 0u64;
         let mut ready = false;
         loop {
-            job.pause_point().await;
-            if job.is_cancelled() {
-                return Ok(());
+            // A pause point with nothing in flight: a drained section
+            // that pauses the job finds it quiet.
+            if window.is_empty() || job.pause_requested() || job.cancel_requested() {
+                self.finish(job, &mut window, &mut copied).await?;
+                in_flight_bytes = 0;
+                job.pause_point().await;
+                if job.is_cancelled() {
+                    return Ok(());
+                }
             }
-            let runs = self.next_runs(&mut cursor);
-            let dirty = shared.dirty.count();
-            job.set_progress(copied, copied + dirty);
+            let left = shared.dirty.count() + in_flight_bytes;
+            job.set_progress(copied, copied + left);
             // Ready once what is left fits one final copy: guest requests
             // run on their own threads, so under a steady write load the
             // bitmap is rarely empty at any instant (QEMU's single thread
             // sees it empty between batches). job-complete and a plain
             // cancel copy the rest in a drained section.
-            if !ready && dirty <= self.buf_size {
+            if !ready && left <= self.buf_size {
                 job.transition_to_ready();
                 ready = true;
             }
@@ -458,28 +462,55 @@ impl Mirror {
             // last copy, and the switch to the target, come when the job
             // finalizes).
             if ready && (job.cancel_requested() || job.should_complete()) {
-                return Ok(());
+                return self.finish(job, &mut window, &mut copied).await;
             }
-            if runs.is_empty() {
+            while window.len() < MAX_IN_FLIGHT && in_flight_bytes < self.buf_size {
+                let max = chunk.min(self.buf_size - in_flight_bytes);
+                let Some((offset, len)) = self.take_next_run(&mut cursor, max) else {
+                    break;
+                };
+                in_flight_bytes += len;
+                window.push(Box::pin(async move {
+                    Ok((len, shared.copy_taken(offset, len).await.err()))
+                }));
+            }
+            let Some(done) = window.next().await else {
                 sleep(IDLE_POLL).await?;
                 continue;
+            };
+            let (len, failure) = done?;
+            in_flight_bytes -= len;
+            match failure {
+                None => {
+                    copied += len;
+                    job.rate_limit(len).await;
+                }
+                // The error policy may stop the job: with nothing in
+                // flight, so that no copy holds its range meanwhile.
+                Some(failure) => {
+                    self.finish(job, &mut window, &mut copied).await?;
+                    in_flight_bytes = 0;
+                    job.retry_or_fail(failure.side, failure.error).await?;
+                }
             }
-            let bytes: u64 = runs.iter().map(|r| r.1).sum();
-            let copies: Vec<IoFuture<'_, Option<CopyError>>> = runs
-                .into_iter()
-                .map(|(offset, len)| {
-                    Box::pin(async move { Ok(shared.copy(offset, len).await.err()) })
-                        as IoFuture<'_, Option<CopyError>>
-                })
-                .collect();
-            let failures: Vec<CopyError> = join_all(copies).await?.into_iter().flatten().collect();
-            if let Some(failure) = failures.into_iter().next() {
-                job.retry_or_fail(failure.side, failure.error).await?;
-                continue;
-            }
-            copied += bytes;
-            job.rate_limit(bytes).await;
         }
+    }
+
+    /// Waits for every copy in flight; their failures leave their ranges
+    /// dirty for a later copy.
+    async fn finish(
+        &self,
+        job: &Job,
+        window: &mut InFlight<'_, (u64, Option<CopyError>)>,
+        copied: &mut u64,
+    ) -> io::Result<()> {
+        while let Some(done) = window.next().await {
+            if let (len, None) = done? {
+                *copied += len;
+                job.rate_limit(len).await;
+            }
+        }
+        Ok(())
     }
 
     /// Takes the filter out, if it is still there, pointing its parents

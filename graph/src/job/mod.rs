@@ -409,6 +409,12 @@ impl Job {
         self.changed.notify_all();
     }
 
+    /// Whether the job is asked to stop at its next pause point (a drained
+    /// section, job-pause): a job with I/O in flight finishes it first.
+    pub fn pause_requested(&self) -> bool {
+        self.state.lock().pause_count > 0
+    }
+
     /// Whether the job was cancelled (for a job that is ready, only a
     /// forced cancel counts: a plain one completes it without its final
     /// step, see [`Job::cancel_requested`]).
