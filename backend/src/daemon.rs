@@ -211,6 +211,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         Some(path) => StateFile::read(path).map_err(|e| e.to_string())?,
         None => None,
     };
+    let from_state = restored.is_some();
     let bitmaps = match (config.state_file.clone(), restored) {
         (Some(path), Some(state)) => from_state_file(&mut config, &path, state),
         _ => Vec::new(),
@@ -290,9 +291,14 @@ pub fn run(mut config: Config) -> Result<(), String> {
         control::create_object(&graph, exports.iothreads(), object).map_err(at)?;
     }
     for arg in config.blockdevs.drain(..) {
-        graph
-            .add(arg.options)
-            .map_err(|e| format!("{}: {e}", arg.context))?;
+        // A state file's nodes are a blueprint: the nodes the graph named
+        // that more than one user shares keep their names.
+        let added = if from_state {
+            graph.add_restored(arg.options)
+        } else {
+            graph.add(arg.options)
+        };
+        added.map_err(|e| format!("{}: {e}", arg.context))?;
     }
     let lost = match &state {
         Some(state) => state_file::restore_bitmaps(state.path(), &graph, &bitmaps, &events)?,

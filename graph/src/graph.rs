@@ -115,8 +115,21 @@ impl Graph {
     /// Opens a node from `options` (blockdev-add) in a transaction of its
     /// own. On error nothing is added, not even inline children.
     pub fn add(&self, options: Options) -> Result<Arc<Node>, Error> {
+        self.add_in_own_transaction(|tx| tx.add(options))
+    }
+
+    /// Opens a node from options of [`Graph::blueprint`] in a transaction
+    /// of its own (see [`Transaction::add_restored`]).
+    pub fn add_restored(&self, options: Options) -> Result<Arc<Node>, Error> {
+        self.add_in_own_transaction(|tx| tx.add_restored(options))
+    }
+
+    fn add_in_own_transaction(
+        &self,
+        add: impl FnOnce(&mut Transaction<'_>) -> Result<Arc<Node>, Error>,
+    ) -> Result<Arc<Node>, Error> {
         let mut tx = self.transaction();
-        let node = tx.add(options)?;
+        let node = add(&mut tx)?;
         tx.commit()?;
         Ok(node)
     }

@@ -36,6 +36,9 @@ pub(crate) struct Staging<'g> {
     pub(crate) groups: &'g BTreeMap<String, Arc<ThrottleGroup>>,
     pub(crate) created: Vec<Arc<Node>>,
     pub(crate) counter: &'g mut u64,
+    /// Whether the options come from a blueprint, where a node the graph
+    /// named (`#blockNNN`) keeps its name.
+    pub(crate) restoring: bool,
 }
 
 impl Staging<'_> {
@@ -62,9 +65,13 @@ impl Staging<'_> {
                 "Parameter 'detect-zeroes': only 'off' is supported".into(),
             ));
         }
+        let restored_implicit = match &common.node_name {
+            Some(name) if self.restoring => implicit_name_number(name),
+            _ => None,
+        };
         let name = match &common.node_name {
             Some(name) => {
-                if !valid_node_name(name) {
+                if restored_implicit.is_none() && !valid_node_name(name) {
                     return Err(Error::InvalidNodeName(name.clone()));
                 }
                 if self.lookup(name).is_some() {
@@ -72,6 +79,9 @@ impl Staging<'_> {
                 }
                 if name.len() > MAX_NODE_NAME_LEN {
                     return Err(Error::NodeNameTooLong);
+                }
+                if let Some(number) = restored_implicit {
+                    *self.counter = (*self.counter).max(number);
                 }
                 name.clone()
             }
@@ -116,7 +126,7 @@ impl Staging<'_> {
             driver,
             &common,
             children,
-            parent.is_some(),
+            parent.is_some() || restored_implicit.is_some(),
             Some(given),
         ));
         for bitmap in bitmaps {
@@ -235,6 +245,15 @@ pub fn valid_node_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
+/// The number of a name the graph gave a node (`#blockNNN`).
+fn implicit_name_number(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("#block")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The longest node-name, in bytes: QEMU keeps node-names in 32 bytes

@@ -127,6 +127,17 @@ impl<'g> Transaction<'g> {
     /// Opens a node (blockdev-add); it exists in the graph once the
     /// transaction commits, and its files are closed if it is rolled back.
     pub fn add(&mut self, options: Options) -> Result<Arc<Node>, Error> {
+        self.open_node(options, false)
+    }
+
+    /// Opens a node from options of a [`Graph::blueprint`]: as
+    /// [`Transaction::add`], except that a node the graph named
+    /// (`#blockNNN`, shared by more than one user) keeps its name.
+    pub fn add_restored(&mut self, options: Options) -> Result<Arc<Node>, Error> {
+        self.open_node(options, true)
+    }
+
+    fn open_node(&mut self, options: Options, restoring: bool) -> Result<Arc<Node>, Error> {
         let State {
             nodes,
             implicit_counter,
@@ -141,6 +152,7 @@ impl<'g> Transaction<'g> {
             groups,
             created: Vec::new(),
             counter: implicit_counter,
+            restoring,
         };
         let result = staging.open(options, None);
         let created = std::mem::take(&mut staging.created);

@@ -12,6 +12,9 @@ with what was changed over QMP since it started (qemu.qmp's client throughout).
   written over NBD before is read back after.
 - A stream job that ends on its own (no QMP command after it) has its new
   graph in the file, and a restart after kill -9 has it.
+- A node the daemon named (`#blockNNN`: the backing file a qcow2 header
+  names) exported over NBD by that name: after a restart the export serves
+  the same image, not whichever node got the name this time.
 - kill -9 during a stream of changes never leaves a partial file: the file
   parses, is one of the committed states, and the daemon starts from it.
 - A corrupt, unreadable or newer file, or one whose nodes cannot open: exit 1
@@ -240,6 +243,48 @@ def test_a_job_that_ends_writes_the_file(start_daemon, workdir):
     q.close()
     assert "backing_file" not in nodes["disk0"]
     assert {"base", "bf"} <= set(nodes)
+
+
+def test_an_export_of_a_named_by_the_daemon_node_survives(start_daemon, workdir):
+    chains = {}
+    for name, byte in (("disk", 0x11), ("other", 0x42)):
+        base = workdir / f"{name}-base.raw"
+        base.write_bytes(bytes([byte]) * (4 * MIB))
+        top = workdir / f"{name}.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x7a 0 1M", top)
+        chains[name] = (base, top)
+    state = workdir / "state.json"
+    nbd = workdir / "nbd.sock"
+    daemon = start_daemon(
+        chains["disk"][1], qmp=True, fmt="qcow2", extra_args=["--state-file", str(state)]
+    )
+    q = connect(daemon)
+    # Added after the command line's nodes, first by name: opened first at
+    # the next start, where its backing file would get another name.
+    ok(q, "blockdev-add", driver="qcow2", **{"node-name": "a2"},
+       file={"driver": "file", "filename": str(chains["other"][1])})  # fmt: skip
+    backing = next(
+        n["node-name"]
+        for n in ok(q, "query-named-block-nodes")
+        if n["drv"] == "raw" and n["file"] == str(chains["other"][0])
+    )
+    assert backing.startswith("#block"), backing
+    ok(q, "nbd-server-start", addr={"type": "unix", "data": {"path": str(nbd)}})
+    ok(q, "block-export-add", type="nbd", id="b0", name="base", **{"node-name": backing})
+    q.close()
+    assert daemon.stop() == 0
+    daemon.start()
+    q = connect(daemon)
+    # The unshared names the daemon gives may change; the export's does not.
+    export = next(e for e in ok(q, "query-block-exports") if e["id"] == "b0")
+    assert export["node-name"] == backing, export
+    node = next(n for n in ok(q, "query-named-block-nodes") if n["node-name"] == backing)
+    assert node["file"] == str(chains["other"][0]), node
+    q.close()
+    uri = f"nbd+unix:///base?socket={nbd}"
+    run("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x42 0 4M", uri)
+    assert daemon.stop() == 0
 
 
 def test_kill_during_changes_leaves_a_committed_state(start_daemon, workdir):
