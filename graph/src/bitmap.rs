@@ -132,9 +132,10 @@ impl DirtyBitmap {
         self.readonly.load(Ordering::Acquire)
     }
 
-    /// Marks the bitmap as loaded from a read-only image.
-    pub(crate) fn mark_readonly(&self) {
-        self.readonly.store(true, Ordering::Release);
+    /// Marks the bitmap as one of a read-only image (loaded from it, or
+    /// the image was reopened read-only), or no longer.
+    pub(crate) fn set_readonly(&self, readonly: bool) {
+        self.readonly.store(readonly, Ordering::Release);
     }
 
     /// Whether the bitmap may be read (not inconsistent) and, if

@@ -343,11 +343,15 @@ impl Meta {
                         bitmap.set_bits(first_bit, cs * 8);
                     }
                 }
-                e.flags |= FLAG_IN_USE;
-                mark = true;
+                // A reader leaves the image as it is (and queries show it
+                // so): only a writer marks its bitmaps in use.
+                if writable {
+                    e.flags |= FLAG_IN_USE;
+                    mark = true;
+                }
             }
             if !writable {
-                bitmap.mark_readonly();
+                bitmap.set_readonly(true);
             }
             bitmaps.push(bitmap);
         }
