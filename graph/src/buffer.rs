@@ -233,6 +233,21 @@ impl IoBuffer {
         }
     }
 
+    /// Whether every byte is zero (detect-zeroes).
+    pub fn is_zero(&self) -> bool {
+        let mut chunk = [0u8; 4096];
+        let mut done = 0;
+        while done < self.len() {
+            let n = chunk.len().min(self.len() - done);
+            self.copy_to(done, &mut chunk[..n]);
+            if chunk[..n].iter().any(|b| *b != 0) {
+                return false;
+            }
+            done += n;
+        }
+        true
+    }
+
     /// A copy of the bytes.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.len()];

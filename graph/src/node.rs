@@ -3,7 +3,7 @@
 //! and to it refer to each other).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -36,7 +36,8 @@ pub struct CommonOptions {
     /// Open read-only.
     #[serde(default)]
     pub read_only: Option<bool>,
-    /// Accepted for compatibility; blkgraph never reopens read-write.
+    /// Accepted for compatibility: blkgraph never falls back to read-only
+    /// on its own (the option is kept, and reopen can change it).
     #[serde(default)]
     pub auto_read_only: Option<bool>,
     /// Whether discards reach the driver.
@@ -48,9 +49,9 @@ pub struct CommonOptions {
     /// Accepted for compatibility (image locking is not implemented).
     #[serde(default)]
     pub force_share: Option<bool>,
-    /// Only `off` is supported.
+    /// Whether writes of zeroes become write-zeroes requests.
     #[serde(default)]
-    pub detect_zeroes: Option<String>,
+    pub detect_zeroes: Option<DetectZeroes>,
 }
 
 /// The `cache` options.
@@ -88,6 +89,18 @@ impl CommonOptions {
         self.read_only.unwrap_or(false)
     }
 
+    /// Checks the options against each other, as QEMU does.
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        if self.detect_zeroes == Some(DetectZeroes::Unmap)
+            && self.discard != Some(DiscardMode::Unmap)
+        {
+            return Err(Error::InvalidOptions(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Takes unset inheritable options from an inline child's parent.
     pub(crate) fn inherit(&mut self, parent: &CommonOptions) {
         self.read_only = self.read_only.or(parent.read_only);
@@ -111,19 +124,75 @@ pub enum DiscardMode {
     Unmap,
 }
 
+/// Whether writes of zeroes are detected (QEMU's `detect-zeroes`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectZeroes {
+    /// Writes go to the driver as they are (the default).
+    #[default]
+    Off,
+    /// A write of zeroes becomes a write-zeroes request.
+    On,
+    /// ...that may deallocate (with `discard=unmap`).
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// QMP's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+
+    fn from_bits(bits: u8) -> Self {
+        match bits {
+            1 => DetectZeroes::On,
+            2 => DetectZeroes::Unmap,
+            _ => DetectZeroes::Off,
+        }
+    }
+
+    fn bits(self) -> u8 {
+        match self {
+            DetectZeroes::Off => 0,
+            DetectZeroes::On => 1,
+            DetectZeroes::Unmap => 2,
+        }
+    }
+}
+
+/// The options of a node that blockdev-reopen changes, as the node has
+/// them now.
+#[derive(Clone, Debug)]
+pub(crate) struct NodeFlags {
+    pub(crate) read_only: bool,
+    pub(crate) discard: DiscardMode,
+    pub(crate) no_flush: bool,
+    pub(crate) detect_zeroes: DetectZeroes,
+    pub(crate) given: Option<Options>,
+}
+
 /// A node of the block graph.
 pub struct Node {
     name: String,
     driver_name: &'static str,
     driver: Box<dyn BlockDriver>,
-    read_only: bool,
-    discard: DiscardMode,
-    no_flush: bool,
+    /// The options below change only in drained transactions (reopen).
+    read_only: AtomicBool,
+    /// 1 for [`DiscardMode::Unmap`].
+    discard: AtomicU8,
+    no_flush: AtomicBool,
+    /// [`DetectZeroes`] bits.
+    detect_zeroes: AtomicU8,
     direct: bool,
     children: ArcSwap<Vec<Arc<Child>>>,
     implicit: bool,
-    /// The options the node was opened with, without its children's.
-    given: Option<Options>,
+    /// The options the node was opened with (or reopened with last),
+    /// without its children's.
+    given: Mutex<Option<Options>>,
     bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
     /// The union of what the node's parents hold, set when a graph change
     /// commits.
@@ -168,13 +237,14 @@ impl Node {
             name,
             driver_name,
             driver,
-            read_only: common.is_read_only(),
-            discard: common.discard.unwrap_or_default(),
-            no_flush: common.cache.and_then(|c| c.no_flush).unwrap_or(false),
+            read_only: AtomicBool::new(common.is_read_only()),
+            discard: AtomicU8::new(u8::from(common.discard == Some(DiscardMode::Unmap))),
+            no_flush: AtomicBool::new(common.cache.and_then(|c| c.no_flush).unwrap_or(false)),
+            detect_zeroes: AtomicU8::new(common.detect_zeroes.unwrap_or_default().bits()),
             direct: common.direct(),
             children: ArcSwap::from_pointee(children),
             implicit,
-            given,
+            given: Mutex::new(given),
             bitmaps: ArcSwap::from_pointee(Vec::new()),
             granted: AtomicU8::new(0),
             write_threshold: AtomicU64::new(0),
@@ -285,14 +355,51 @@ impl Node {
         self.driver_name
     }
 
-    /// Whether the node was opened read-only.
+    /// Whether the node is read-only.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
     }
 
     /// Whether discards reach the driver.
     pub fn discard_mode(&self) -> DiscardMode {
+        if self.discard.load(Ordering::Relaxed) == 1 {
+            DiscardMode::Unmap
+        } else {
+            DiscardMode::Ignore
+        }
+    }
+
+    /// Whether writes of zeroes are detected.
+    pub fn detect_zeroes(&self) -> DetectZeroes {
+        DetectZeroes::from_bits(self.detect_zeroes.load(Ordering::Relaxed))
+    }
+
+    /// The options blockdev-reopen changes, as they are now.
+    pub(crate) fn flags(&self) -> NodeFlags {
+        NodeFlags {
+            read_only: self.read_only(),
+            discard: self.discard_mode(),
+            no_flush: self.no_flush(),
+            detect_zeroes: self.detect_zeroes(),
+            given: self.given_options(),
+        }
+    }
+
+    /// Sets the options blockdev-reopen changes (in a drained
+    /// transaction, which sets them back if it fails).
+    pub(crate) fn set_flags(&self, f: NodeFlags) {
+        self.read_only.store(f.read_only, Ordering::Release);
         self.discard
+            .store(u8::from(f.discard == DiscardMode::Unmap), Ordering::Relaxed);
+        self.no_flush.store(f.no_flush, Ordering::Relaxed);
+        self.detect_zeroes
+            .store(f.detect_zeroes.bits(), Ordering::Relaxed);
+        *self.given.lock() = f.given;
+    }
+
+    /// The driver, for the reopen hooks.
+    pub(crate) fn driver(&self) -> &dyn BlockDriver {
+        self.driver.as_ref()
     }
 
     /// The child edges.
@@ -374,10 +481,11 @@ impl Node {
         self.implicit
     }
 
-    /// The options the node was opened with, without those of its
-    /// children; `None` for a node that a job made (a job's filter).
-    pub fn given_options(&self) -> Option<&Options> {
-        self.given.as_ref()
+    /// The options the node was opened with (or last reopened with),
+    /// without those of its children; `None` for a node that a job made
+    /// (a job's filter).
+    pub fn given_options(&self) -> Option<Options> {
+        self.given.lock().clone()
     }
 
     /// Size in bytes.
@@ -386,14 +494,20 @@ impl Node {
     }
 
     /// What the node takes and shares on its child in `role`, given what
-    /// its parents need and share.
+    /// its parents need and share. A read-only node never writes or grows
+    /// its `file` or `data-file` (as QEMU's storage children).
     pub fn child_perm(
         &self,
         role: ChildRole,
         perm: Permission,
         shared: Permission,
     ) -> (Permission, Permission) {
-        self.driver.child_perm(role, perm, shared)
+        let (perm, shared) = self.driver.child_perm(role, perm, shared);
+        if self.read_only() && matches!(role, ChildRole::File | ChildRole::DataFile) {
+            (perm & !(Permission::WRITE | Permission::RESIZE), shared)
+        } else {
+            (perm, shared)
+        }
     }
 
     /// The host file behind this node: its own, or its first child's.
@@ -413,7 +527,7 @@ impl Node {
 
     /// Whether flushes are ignored.
     pub fn no_flush(&self) -> bool {
-        self.no_flush
+        self.no_flush.load(Ordering::Relaxed)
     }
 
     /// What requests to the node should look like.
@@ -429,7 +543,7 @@ impl Node {
     }
 
     fn check_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
         self.check(offset, len)
@@ -457,7 +571,7 @@ impl Node {
     /// Like [`Node::check_write`] for data writes, which may also extend an
     /// open-ended node.
     fn check_data_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        if !self.read_only && self.open_ended(offset, len) {
+        if !self.read_only() && self.open_ended(offset, len) {
             return Ok(());
         }
         self.check_write(offset, len)
@@ -466,7 +580,7 @@ impl Node {
     /// Changes the size of the node (block_resize, or a format driver
     /// growing its file); a parent must hold the resize permission.
     pub fn resize(&self, size: u64) -> IoFuture<'_> {
-        if self.read_only {
+        if self.read_only() {
             return ready(Err(io::Error::from_raw_os_error(libc::EPERM)));
         }
         if !self.granted().contains(Permission::RESIZE) || size > MAX_LENGTH {
@@ -507,7 +621,17 @@ impl Node {
     pub fn write<'a>(&'a self, offset: u64, buf: &'a IoBuffer, flags: WriteFlags) -> IoFuture<'a> {
         match self.check_data_write(offset, buf.len() as u64) {
             Ok(()) => {
-                self.record(offset, buf.len() as u64);
+                let len = buf.len() as u64;
+                self.record(offset, len);
+                let detect = self.detect_zeroes();
+                if detect != DetectZeroes::Off && buf.is_zero() {
+                    let zero = ZeroFlags {
+                        may_unmap: detect == DetectZeroes::Unmap
+                            && self.discard_mode() == DiscardMode::Unmap,
+                        fua: flags.fua,
+                    };
+                    return self.driver.write_zeroes(offset, len, zero);
+                }
                 self.driver.write(offset, buf, flags)
             }
             Err(e) => ready(Err(e)),
@@ -516,7 +640,7 @@ impl Node {
 
     /// Makes completed writes stable.
     pub fn flush(&self) -> IoFuture<'_> {
-        if self.no_flush {
+        if self.no_flush() {
             return ready(Ok(()));
         }
         self.driver.flush()
@@ -538,7 +662,7 @@ impl Node {
         name: Option<&'a str>,
         format: Option<&'a str>,
     ) -> IoFuture<'a> {
-        if self.read_only {
+        if self.read_only() {
             return ready(Err(io::Error::from_raw_os_error(libc::EPERM)));
         }
         self.driver.set_backing_file_name(name, format)
@@ -549,7 +673,7 @@ impl Node {
         if let Err(e) = self.check_write(offset, len) {
             return ready(Err(e));
         }
-        match self.discard {
+        match self.discard_mode() {
             DiscardMode::Unmap => {
                 self.record(offset, len);
                 self.driver.discard(offset, len)
@@ -564,7 +688,7 @@ impl Node {
         if let Err(e) = self.check_write(offset, len) {
             return ready(Err(e));
         }
-        flags.may_unmap &= self.discard == DiscardMode::Unmap;
+        flags.may_unmap &= self.discard_mode() == DiscardMode::Unmap;
         self.record(offset, len);
         self.driver.write_zeroes(offset, len, flags)
     }
@@ -614,7 +738,7 @@ impl Node {
     /// even if one before failed.
     pub fn close(&self) -> IoFuture<'_> {
         Box::pin(async move {
-            let (flushed, stored) = if self.read_only {
+            let (flushed, stored) = if self.read_only() {
                 (Ok(()), Ok(()))
             } else {
                 let flushed = self.flush().await;

@@ -60,11 +60,7 @@ impl Staging<'_> {
         if let Some(parent) = parent {
             common.inherit(parent);
         }
-        if common.detect_zeroes.as_deref().is_some_and(|d| d != "off") {
-            return Err(Error::InvalidOptions(
-                "Parameter 'detect-zeroes': only 'off' is supported".into(),
-            ));
-        }
+        common.check()?;
         let restored_implicit = match &common.node_name {
             Some(name) if self.restoring => implicit_name_number(name),
             _ => None,
@@ -232,7 +228,7 @@ impl OpenContext<'_, '_> {
 }
 
 /// Prefixes the key named in a QMP error text with `role.`.
-fn prefix_key(text: &str, role: &str) -> String {
+pub(crate) fn prefix_key(text: &str, role: &str) -> String {
     match text.split_once('\'') {
         Some((head, rest)) => format!("{head}'{role}.{rest}"),
         None => text.to_string(),

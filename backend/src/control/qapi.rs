@@ -141,7 +141,7 @@ static BLOCKDEV_DRIVER: Enum = Enum {
     values: Values::Drivers,
 };
 static DISCARD: Enum = enumeration("BlockdevDiscardOptions", &["ignore", "unmap"]);
-static DETECT_ZEROES: Enum = enumeration("BlockdevDetectZeroesOptions", &["off"]);
+static DETECT_ZEROES: Enum = enumeration("BlockdevDetectZeroesOptions", &["off", "on", "unmap"]);
 static CACHE: Object = object(
     "BlockdevCacheOptions",
     &[opt("direct", BOOL), opt("no-flush", BOOL)],

@@ -193,7 +193,7 @@ pub(super) fn node_info(node: &Node) -> Value {
         "active": true,
         "file": node.filename().unwrap_or_default(),
         "encrypted": false,
-        "detect_zeroes": "off",
+        "detect_zeroes": node.detect_zeroes().as_str(),
         "backing_file_depth": 0,
         "write_threshold": node.write_threshold(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
