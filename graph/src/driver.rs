@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
 use crate::error::Error;
-use crate::node::Child;
+use crate::node::{Child, DiscardMode};
 use crate::permission::Permission;
 
 pub use crate::aio::IoFuture;
@@ -123,6 +123,37 @@ pub struct FormatInfo {
     pub backing_format: Option<String>,
     /// QEMU's ImageInfoSpecific: `{"type": format, "data": {...}}`.
     pub specific: Option<serde_json::Value>,
+}
+
+/// What blockdev-reopen changes of a node, as its driver sees it (QEMU's
+/// BDRVReopenState).
+#[derive(Clone, Copy)]
+pub struct Reopen<'a> {
+    /// The node-name.
+    pub node: &'a str,
+    /// Whether the node is read-only now.
+    pub was_read_only: bool,
+    /// Whether it will be.
+    pub read_only: bool,
+    /// Its discard mode from now on.
+    pub discard: DiscardMode,
+    /// The node's dirty bitmaps (a format stores its persistent ones as
+    /// the image becomes read-only).
+    pub bitmaps: &'a [Arc<DirtyBitmap>],
+}
+
+impl Reopen<'_> {
+    /// Refuses a change of read-only, with QEMU's text for a driver
+    /// (`driver`) that cannot reopen its node.
+    pub(crate) fn same_read_only(&self, driver: &str) -> Result<(), Error> {
+        if self.read_only == self.was_read_only {
+            return Ok(());
+        }
+        Err(Error::OpenFailed(format!(
+            "Block format '{driver}' used by node '{}' does not support reopening files",
+            self.node
+        )))
+    }
 }
 
 /// Operations of a block driver instance: the node's behaviour.
@@ -328,6 +359,24 @@ pub trait BlockDriver: Send + Sync {
     fn drain(&self) -> IoFuture<'_> {
         Box::pin(std::future::ready(Ok(())))
     }
+
+    /// Prepares a reopen (blockdev-reopen, or a job that needs its node
+    /// writable for a while): gets what the new state needs (a file
+    /// opened again) or fails, changing nothing either way. Exactly one of
+    /// [`BlockDriver::reopen_commit`] and [`BlockDriver::reopen_abort`]
+    /// follows. Called in a drained section, before the node's own options
+    /// change. The default has nothing to prepare.
+    fn reopen_prepare(&self, _reopen: &Reopen<'_>) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Makes the prepared state the driver's; the reopens of the node's
+    /// children have committed already. It cannot fail: what goes wrong is
+    /// logged, as QEMU does.
+    fn reopen_commit(&self) {}
+
+    /// Drops the prepared state: the reopen did not happen.
+    fn reopen_abort(&self) {}
 
     /// Writes what the driver keeps in memory; called once, after the node
     /// was flushed, when it leaves the graph. Requests never follow.

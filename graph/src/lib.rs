@@ -42,12 +42,14 @@ pub use bitset::OutOfMemory;
 pub use buffer::{IoBuffer, IoSegment};
 pub use drain::DrainParent;
 pub use driver::{
-    BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
+    BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, Reopen, WriteFlags,
+    ZeroFlags,
 };
 pub use error::Error;
 pub use graph::{Drained, Graph, GraphView};
 pub use node::{
-    CacheOptions, Child, CommonOptions, DiscardMode, Node, MAX_LENGTH, WRITE_THRESHOLD_EVENT,
+    CacheOptions, Child, CommonOptions, DetectZeroes, DiscardMode, Node, MAX_LENGTH,
+    WRITE_THRESHOLD_EVENT,
 };
 pub use open::{DriverEntry, OpenContext, OpenFn, MAX_NODE_NAME_LEN};
 pub use options::Options;

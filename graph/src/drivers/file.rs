@@ -10,15 +10,19 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use io_uring::{opcode, types};
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::aio::{run_blocking, submit, BlockingOp, Keepalive, UringOp};
 use crate::buffer::{AlignedBuffer, IoBuffer};
-use crate::driver::{BlockDriver, BlockLimits, BlockStatus, IoFuture, WriteFlags, ZeroFlags};
+use crate::driver::{
+    BlockDriver, BlockLimits, BlockStatus, IoFuture, Reopen, WriteFlags, ZeroFlags,
+};
 use crate::error::Error;
 use crate::open::{DriverEntry, OpenContext};
 use crate::options::Options;
@@ -57,7 +61,9 @@ struct FileOptions {
 /// An open file.
 pub struct File {
     filename: String,
-    file: Arc<std::fs::File>,
+    /// Swapped for one opened again by a reopen that changes read-only,
+    /// in a drained section: no request holds the old one.
+    file: ArcSwap<std::fs::File>,
     /// The size: a regular file grows with writes past its end.
     size: AtomicU64,
     /// A block device, whose size is fixed.
@@ -68,7 +74,9 @@ pub struct File {
     /// Buffered writes go to the thread pool: the file system cannot do
     /// them without blocking, so io_uring would hand them to its io-wq
     /// workers, which serialise writes to one file.
-    pool_writes: bool,
+    pool_writes: AtomicBool,
+    /// The file a prepared reopen opened, and its `pool_writes`.
+    reopened: Mutex<Option<(Arc<std::fs::File>, bool)>>,
 }
 
 fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn BlockDriver>, Error> {
@@ -83,15 +91,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
     let _ = opts.aio_max_batch;
     let read_only = ctx.common.is_read_only();
     let direct = ctx.common.direct();
-    let mut oo = OpenOptions::new();
-    oo.read(true).write(!read_only);
-    if direct {
-        oo.custom_flags(libc::O_DIRECT);
-    }
-    let file = oo.open(&opts.filename).map_err(|source| Error::Open {
-        filename: opts.filename.clone(),
-        source,
-    })?;
+    let file = open_file(&opts.filename, read_only, direct)?;
     let meta = file.metadata().map_err(|source| Error::Open {
         filename: opts.filename.clone(),
         source,
@@ -110,17 +110,36 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
     } else {
         1
     };
-    let pool_writes = !direct && !read_only && !nowait_buffered_writes(file.as_raw_fd());
+    let pool_writes = pool_writes(&file, read_only, direct);
     Ok(Box::new(File {
         filename: opts.filename.clone(),
-        file: Arc::new(file),
+        file: ArcSwap::from_pointee(file),
         size: AtomicU64::new(size),
         block_device,
         direct,
         align,
         aio: opts.aio,
-        pool_writes,
+        pool_writes: AtomicBool::new(pool_writes),
+        reopened: Mutex::new(None),
     }))
+}
+
+/// Opens `filename` for reading, and writing unless `read_only`.
+fn open_file(filename: &str, read_only: bool, direct: bool) -> Result<std::fs::File, Error> {
+    let mut oo = OpenOptions::new();
+    oo.read(true).write(!read_only);
+    if direct {
+        oo.custom_flags(libc::O_DIRECT);
+    }
+    oo.open(filename).map_err(|source| Error::Open {
+        filename: filename.to_string(),
+        source,
+    })
+}
+
+/// Whether buffered writes to `file` go to the thread pool.
+fn pool_writes(file: &std::fs::File, read_only: bool, direct: bool) -> bool {
+    !direct && !read_only && !nowait_buffered_writes(file.as_raw_fd())
 }
 
 /// Whether the file system takes buffered writes without blocking
@@ -173,7 +192,7 @@ fn errno(e: i32) -> io::Error {
 
 impl File {
     fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.file.load().as_raw_fd()
     }
 
     /// One readv/writev of the whole buffer, on io_uring or the pool;
@@ -185,7 +204,7 @@ impl File {
         write: bool,
         fua: bool,
     ) -> io::Result<usize> {
-        let aio = if write && self.pool_writes {
+        let aio = if write && self.pool_writes.load(Ordering::Relaxed) {
             Aio::Threads
         } else {
             self.aio
@@ -224,7 +243,7 @@ impl File {
     }
 
     fn spawn_rw(&self, offset: u64, buf: &IoBuffer, write: bool, fua: bool) -> BlockingOp {
-        let file = self.file.clone();
+        let file = self.file.load_full();
         let buf = buf.clone();
         run_blocking(move || {
             let segs = buf.segments();
@@ -312,7 +331,7 @@ impl File {
                     .map(|_| ())
             }
             Aio::Threads => {
-                let file = self.file.clone();
+                let file = self.file.load_full();
                 run_blocking(move || {
                     // SAFETY: fallocate on an owned, open descriptor.
                     let ret = unsafe {
@@ -365,7 +384,7 @@ impl BlockDriver for File {
             if self.block_device {
                 return Err(errno(libc::ENOTSUP));
             }
-            let file = self.file.clone();
+            let file = self.file.load_full();
             run_blocking(move || file.set_len(size).map(|_| 0)).await?;
             self.size.store(size, Ordering::Release);
             Ok(())
@@ -381,6 +400,32 @@ impl BlockDriver for File {
 
     fn filename(&self) -> Option<String> {
         Some(self.filename.clone())
+    }
+
+    /// Opens the file again (read-write or read-only, as QEMU's
+    /// raw_reopen_prepare) when read-only changes; the new descriptor
+    /// takes the old one's place at commit.
+    fn reopen_prepare(&self, reopen: &Reopen<'_>) -> Result<(), Error> {
+        if reopen.read_only == reopen.was_read_only {
+            return Ok(());
+        }
+        let file = open_file(&self.filename, reopen.read_only, self.direct)?;
+        let pool = pool_writes(&file, reopen.read_only, self.direct);
+        *self.reopened.lock() = Some((Arc::new(file), pool));
+        Ok(())
+    }
+
+    /// The new descriptor in, the old one closed (no request holds it in
+    /// a drained section).
+    fn reopen_commit(&self) {
+        if let Some((file, pool)) = self.reopened.lock().take() {
+            self.pool_writes.store(pool, Ordering::Relaxed);
+            self.file.store(file);
+        }
+    }
+
+    fn reopen_abort(&self) {
+        self.reopened.lock().take();
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a IoBuffer) -> IoFuture<'a> {
@@ -419,7 +464,7 @@ impl BlockDriver for File {
                         .map(|_| ())
                 }
                 Aio::Threads => {
-                    let file = self.file.clone();
+                    let file = self.file.load_full();
                     run_blocking(move || file.sync_data().map(|_| 0))
                         .await
                         .map(|_| ())

@@ -1139,6 +1139,12 @@ impl Nbd {
 }
 
 impl BlockDriver for Nbd {
+    /// The connection was opened for reading or for writing; blkgraph does
+    /// not open it again.
+    fn reopen_prepare(&self, reopen: &crate::driver::Reopen<'_>) -> Result<(), Error> {
+        reopen.same_read_only("nbd")
+    }
+
     fn size(&self) -> u64 {
         self.shared.info.size
     }

@@ -362,6 +362,24 @@ impl Meta {
         Ok((bitmaps, used))
     }
 
+    /// Marks every bitmap of the image in use, as the image becomes
+    /// writable again (QEMU's qcow2_reopen_bitmaps_rw); a bitmap in use
+    /// already stays as it is.
+    pub async fn mark_bitmaps_in_use(&mut self, f: &File<'_>) -> io::Result<()> {
+        let Some((ext, mut entries)) = self.directory(f).await? else {
+            return Ok(());
+        };
+        if entries.iter().all(|e| e.flags & FLAG_IN_USE != 0) {
+            return Ok(());
+        }
+        for e in &mut entries {
+            e.flags |= FLAG_IN_USE;
+        }
+        self.mark_in_use(f, ext, &entries).await?;
+        self.publish_bitmaps(&entries);
+        Ok(())
+    }
+
     /// Rewrites the directory in place with the in-use flags set; the
     /// autoclear bit is off meanwhile, so a crash in between leaves the
     /// bitmaps invalid rather than wrong.

@@ -154,6 +154,12 @@ impl Meta {
         }
     }
 
+    /// Writes the metadata from now on with `policy` (a reopen changed
+    /// it).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
     /// The header as last written, shared with queries.
     pub fn published_header(&self) -> Arc<Mutex<Header>> {
         self.published.clone()

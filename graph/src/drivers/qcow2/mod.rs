@@ -26,7 +26,7 @@ mod repair;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -42,7 +42,8 @@ use crate::aio::{block_on, AsyncMutex};
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
 use crate::driver::{
-    BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, WriteFlags, ZeroFlags,
+    BlockDriver, BlockLimits, BlockStatus, ChildRole, FormatInfo, IoFuture, Reopen, WriteFlags,
+    ZeroFlags,
 };
 use crate::error::Error;
 use crate::node::{Child, DiscardMode, Node};
@@ -149,13 +150,30 @@ pub(crate) struct Qcow2 {
     size: AtomicU64,
     /// The file's request alignment.
     align: u64,
-    writable: bool,
+    /// Whether the image is open for writing; a reopen changes it.
+    writable: AtomicBool,
+    /// Lazy refcounts as the options and the header decide them, and
+    /// `pass-discard-request` as given: a reopen derives the policy again.
+    lazy_refcounts: bool,
+    pass_discard_request: Option<bool>,
+    /// What a prepared reopen changes.
+    reopening: parking_lot::Mutex<Option<Reopening>>,
     /// The header as last written, for queries.
     header: Arc<parking_lot::Mutex<Header>>,
     /// The bitmap directory as last written, for queries.
     stored_bitmaps: Arc<parking_lot::Mutex<Vec<StoredBitmap>>>,
     /// One cluster of zeroes, the source of zero pieces of writes.
     zeroes: IoBuffer,
+}
+
+/// A prepared reopen (QEMU's qcow2_reopen_prepare).
+struct Reopening {
+    writable: bool,
+    policy: Policy,
+    /// The node's bitmaps: read-only or not once the reopen commits.
+    bitmaps: Vec<Arc<DirtyBitmap>>,
+    /// Going read-only, the prepare stored them (no longer in use).
+    stored: bool,
 }
 
 /// What `open` read from the image.
@@ -262,10 +280,32 @@ fn open(
         size: AtomicU64::new(g.size),
         g,
         align,
-        writable,
+        writable: AtomicBool::new(writable),
+        lazy_refcounts,
+        pass_discard_request: opts.pass_discard_request,
+        reopening: parking_lot::Mutex::new(None),
         zeroes: IoBuffer::aligned(g.cluster_size as usize, align as usize)
             .map_err(|e| Error::OpenFailed(format!("qcow2: {e}")))?,
     }))
+}
+
+impl Qcow2 {
+    /// Writes the metadata back, marks the image clean and stores the
+    /// persistent ones of `bitmaps`, as the image becomes read-only.
+    async fn store_for_read_only(&self, bitmaps: &[Arc<DirtyBitmap>]) -> std::io::Result<()> {
+        let node = self.file.node();
+        let f = File {
+            node: &node,
+            align: self.align,
+        };
+        let mut m = self.meta.lock().await;
+        m.close(&f).await?;
+        if bitmaps.iter().any(|b| b.persistent()) {
+            m.store_bitmaps(&f, bitmaps).await?;
+            f.flush().await?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads and checks the header, the L1 table and the refcount table.
@@ -519,8 +559,9 @@ impl BlockDriver for Qcow2 {
 
     /// Like QEMU's format drivers: the file is read consistently and, when
     /// the image is writable, written and grown (metadata changes even if
-    /// no parent writes); others may only write it without changing it.
-    /// The backing file is only read, and shared with anyone.
+    /// no parent writes; the node drops these for a read-only image);
+    /// others may only write it without changing it. The backing file is
+    /// only read, and shared with anyone.
     fn child_perm(
         &self,
         role: ChildRole,
@@ -529,17 +570,10 @@ impl BlockDriver for Qcow2 {
     ) -> (Permission, Permission) {
         match role {
             ChildRole::Backing => (Permission::CONSISTENT_READ, Permission::ALL),
-            _ => {
-                let shared = Permission::CONSISTENT_READ | Permission::WRITE_UNCHANGED;
-                if self.writable {
-                    (
-                        Permission::CONSISTENT_READ | Permission::WRITE | Permission::RESIZE,
-                        shared,
-                    )
-                } else {
-                    (Permission::CONSISTENT_READ, shared)
-                }
-            }
+            _ => (
+                Permission::CONSISTENT_READ | Permission::WRITE | Permission::RESIZE,
+                Permission::CONSISTENT_READ | Permission::WRITE_UNCHANGED,
+            ),
         }
     }
 
@@ -685,9 +719,100 @@ impl BlockDriver for Qcow2 {
         })
     }
 
+    /// Going read-write: the image must allow it (as at open). Going
+    /// read-only: the metadata is written back, the image marked clean and
+    /// the persistent bitmaps stored (no longer in use), while the file is
+    /// still writable.
+    fn reopen_prepare(&self, reopen: &Reopen<'_>) -> Result<(), Error> {
+        let writable = !reopen.read_only;
+        let mut stored = false;
+        if writable && reopen.was_read_only {
+            let header = self.header.lock().clone();
+            check_writable(&header)?;
+            if header.incompatible & INCOMPAT_DIRTY != 0 {
+                return Err(OpenError::NotWritable(
+                    "qcow2: the image was not closed cleanly: open it read-write to repair it",
+                )
+                .into());
+            }
+        }
+        if !writable && !reopen.was_read_only {
+            stored = true;
+            block_on(self.store_for_read_only(reopen.bitmaps))
+                .and_then(|r| r)
+                .map_err(|e| {
+                    Error::OpenFailed(format!("Cannot reopen '{}' read-only: {e}", reopen.node))
+                })?;
+        }
+        let policy = Policy {
+            pass_discard: self
+                .pass_discard_request
+                .unwrap_or(reopen.discard == DiscardMode::Unmap),
+            lazy_refcounts: self.lazy_refcounts && writable,
+        };
+        *self.reopening.lock() = Some(Reopening {
+            writable,
+            policy,
+            bitmaps: reopen.bitmaps.to_vec(),
+            stored,
+        });
+        Ok(())
+    }
+
+    /// Going read-write: the image's bitmaps are marked in use again
+    /// (the file is writable by now) and may change.
+    fn reopen_commit(&self) {
+        let Some(r) = self.reopening.lock().take() else {
+            return;
+        };
+        let was_writable = self.writable.swap(r.writable, Ordering::AcqRel);
+        let node = self.file.node();
+        let f = File {
+            node: &node,
+            align: self.align,
+        };
+        let marked = block_on(async {
+            let mut m = self.meta.lock().await;
+            m.set_policy(r.policy);
+            if r.writable && !was_writable {
+                m.mark_bitmaps_in_use(&f).await
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) | Ok(Err(e)) = marked {
+            log::error!("qcow2: cannot mark the bitmaps in use: {e}");
+        }
+        if r.writable != was_writable {
+            for b in r.bitmaps.iter().filter(|b| b.persistent()) {
+                b.set_readonly(!r.writable);
+            }
+        }
+    }
+
+    /// An aborted reopen to read-only gives the bitmaps it stored their
+    /// in-use mark back: the image stays writable.
+    fn reopen_abort(&self) {
+        let Some(r) = self.reopening.lock().take() else {
+            return;
+        };
+        if !r.stored {
+            return;
+        }
+        let node = self.file.node();
+        let f = File {
+            node: &node,
+            align: self.align,
+        };
+        let marked = block_on(async { self.meta.lock().await.mark_bitmaps_in_use(&f).await });
+        if let Err(e) | Ok(Err(e)) = marked {
+            log::error!("qcow2: cannot mark the bitmaps in use again: {e}");
+        }
+    }
+
     fn close(&self) -> IoFuture<'_> {
         Box::pin(async move {
-            if self.writable {
+            if self.writable.load(Ordering::Acquire) {
                 self.close_image().await?;
             }
             Ok(())

@@ -511,6 +511,12 @@ impl Rbd {
 }
 
 impl BlockDriver for Rbd {
+    /// The connection was opened for reading or for writing; blkgraph does
+    /// not open it again.
+    fn reopen_prepare(&self, reopen: &crate::driver::Reopen<'_>) -> Result<(), Error> {
+        reopen.same_read_only("rbd")
+    }
+
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
