@@ -28,8 +28,12 @@ pub(crate) struct Checked {
 
 /// Computes every edge's permissions over `state` and checks them: each
 /// parent's `perm` must be inside every other parent's `shared`, and
-/// nobody may write a read-only node. Returns the permissions to apply.
-pub(crate) fn check_permissions(state: &State) -> Result<Checked, Error> {
+/// nobody may write a read-only node (`made_read_only`: the nodes a reopen
+/// made read-only, for QEMU's text). Returns the permissions to apply.
+pub(crate) fn check_permissions(
+    state: &State,
+    made_read_only: &[Arc<Node>],
+) -> Result<Checked, Error> {
     let mut incoming: HashMap<&str, Vec<Incoming>> = HashMap::new();
     let mut pending: HashMap<&str, usize> = state.nodes.keys().map(|n| (n.as_str(), 0)).collect();
     for node in state.nodes.values() {
@@ -72,7 +76,8 @@ pub(crate) fn check_permissions(state: &State) -> Result<Checked, Error> {
         done += 1;
         let node = &state.nodes[name];
         let parents = incoming.remove(name).unwrap_or_default();
-        let (perm, shared) = check_node(node, &parents)?;
+        let reopened = made_read_only.iter().any(|n| Arc::ptr_eq(n, node));
+        let (perm, shared) = check_node(node, &parents, reopened)?;
         result.granted.push((node.clone(), perm));
         for p in parents {
             if matches!(p.edge.parent(), Parent::Node(_)) {
@@ -110,12 +115,21 @@ pub(crate) fn check_permissions(state: &State) -> Result<Checked, Error> {
 
 /// Checks the parents of one node against each other; returns the union
 /// of what they need and the intersection of what they share.
-fn check_node(node: &Node, parents: &[Incoming]) -> Result<(Permission, Permission), Error> {
+fn check_node(
+    node: &Node,
+    parents: &[Incoming],
+    reopened: bool,
+) -> Result<(Permission, Permission), Error> {
     let name = node.name();
     let mut perm = Permission::NONE;
     let mut shared = Permission::ALL;
     for a in parents {
         if node.read_only() && !(a.perm & (Permission::WRITE | Permission::RESIZE)).is_empty() {
+            if reopened {
+                return Err(Error::Permission(format!(
+                    "Read-only block node '{name}' cannot support read-write users"
+                )));
+            }
             return Err(Error::Permission(format!(
                 "Block node '{name}' is read-only, but {} (uses node '{name}' as '{}' child) needs '{}'",
                 a.edge.parent(),

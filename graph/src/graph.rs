@@ -142,6 +142,27 @@ impl Graph {
         tx.commit()
     }
 
+    /// blockdev-reopen: new options for existing nodes, all applied or
+    /// none, in a drained transaction of its own.
+    pub fn reopen(&self, entries: Vec<Options>) -> Result<(), Error> {
+        let mut tx = self.drained_transaction();
+        tx.reopen(entries)?;
+        tx.commit()
+    }
+
+    /// Makes nodes read-only (or writable) again, as a job that reopened
+    /// them ends; in a drained transaction of its own.
+    pub(crate) fn set_read_only(&self, nodes: &[Arc<Node>], read_only: bool) -> Result<(), Error> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.drained_transaction();
+        for node in nodes {
+            tx.set_read_only(node, read_only)?;
+        }
+        tx.commit()
+    }
+
     /// The node named `name`.
     pub fn find(&self, name: &str) -> Result<Arc<Node>, Error> {
         self.lock()

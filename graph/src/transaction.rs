@@ -10,6 +10,8 @@
 //! a bit set by I/O, drained or not. Nodes that leave the graph (deleted,
 //! or opened by a transaction that is rolled back) are closed.
 
+mod reopen;
+
 use std::sync::Arc;
 
 use parking_lot::MutexGuard;
@@ -24,7 +26,7 @@ use crate::drivers::DRIVERS;
 use crate::error::Error;
 use crate::graph::Graph;
 use crate::job::{Job, JobDriver, JobOptions, JobTxn};
-use crate::node::{Child, CommonOptions, Node};
+use crate::node::{Child, CommonOptions, Node, NodeFlags};
 use crate::open::valid_node_name;
 use crate::open::Staging;
 use crate::options::Options;
@@ -79,6 +81,9 @@ pub struct Transaction<'g> {
     opened: Vec<Arc<Node>>,
     /// Bitmaps to remove from their node at commit.
     removed_bitmaps: Vec<(Arc<Node>, Arc<DirtyBitmap>)>,
+    /// Nodes a reopen made read-only (for QEMU's error text if a parent
+    /// still writes them).
+    made_read_only: Vec<Arc<Node>>,
     committed: bool,
 }
 
@@ -95,6 +100,11 @@ enum Undo {
     Unfreeze(Arc<DirtyBitmap>, Vec<u64>),
     /// Give the node its backing child back.
     Backing(Arc<Node>, Option<Arc<Node>>),
+    /// The node's driver prepared a reopen: it aborts it, or commits it
+    /// with the transaction.
+    Reopened(Arc<Node>),
+    /// Give the node its options back (a reopen changed them).
+    Flags(Arc<Node>, NodeFlags),
 }
 
 /// A dirty bitmap named in a merge: its node and name.
@@ -120,6 +130,7 @@ impl<'g> Transaction<'g> {
             undo: Vec::new(),
             opened: Vec::new(),
             removed_bitmaps: Vec::new(),
+            made_read_only: Vec::new(),
             committed: false,
         }
     }
@@ -688,7 +699,7 @@ impl<'g> Transaction<'g> {
     /// Checks the permissions of the resulting graph and makes it the
     /// graph; on error everything is rolled back.
     pub fn commit(mut self) -> Result<(), Error> {
-        let checked = check_permissions(&self.working)?;
+        let checked = check_permissions(&self.working, &self.made_read_only)?;
         for (edge, perm, shared) in checked.edges {
             edge.set_permissions(perm, shared);
         }
@@ -697,11 +708,17 @@ impl<'g> Transaction<'g> {
         }
         let old = std::mem::replace(&mut *self.graph, std::mem::take(&mut self.working));
         self.committed = true;
+        let mut reopened = Vec::new();
         for undo in self.undo.drain(..) {
-            if let Undo::BitmapChanged(bitmap, _) = undo {
-                bitmap.commit_journal();
+            match undo {
+                Undo::BitmapChanged(bitmap, _) => bitmap.commit_journal(),
+                Undo::Reopened(node) if !reopened.iter().any(|n| Arc::ptr_eq(n, &node)) => {
+                    reopened.push(node)
+                }
+                _ => {}
             }
         }
+        self.commit_reopens(reopened);
         for (node, bitmap) in self.removed_bitmaps.drain(..) {
             node.remove_bitmap(&bitmap);
             if bitmap.persistent() {
@@ -766,6 +783,8 @@ impl Drop for Transaction<'_> {
                         );
                     }
                 }
+                Undo::Reopened(node) => node.driver().reopen_abort(),
+                Undo::Flags(node, flags) => node.set_flags(flags),
             }
         }
         self.working = State::default();
