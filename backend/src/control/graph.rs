@@ -1,5 +1,6 @@
 //! Commands on the graph's nodes: adding, deleting and replacing them (as
-//! transaction actions), resizing them and their write thresholds.
+//! transaction actions), reopening them with new options, resizing them
+//! and their write thresholds.
 
 use blkgraph_ctl::{NamedFds, QmpError};
 use blkgraph_graph::{aio, Options, Permission};
@@ -13,6 +14,39 @@ use super::Control;
 /// blockdev-add's arguments: the node's options, checked as it opens.
 pub(super) fn parse_blockdev_options(args: Map<String, Value>) -> Result<Options, QmpError> {
     Options::from_json(Value::Object(args)).map_err(generic)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReopenArgs {
+    options: Vec<Value>,
+}
+
+/// blockdev-reopen's arguments: a list of BlockdevOptions, each checked
+/// against its node as the reopen runs.
+pub(super) fn parse_reopen(args: Map<String, Value>) -> Result<Vec<Options>, QmpError> {
+    let a: ReopenArgs = parse(args)?;
+    a.options
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::Object(_) => Options::from_json(v).map_err(generic),
+            _ => Err(generic(format!(
+                "Invalid parameter type for 'options[{i}]', expected: object"
+            ))),
+        })
+        .collect()
+}
+
+/// blockdev-reopen: every entry applies, or none (QEMU 6's
+/// blockdev-reopen), in a drained graph.
+pub(super) fn reopen(
+    control: &Control,
+    entries: Vec<Options>,
+    _: &mut NamedFds,
+) -> Result<Value, QmpError> {
+    control.graph.reopen(entries).map_err(generic)?;
+    Ok(Value::Object(Map::new()))
 }
 
 /// blockdev-del's arguments.

@@ -288,6 +288,11 @@ pub(super) fn driver_options(driver: &str) -> Option<&'static Object> {
     })
 }
 
+pub(super) static REOPEN_ARGS: Object = object(
+    "q_obj_blockdev-reopen-arg",
+    &[req("options", Ty::Array(&Ty::Object(&BLOCKDEV_OPTIONS)))],
+);
+
 pub(super) static NODE_NAME_ARGS: Object =
     object("q_obj_blockdev-del-arg", &[req("node-name", STR)]);
 static REPLACE_PARENT: Enum = enumeration("BlockParentType", &["export", "driver"]);

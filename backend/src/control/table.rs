@@ -249,6 +249,13 @@ pub(super) static TABLE: &[&dyn Entry] = &[
         graph::parse_node_name,
         Action::Del,
     ),
+    &Def::run(
+        "blockdev-reopen",
+        &qapi::REOPEN_ARGS,
+        NOTHING,
+        graph::parse_reopen,
+        graph::reopen,
+    ),
     &Def::action(
         "x-blockdev-replace",
         &qapi::REPLACE_ARGS,
