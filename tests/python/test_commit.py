@@ -11,7 +11,10 @@ BLKGRAPH_TEST_QSD=1.
   base; the top's backing file (graph and header) becomes the base and the
   content is unchanged. Layers named by node-name, or by file name
   (`top`, `base`) as QEMU allows.
-- A read-only base is refused with a clear error.
+- A read-only base (from an image's header, as libvirt opens chains, or
+  added read-only) is reopened read-write for the job and read-only again
+  after it, unless an active commit completed (the base is then the
+  active layer).
 """
 
 import json
@@ -78,6 +81,21 @@ def test_active_commit_under_a_guest(daemon_kind, start_daemon, workdir):
     assert file_md5(flat, 48 * MIB) == result.md5
 
 
+def commit_intermediate(q, job_id: str, top_node: str, base_node: str, by_file=False) -> dict:
+    """Commits disk0's chain from `top_node` into `base_node` (or the files
+    they are named by) and waits for the job; returns the nodes after it,
+    by name."""
+    if by_file:
+        nodes = {n["node-name"]: n for n in ok(q, "query-named-block-nodes")}
+        layers = {"top": nodes[top_node]["file"], "base": nodes[base_node]["file"]}
+    else:
+        layers = {"top-node": top_node, "base-node": base_node}
+    ok(q, "block-commit", device="disk0", **{"job-id": job_id}, **layers)
+    done = wait_event(q, "BLOCK_JOB_COMPLETED", device=job_id)
+    assert "error" not in done["data"], done
+    return {n["node-name"]: n for n in ok(q, "query-named-block-nodes")}
+
+
 @pytest.mark.parametrize("naming", ["node", "file"])
 def test_intermediate_commit(daemon_kind, start_daemon, workdir, naming):
     base = workdir / "base.raw"
@@ -97,16 +115,10 @@ def test_intermediate_commit(daemon_kind, start_daemon, workdir, naming):
     ]
     daemon = start_daemon(None, qmp=True, blockdevs=blockdevs)
     q = connect(daemon)
-    if naming == "node":
-        layers = {"top-node": "mid", "base-node": "base"}
-    else:
+    if naming == "file":
         r = cmd(q, "block-commit", device="disk0", top=str(workdir / "nothere.qcow2"))
         assert r["error"]["desc"] == f"Top image file {workdir / 'nothere.qcow2'} not found", r
-        layers = {"top": str(mid), "base": str(base)}
-    ok(q, "block-commit", device="disk0", **{"job-id": "c1"}, **layers)
-    done = wait_event(q, "BLOCK_JOB_COMPLETED", device="c1")
-    assert "error" not in done["data"], done
-    nodes = {n["node-name"]: n for n in ok(q, "query-named-block-nodes")}
+    nodes = commit_intermediate(q, "c1", "mid", "base", by_file=naming == "file")
     assert nodes["disk0"]["backing_file"] == str(base), nodes["disk0"]
     ok(q, "blockdev-del", **{"node-name": "mid"})
     q.close()
@@ -122,18 +134,97 @@ def test_intermediate_commit(daemon_kind, start_daemon, workdir, naming):
         assert f.read(8 * MIB) == bytes([0x41]) * (8 * MIB)
 
 
-def test_read_only_base_is_refused(daemon_kind, start_daemon, workdir):
-    if daemon_kind == "qsd":
-        # QEMU reopens the base read-write for the job.
-        return
-    base = workdir / "base.raw"
-    base.write_bytes(bytes(SIZE))
-    top = workdir / "top.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top)
-    daemon = start_daemon(top, qmp=True, fmt="qcow2")
+def node_named(q, path) -> str:
+    """The node-name of the format node of image `path`."""
+    return next(
+        n["node-name"]
+        for n in ok(q, "query-named-block-nodes")
+        if n["file"] == str(path) and n["drv"] == "qcow2"
+    )
+
+
+def chain(workdir) -> tuple:
+    """base <- mid <- top, with data in each layer; the top's content."""
+    base, mid, top = (workdir / f"{n}.qcow2" for n in ("base", "mid", "top"))
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, SIZE)
+    run("qemu-io", "-f", "qcow2", base, "-c", "write -P 0x31 0 16M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+    run("qemu-io", "-f", "qcow2", mid, "-c", "write -P 0x41 4M 8M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+    run("qemu-io", "-f", "qcow2", top, "-c", "write -P 0x51 6M 1M")
+    before = workdir / "before.raw"
+    run("qemu-img", "convert", "-O", "raw", top, before)
+    return base, mid, top, before.read_bytes()
+
+
+def flat(workdir, image) -> bytes:
+    out = workdir / "flat.raw"
+    run("qemu-img", "convert", "-O", "raw", image, out)
+    return out.read_bytes()
+
+
+def test_commit_into_a_backing_file_from_the_header(daemon_kind, start_daemon, workdir):
+    """libvirt's flow: the chain is opened from the images' headers, so
+    the base is read-only; it is reopened read-write for the commit and is
+    read-only again after it."""
+    base, mid, top, before = chain(workdir)
+    blockdevs = [f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={top}"]
+    daemon = start_daemon(None, qmp=True, blockdevs=blockdevs)
     q = connect(daemon)
-    r = cmd(q, "block-commit", device="disk0", **{"job-id": "c2"})
-    assert "is read-only: open it with read-only=off" in r["error"]["desc"], r
-    assert ok(q, "query-jobs") == []
+    base_node, mid_node = node_named(q, base), node_named(q, mid)
+    nodes = {n["node-name"]: n for n in ok(q, "query-named-block-nodes")}
+    assert nodes[base_node]["ro"] and nodes[mid_node]["ro"]
+    nodes = commit_intermediate(q, "c2", mid_node, base_node)
+    assert nodes[base_node]["ro"], "the base is read-only again"
+    assert nodes["disk0"]["backing_file"] == str(base)
     q.close()
-    daemon.stop()
+    assert daemon.stop() == 0
+    run("qemu-img", "check", top)
+    run("qemu-img", "check", base)
+    assert flat(workdir, top) == before
+    assert flat(workdir, base)[4 * MIB : 12 * MIB] == bytes([0x41]) * (8 * MIB)
+
+
+def test_commit_into_an_explicit_read_only_base(daemon_kind, start_daemon, workdir):
+    """The base added as a read-only node: an intermediate commit and an
+    aborted active commit (a forced cancel) leave it read-only; an active
+    commit that completes leaves it writable (QEMU's mirror: a plain cancel
+    once ready completes too)."""
+    base, mid, top, before = chain(workdir)
+    blockdevs = [
+        f"driver=qcow2,node-name=base,read-only=on,file.driver=file,file.filename={base}",
+        f"driver=qcow2,node-name=mid,read-only=on,backing=base,"
+        f"file.driver=file,file.filename={mid}",
+        f"driver=qcow2,node-name=disk0,backing=mid,file.driver=file,file.filename={top}",
+    ]
+    daemon = start_daemon(None, qmp=True, blockdevs=blockdevs)
+    q = connect(daemon)
+
+    def read_only(name) -> bool:
+        return next(n["ro"] for n in ok(q, "query-named-block-nodes") if n["node-name"] == name)
+
+    assert commit_intermediate(q, "c3", "mid", "base")["base"]["ro"]
+    ok(q, "blockdev-del", **{"node-name": "mid"})
+
+    def active_commit(job_id: str, command: str, event: str, **args) -> None:
+        """An active commit into the base, ended once ready by `command`."""
+        ok(q, "block-commit", device="disk0", **{"job-id": job_id, "base-node": "base"})
+        wait_event(q, "BLOCK_JOB_READY", device=job_id)
+        assert not read_only("base"), "writable for the job"
+        ok(q, command, **args)
+        done = wait_event(q, event, device=job_id)
+        assert "error" not in done["data"], done
+
+    active_commit("c4", "block-job-cancel", "BLOCK_JOB_CANCELLED", device="c4", force=True)
+    assert read_only("base"), "read-only again after an aborted commit"
+    assert export_root(q) == "disk0"
+    active_commit("c5", "block-job-cancel", "BLOCK_JOB_COMPLETED", device="c5")
+    assert not read_only("base"), "a plain cancel once ready completes the job"
+    assert export_root(q) == "disk0"
+    active_commit("c6", "job-complete", "BLOCK_JOB_COMPLETED", id="c6")
+    assert export_root(q) == "base"
+    assert not read_only("base"), "the base took the active layer's place"
+    q.close()
+    assert daemon.stop() == 0
+    run("qemu-img", "check", base)
+    assert flat(workdir, base) == before

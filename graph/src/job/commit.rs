@@ -6,8 +6,14 @@
 //! `base` that copies only what lies above `base`: ready once in sync,
 //! job-complete moves every parent of the active layer to `base`.
 //!
-//! `base` must be writable: open it with `read-only: false` (QEMU reopens
-//! it read-write for the job; blkgraph does not reopen nodes yet).
+//! A read-only `base` (a backing file opened from an image's header, say)
+//! is reopened read-write for the job's duration, as QEMU's commit_start,
+//! and so is the overlay above an intermediate commit's top (its image's
+//! backing file name changes); both are read-only again when the job ends.
+//! An active commit that completes (with job-complete, or a plain cancel
+//! once ready) leaves the base writable, as QEMU's mirror does: it took the
+//! active layer's place, or is a copy of it; an aborted one makes it
+//! read-only again.
 
 use std::io;
 use std::sync::Arc;
@@ -64,6 +70,8 @@ struct Commit {
     /// The base's depth below `top`, as block status counts it.
     base_depth: u32,
     backing_file: Option<String>,
+    /// The nodes reopened read-write for the job.
+    read_only_again: Vec<Arc<Node>>,
 }
 
 impl Transaction<'_> {
@@ -121,12 +129,6 @@ impl Transaction<'_> {
                 top.name()
             )));
         }
-        if base.read_only() {
-            return Err(error(format!(
-                "Block node '{}' is read-only: open it with read-only=off to commit into it",
-                base.name()
-            )));
-        }
         if base.size() < top.size() {
             return Err(error(format!(
                 "Base '{}' is smaller than the top image: resize it first",
@@ -134,6 +136,14 @@ impl Transaction<'_> {
             )));
         }
         let base_depth = (base_at - top_at) as u32 + 1;
+        let mut read_only_again = Vec::new();
+        let overlay = top_at.checked_sub(1).map(|i| layers[i].clone());
+        for node in [Some(base.clone()), overlay].into_iter().flatten() {
+            if node.read_only() {
+                self.set_read_only(&node, false)?;
+                read_only_again.push(node);
+            }
+        }
         if top_at == 0 {
             let mirror = MirrorOptions {
                 job: o.job.clone(),
@@ -145,7 +155,8 @@ impl Transaction<'_> {
                 copy_mode: CopyMode::Background,
                 filter_node_name: o.filter_node_name.clone(),
             };
-            return self.start_mirror(&mirror, Initial::Above(base_depth), "commit", None);
+            let initial = Initial::Above(base_depth);
+            return self.start_mirror(&mirror, initial, "commit", None, read_only_again);
         }
         let driver = Commit {
             top: top.clone(),
@@ -153,6 +164,7 @@ impl Transaction<'_> {
             overlay: layers[top_at - 1].clone(),
             base_depth,
             backing_file: o.backing_file.clone(),
+            read_only_again,
         };
         let uses = [
             (top.name(), Permission::CONSISTENT_READ, Permission::ALL),
@@ -231,9 +243,14 @@ impl JobDriver for Commit {
         tx.commit()
     }
 
+    /// The job lets its nodes go; those it reopened read-write are
+    /// read-only again (QEMU's commit_clean).
     fn clean(&self, graph: &Graph, job: &Job) {
         if let Err(e) = graph.release_job(job.id()) {
             log::error!("job '{}': cannot release its nodes: {e}", job.id());
+        }
+        if let Err(e) = graph.set_read_only(&self.read_only_again, true) {
+            log::error!("job '{}': cannot reopen its nodes read-only: {e}", job.id());
         }
     }
 }

@@ -15,6 +15,7 @@
 //! target.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -284,6 +285,13 @@ struct Mirror {
     target: String,
     filter: String,
     buf_size: u64,
+    /// Nodes reopened read-write for the job (an active commit's base):
+    /// read-only again if the job is aborted, as QEMU's mirror_exit_common
+    /// (a completed job leaves the base writable: it took the active
+    /// layer's place, or is a copy of it after a plain cancel).
+    read_only_again: Vec<Arc<Node>>,
+    /// The job completed (its prepare succeeded).
+    completed: AtomicBool,
 }
 
 impl Transaction<'_> {
@@ -306,17 +314,19 @@ impl Transaction<'_> {
                 )))
             }
         };
-        self.start_mirror(o, initial, "mirror", txn)
+        self.start_mirror(o, initial, "mirror", txn, Vec::new())
     }
 
     /// Puts a mirror's filter above the source and makes the job: for
-    /// blockdev-mirror and an active block-commit.
+    /// blockdev-mirror and an active block-commit (whose base, if it was
+    /// reopened read-write for the job, is in `read_only_again`).
     pub(super) fn start_mirror(
         &mut self,
         o: &MirrorOptions,
         initial: Initial,
         kind: &'static str,
         txn: Option<Arc<JobTxn>>,
+        read_only_again: Vec<Arc<Node>>,
     ) -> Result<Arc<Job>, Error> {
         let granularity = o.granularity.unwrap_or(DEFAULT_GRANULARITY);
         if !(512..=MAX_GRANULARITY).contains(&granularity) {
@@ -375,6 +385,8 @@ impl Transaction<'_> {
             target: target.name().to_string(),
             filter: filter.name().to_string(),
             buf_size,
+            read_only_again,
+            completed: AtomicBool::new(false),
         };
         self.create_job(
             &o.job,
@@ -566,7 +578,9 @@ impl JobDriver for Mirror {
         } else {
             Some(self.target.as_str())
         };
-        self.take_filter_out(graph, job, to, true)
+        self.take_filter_out(graph, job, to, true)?;
+        self.completed.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Afterwards, either way: the filter goes, if it is still there, and
@@ -574,6 +588,11 @@ impl JobDriver for Mirror {
     fn clean(&self, graph: &Graph, job: &Job) {
         if let Err(e) = self.take_filter_out(graph, job, None, false) {
             log::error!("job '{}': cannot remove its filter: {e}", job.id());
+        }
+        if !self.completed.load(Ordering::Acquire) {
+            if let Err(e) = graph.set_read_only(&self.read_only_again, true) {
+                log::error!("job '{}': cannot reopen its nodes read-only: {e}", job.id());
+            }
         }
     }
 }
