@@ -602,6 +602,68 @@ mod tests {
     }
 
     #[test]
+    fn the_blueprint_shows_the_new_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, _) = setup(dir.path());
+        g.reopen(vec![
+            json(json!({"driver": "raw", "node-name": "a", "file": "af",
+                        "read-only": false, "discard": "unmap"})),
+            json(json!({"driver": "qcow2", "node-name": "top", "file": "topf", "backing": "b"})),
+        ])
+        .unwrap();
+        let blueprint: Vec<serde_json::Value> = g
+            .blueprint()
+            .into_iter()
+            .map(|o| serde_json::Value::Object(o.map))
+            .collect();
+        let entry = |name: &str| {
+            blueprint
+                .iter()
+                .find(|o| o["node-name"] == name)
+                .cloned()
+                .unwrap()
+        };
+        let a = entry("a");
+        assert_eq!(a["read-only"], json!(false));
+        assert_eq!(a["discard"], json!("unmap"));
+        assert_eq!(a["file"]["node-name"], json!("af"));
+        assert_eq!(entry("top")["backing"], json!("b"));
+    }
+
+    #[test]
+    fn detect_zeroes_unmap_deallocates_writes_of_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, _) = setup(dir.path());
+        let b = g.find("b").unwrap();
+        let zeroes = IoBuffer::from_vec(vec![0u8; 1 << 20]);
+        let status = || block_on(b.block_status(0, 1 << 20)).unwrap().unwrap();
+        block_on(b.write(0, &zeroes, WriteFlags::default()))
+            .unwrap()
+            .unwrap();
+        assert!(status().data, "written as data: detect-zeroes is off");
+        let e = g
+            .reopen(vec![json(
+                json!({"driver": "raw", "node-name": "b", "file": "bf",
+                                     "detect-zeroes": "unmap"}),
+            )])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+        );
+        g.reopen(vec![json(
+            json!({"driver": "raw", "node-name": "b", "file": "bf",
+                                  "detect-zeroes": "unmap", "discard": "unmap"}),
+        )])
+        .unwrap();
+        block_on(b.write(0, &zeroes, WriteFlags::default()))
+            .unwrap()
+            .unwrap();
+        let st = status();
+        assert!(st.zero && !st.data, "{st:?}");
+    }
+
+    #[test]
     fn backing_switch_none_and_cycles() {
         let dir = tempfile::tempdir().unwrap();
         let (g, _) = setup(dir.path());
