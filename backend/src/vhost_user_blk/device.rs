@@ -44,7 +44,7 @@ pub struct DeviceOptions {
     pub logical_block_size: u32,
     /// How long a queue worker keeps polling its ring after the last
     /// request before it sleeps until the next kick; `None`: by the root
-    /// node (see [`poll_for`]).
+    /// node (see `poll_for`).
     pub poll: Option<Duration>,
 }
 
