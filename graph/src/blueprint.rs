@@ -149,20 +149,23 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    /// A graph with node `top`, a read-only raw node over an inline file
+    /// child: a 1 MiB image in `dir`, whose path comes back too.
+    fn graph_with_top(dir: &std::path::Path) -> (Graph, std::path::PathBuf) {
+        let image = dir.join("a.raw");
+        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        let graph = Graph::new();
+        let top = json!({"driver": "raw", "node-name": "top", "read-only": true,
+                         "file": {"driver": "file", "filename": image}});
+        add(&graph, Options::from_json(top).unwrap());
+        (graph, image)
+    }
+
     #[test]
     fn children_come_first_and_inline_children_stay_inline() {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("a.raw");
-        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-        let graph = Graph::new();
+        let (graph, image) = graph_with_top(dir.path());
         let json = |v: Value| Options::from_json(v).unwrap();
-        add(
-            &graph,
-            json(
-                json!({"driver": "raw", "node-name": "top", "read-only": true,
-                   "file": {"driver": "file", "filename": image}}),
-            ),
-        );
         add(
             &graph,
             json(json!({"driver": "raw", "node-name": "zzz", "file": "top"})),
@@ -193,17 +196,8 @@ mod tests {
     #[test]
     fn a_shared_inline_child_keeps_its_name() {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("a.raw");
-        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-        let graph = Graph::new();
+        let (graph, image) = graph_with_top(dir.path());
         let json = |v: Value| Options::from_json(v).unwrap();
-        add(
-            &graph,
-            json(
-                json!({"driver": "raw", "node-name": "top", "read-only": true,
-                        "file": {"driver": "file", "filename": image}}),
-            ),
-        );
         let file = graph.nodes().into_iter().find(|n| n.is_implicit()).unwrap();
         let name = file.name().to_string();
         assert!(name.starts_with("#block"), "{name}");
