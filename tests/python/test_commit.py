@@ -24,6 +24,7 @@ import pytest
 
 from guest import Guest, file_md5, fio_errors
 from test_jobs import cmd, connect, ok, wait_event
+from test_stream import check_top_over
 
 MIB = 1 << 20
 SIZE = 96 * MIB
@@ -123,11 +124,7 @@ def test_intermediate_commit(daemon_kind, start_daemon, workdir, naming):
     ok(q, "blockdev-del", **{"node-name": "mid"})
     q.close()
     assert daemon.stop() == 0
-    run("qemu-img", "check", top)
-    assert info(top)["backing-filename"] == str(base)
-    after = workdir / "after.raw"
-    run("qemu-img", "convert", "-O", "raw", top, after)
-    assert after.read_bytes() == before.read_bytes()
+    check_top_over(top, base, before, workdir)
     # The middle layer's data is in the base now.
     with open(base, "rb") as f:
         f.seek(4 * MIB)

@@ -45,6 +45,16 @@ def info(path) -> dict:
     return json.loads(run("qemu-img", "info", "--output=json", path))
 
 
+def check_top_over(top, base, before, workdir):
+    """After a live merge: `top` checks clean, its backing file is `base`,
+    and it reads as the image `before` did."""
+    run("qemu-img", "check", top)
+    assert info(top)["backing-filename"] == str(base)
+    after = workdir / "after.raw"
+    run("qemu-img", "convert", "-O", "raw", top, after)
+    assert after.read_bytes() == before.read_bytes()
+
+
 def test_stream_under_a_guest(daemon_kind, start_daemon, workdir):
     base = workdir / "base.raw"
     pattern_image(base, SIZE, 7)
@@ -106,12 +116,8 @@ def test_stream_down_to_a_base(daemon_kind, start_daemon, workdir):
     ok(q, "blockdev-del", **{"node-name": "mid"})
     q.close()
     assert daemon.stop() == 0
-    run("qemu-img", "check", top)
-    assert info(top)["backing-filename"] == str(base)
+    check_top_over(top, base, before, workdir)
     assert info(top)["backing-filename-format"] == "raw"
-    after = workdir / "after.raw"
-    run("qemu-img", "convert", "-O", "raw", top, after)
-    assert after.read_bytes() == before.read_bytes()
     # The middle layer's data is in the top now; the base's is not.
     out = run("qemu-img", "map", "--output=json", top)
     depth0 = [e for e in json.loads(out) if e["depth"] == 0 and e["data"]]
@@ -155,11 +161,7 @@ def test_stream_base_by_file_or_bottom(daemon_kind, start_daemon, workdir, how):
     assert "error" not in done["data"], done
     q.close()
     assert daemon.stop() == 0
-    run("qemu-img", "check", top)
-    assert info(top)["backing-filename"] == str(base)
-    after = workdir / "after.raw"
-    run("qemu-img", "convert", "-O", "raw", top, after)
-    assert after.read_bytes() == before.read_bytes()
+    check_top_over(top, base, before, workdir)
     out = run("qemu-img", "map", "--output=json", top)
     depth0 = [e for e in json.loads(out) if e["depth"] == 0 and e["data"]]
     assert sum(e["length"] for e in depth0) == 4 * MIB, depth0
