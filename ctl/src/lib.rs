@@ -83,6 +83,8 @@ mod dispatcher;
 mod error;
 mod events;
 mod fds;
+#[cfg(fuzzing)]
+mod fuzzing;
 mod json;
 mod request;
 mod scm;
@@ -95,5 +97,8 @@ pub use dispatcher::Dispatcher;
 pub use error::{ErrorClass, QmpError};
 pub use events::Events;
 pub use fds::NamedFds;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub use fuzzing::FuzzSession;
 pub use server::{QmpServer, MAX_MESSAGE_SIZE};
 pub use socket::bind_unix_socket;
