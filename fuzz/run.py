@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Build blkgraph's fuzz targets and run each with libFuzzer, leaks checked.
+
+Modes:
+  short          every target for 20 s (CI)
+  long           every target for 10 million executions (docs/robustness.md)
+  merge          minimise fuzz/corpus/<target> with what runs found (-merge=1)
+  build          only build
+  lint           rustfmt and clippy of fuzz/, and clippy of ctl's --cfg fuzzing code
+Options: --runs N / --time S override the mode's limit; --target NAME
+(repeatable) picks targets; --no-build reuses the binaries.
+
+The targets are built with cargo-fuzz on the stable toolchain (`-s none`:
+coverage instrumentation only, no -Z flag) and with LLVM 14's LeakSanitizer
+runtime linked in, so that libFuzzer's -detect_leaks=1 checks every input
+for leaks. Each run reads the committed corpus fuzz/corpus/<target> and
+writes what it finds to fuzz/target/corpus/<target>; a crash, leak,
+timeout or out-of-memory goes to fuzz/artifacts/<target>/. For each
+target it prints executions, exec/s, wall time, corpus, coverage (cov/ft),
+peak RSS and the result, and exits 1 if any target failed.
+"""
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FUZZ = Path(__file__).resolve().parent
+TARGETS = ["options", "qmp_stream"]
+TRIPLE = "x86_64-unknown-linux-gnu"
+BIN_DIR = FUZZ / "target" / TRIPLE / "release"
+LSAN_GLOB = "/usr/lib/llvm-14/lib/clang/14*/lib/linux/libclang_rt.lsan-x86_64.a"
+
+# libFuzzer flags every run uses.
+COMMON_FLAGS = [
+    "-detect_leaks=1",  # leak check of every input that allocated more than it freed
+    "-timeout=10",  # an input running 10 s is a hang
+    "-rss_limit_mb=2048",  # and 2 GiB of memory (also any single malloc over it) is a crash
+    "-max_len=4096",
+    "-print_final_stats=1",
+    "-reload=0",
+]
+
+
+def lsan_runtime() -> str:
+    """The LeakSanitizer runtime archive of libclang-rt-14-dev."""
+    found = sorted(glob.glob(LSAN_GLOB))
+    if not found:
+        sys.exit(
+            f"fuzz: no LeakSanitizer runtime at {LSAN_GLOB}: "
+            "install libclang-rt-14-dev (.ci/install-deps does)"
+        )
+    return found[-1]
+
+
+def rustflags() -> str:
+    """Extra RUSTFLAGS for cargo-fuzz: link LSan 14's runtime, whole.
+
+    --export-dynamic as clang does for sanitizer runtimes: LSan 14 looks up
+    `cfree` with dlsym while it starts, which glibc 2.36 no longer has unless
+    the executable exports LSan's own; without it the dlerror text is freed
+    through LSan before LSan is ready (CHECK failed: lsan_interceptors.cpp:82).
+    """
+    lsan = lsan_runtime()
+    return " ".join(
+        [
+            "-Clink-arg=-Wl,--whole-archive",
+            f"-Clink-arg={lsan}",
+            "-Clink-arg=-Wl,--no-whole-archive",
+            "-Clink-arg=-Wl,--export-dynamic",
+        ]
+    )
+
+
+def build(targets: list[str]) -> None:
+    if shutil.which("cargo-fuzz") is None:
+        sys.exit("fuzz: cargo-fuzz is missing: cargo install cargo-fuzz --locked")
+    env = dict(os.environ, RUSTFLAGS=rustflags())
+    # One build for all targets, or one per target picked.
+    for names in [[]] if targets == TARGETS else [[t] for t in targets]:
+        cmd = ["cargo", "fuzz", "build", "--sanitizer", "none", *names]
+        print(f"fuzz: RUSTFLAGS='{env['RUSTFLAGS']}' {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, cwd=FUZZ, env=env, check=True)
+
+
+def lint() -> None:
+    """fuzz/ is outside the main workspace: check its style and lints here."""
+    clippy = ["--", "-D", "warnings", "-D", "clippy::undocumented_unsafe_blocks"]
+    env = dict(os.environ, RUSTFLAGS="--cfg fuzzing")
+    for cmd in [
+        ["cargo", "fmt", "--", "--check"],
+        ["cargo", "clippy", "--all-targets", *clippy],
+        # ctl/src/fuzzing.rs exists only with --cfg fuzzing (its own target
+        # directory, so the main one keeps its build).
+        [
+            "cargo",
+            "clippy",
+            "--manifest-path=../Cargo.toml",
+            "--package=blkgraph-ctl",
+            "--target-dir=target/lint",
+            *clippy,
+        ],
+    ]:
+        print(f"fuzz: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, cwd=FUZZ, env=env, check=True)
+
+
+def parse_output(text: str) -> dict:
+    """Figures from libFuzzer's output: the last status line and final stats."""
+    figures = {}
+    status = [line for line in text.splitlines() if re.match(r"#\d+\s", line)]
+    if status:
+        last = status[-1]
+        for key, pattern in [
+            ("cov", r"cov: (\d+)"),
+            ("ft", r"ft: (\d+)"),
+            ("corp", r"corp: (\d+/\d+\w*)"),
+        ]:
+            m = re.search(pattern, last)
+            if m:
+                figures[key] = m.group(1)
+    for key in [
+        "number_of_executed_units",
+        "average_exec_per_sec",
+        "new_units_added",
+        "slowest_unit_time_sec",
+        "peak_rss_mb",
+    ]:
+        m = re.search(rf"stat::{key}:\s+(\d+)", text)
+        if m:
+            figures[key] = int(m.group(1))
+    return figures
+
+
+def failure(text: str, rc: int) -> str:
+    """What went wrong, from libFuzzer's output ('' if nothing)."""
+    for pattern, what in [
+        (r"ERROR: LeakSanitizer: detected memory leaks", "leak"),
+        (r"ERROR: libFuzzer: timeout", "timeout"),
+        (r"ERROR: libFuzzer: out-of-memory", "out-of-memory"),
+        (r"ERROR: libFuzzer: deadly signal", "crash"),
+        (r"ERROR: libFuzzer: fuzz target exited", "exit"),
+        (r"==\d+==ERROR", "crash"),
+    ]:
+        if re.search(pattern, text):
+            return what
+    return f"exit code {rc}" if rc != 0 else ""
+
+
+def run_target(target: str, runs: int | None, seconds: int | None) -> dict:
+    seeds = FUZZ / "corpus" / target
+    work = FUZZ / "target" / "corpus" / target
+    artifacts = FUZZ / "artifacts" / target
+    work.mkdir(parents=True, exist_ok=True)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    log = FUZZ / "target" / f"{target}.log"
+    cmd = [str(BIN_DIR / target), *COMMON_FLAGS, f"-artifact_prefix={artifacts}/"]
+    dictionary = FUZZ / "dict" / f"{target}.dict"
+    if dictionary.exists():
+        cmd.append(f"-dict={dictionary}")
+    if runs is not None:
+        cmd.append(f"-runs={runs}")
+    if seconds is not None:
+        cmd.append(f"-max_total_time={seconds}")
+    cmd += [str(work), str(seeds)]
+    print(f"fuzz: {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    with open(log, "w") as out:
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    wall = time.monotonic() - start
+    text = log.read_text(errors="replace")
+    figures = parse_output(text)
+    problem = failure(text, rc)
+    if problem:
+        tail = "\n".join(text.splitlines()[-60:])
+        print(f"fuzz: {target} FAILED ({problem}); end of {log}:\n{tail}", flush=True)
+    return {
+        "target": target,
+        "wall": wall,
+        "result": problem or "ok",
+        "corpus_files": sum(1 for _ in work.iterdir()),
+        **figures,
+    }
+
+
+def merge(targets: list[str]) -> None:
+    """Minimise each committed corpus with everything found so far."""
+    for target in targets:
+        seeds = FUZZ / "corpus" / target
+        work = FUZZ / "target" / "corpus" / target
+        fresh = FUZZ / "target" / "merged" / target
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(parents=True)
+        cmd = [str(BIN_DIR / target), "-merge=1", "-max_len=4096", str(fresh), str(seeds)]
+        if work.exists():
+            cmd.append(str(work))
+        print(f"fuzz: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        shutil.rmtree(seeds, ignore_errors=True)
+        shutil.copytree(fresh, seeds)
+        print(f"fuzz: {target}: {sum(1 for _ in seeds.iterdir())} inputs in {seeds}")
+
+
+def table(results: list[dict]) -> None:
+    cols = [
+        ("target", "target", "{}"),
+        ("executions", "number_of_executed_units", "{:,}"),
+        ("exec/s", "average_exec_per_sec", "{:,}"),
+        ("wall s", "wall", "{:.0f}"),
+        ("corpus", "corp", "{}"),
+        ("cov", "cov", "{}"),
+        ("ft", "ft", "{}"),
+        ("peak RSS MB", "peak_rss_mb", "{}"),
+        ("result", "result", "{}"),
+    ]
+    rows = [[name for name, _, _ in cols]]
+    for r in results:
+        rows.append([fmt.format(r[key]) if key in r else "?" for _, key, fmt in cols])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["short", "long", "merge", "build", "lint"])
+    parser.add_argument("--target", action="append", choices=TARGETS, default=[])
+    parser.add_argument("--runs", type=int, help="executions per target")
+    parser.add_argument("--time", type=int, help="seconds per target")
+    parser.add_argument("--no-build", action="store_true", help="use the binaries built before")
+    args = parser.parse_args()
+    targets = args.target or TARGETS
+
+    if args.mode == "lint":
+        lint()
+        return 0
+    if not args.no_build:
+        build(targets)
+    if args.mode == "build":
+        return 0
+    if args.mode == "merge":
+        merge(targets)
+        return 0
+    runs, seconds = {"short": (None, 20), "long": (10_000_000, None)}[args.mode]
+    if args.runs is not None or args.time is not None:
+        runs, seconds = args.runs, args.time
+    results = [run_target(t, runs, seconds) for t in targets]
+    table(results)
+    failed = [r["target"] for r in results if r["result"] != "ok"]
+    if failed:
+        print(f"fuzz: FAILED: {', '.join(failed)} (inputs in fuzz/artifacts/)")
+        return 1
+    print(f"fuzz: {len(results)} target(s), no crash, no leak, no timeout")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
