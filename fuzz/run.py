@@ -8,7 +8,9 @@ Modes:
   build          only build
   lint           rustfmt and clippy of fuzz/, and clippy of ctl's --cfg fuzzing code
 Options: --runs N / --time S override the mode's limit; --target NAME
-(repeatable) picks targets; --no-build reuses the binaries.
+(repeatable) picks targets; --workers N fuzzes each target in N processes
+at once (libFuzzer's -fork=N; --runs counts them all); --no-build reuses
+the binaries.
 
 The targets are built with cargo-fuzz on the stable toolchain (`-s none`:
 coverage instrumentation only, no -Z flag) and with LLVM 14's LeakSanitizer
@@ -34,6 +36,9 @@ FUZZ = Path(__file__).resolve().parent
 TARGETS = ["options", "qmp_stream"]
 TRIPLE = "x86_64-unknown-linux-gnu"
 BIN_DIR = FUZZ / "target" / TRIPLE / "release"
+# Longest input per target: a QMP message may have 1 KiB in the harness, so
+# 2 KiB streams reach several messages and the oversized one.
+MAX_LEN = {"options": 4096, "qmp_stream": 2048}
 LSAN_GLOB = "/usr/lib/llvm-14/lib/clang/14*/lib/linux/libclang_rt.lsan-x86_64.a"
 
 # libFuzzer flags every run uses.
@@ -41,7 +46,6 @@ COMMON_FLAGS = [
     "-detect_leaks=1",  # leak check of every input that allocated more than it freed
     "-timeout=10",  # an input running 10 s is a hang
     "-rss_limit_mb=2048",  # and 2 GiB of memory (also any single malloc over it) is a crash
-    "-max_len=4096",
     "-print_final_stats=1",
     "-reload=0",
 ]
@@ -113,6 +117,14 @@ def lint() -> None:
 def parse_output(text: str) -> dict:
     """Figures from libFuzzer's output: the last status line and final stats."""
     figures = {}
+    # Fork mode (--workers): the parent's "#RUNS: cov: C ft: F corp: N ..." lines.
+    fork = [line for line in text.splitlines() if re.match(r"#\d+: cov: ", line)]
+    if fork:
+        m = re.match(r"#(\d+): cov: (\d+) ft: (\d+) corp: (\d+)", fork[-1])
+        figures.update(
+            number_of_executed_units=int(m.group(1)), cov=m.group(2), ft=m.group(3), corp=m.group(4)
+        )
+        return figures
     status = [line for line in text.splitlines() if re.match(r"#\d+\s", line)]
     if status:
         last = status[-1]
@@ -152,14 +164,21 @@ def failure(text: str, rc: int) -> str:
     return f"exit code {rc}" if rc != 0 else ""
 
 
-def run_target(target: str, runs: int | None, seconds: int | None) -> dict:
+def run_target(target: str, runs: int | None, seconds: int | None, workers: int) -> dict:
     seeds = FUZZ / "corpus" / target
     work = FUZZ / "target" / "corpus" / target
     artifacts = FUZZ / "artifacts" / target
     work.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
     log = FUZZ / "target" / f"{target}.log"
-    cmd = [str(BIN_DIR / target), *COMMON_FLAGS, f"-artifact_prefix={artifacts}/"]
+    cmd = [
+        str(BIN_DIR / target),
+        *COMMON_FLAGS,
+        f"-max_len={MAX_LEN[target]}",
+        f"-artifact_prefix={artifacts}/",
+    ]
+    if workers > 1:
+        cmd.append(f"-fork={workers}")
     dictionary = FUZZ / "dict" / f"{target}.dict"
     if dictionary.exists():
         cmd.append(f"-dict={dictionary}")
@@ -171,10 +190,16 @@ def run_target(target: str, runs: int | None, seconds: int | None) -> dict:
     print(f"fuzz: {' '.join(cmd)}", flush=True)
     start = time.monotonic()
     with open(log, "w") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # wait4 gives the peak RSS of the process and of the workers it forked.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - start
     text = log.read_text(errors="replace")
     figures = parse_output(text)
+    figures.setdefault("peak_rss_mb", usage.ru_maxrss // 1024)
+    if "number_of_executed_units" in figures:
+        figures.setdefault("average_exec_per_sec", int(figures["number_of_executed_units"] / wall))
     problem = failure(text, rc)
     if problem:
         tail = "\n".join(text.splitlines()[-60:])
@@ -196,7 +221,7 @@ def merge(targets: list[str]) -> None:
         fresh = FUZZ / "target" / "merged" / target
         shutil.rmtree(fresh, ignore_errors=True)
         fresh.mkdir(parents=True)
-        cmd = [str(BIN_DIR / target), "-merge=1", "-max_len=4096", str(fresh), str(seeds)]
+        cmd = [str(BIN_DIR / target), "-merge=1", f"-max_len={MAX_LEN[target]}", str(fresh), str(seeds)]
         if work.exists():
             cmd.append(str(work))
         print(f"fuzz: {' '.join(cmd)}", flush=True)
@@ -233,6 +258,7 @@ def main() -> int:
     parser.add_argument("--target", action="append", choices=TARGETS, default=[])
     parser.add_argument("--runs", type=int, help="executions per target")
     parser.add_argument("--time", type=int, help="seconds per target")
+    parser.add_argument("--workers", type=int, default=1, help="processes per target (-fork=N)")
     parser.add_argument("--no-build", action="store_true", help="use the binaries built before")
     args = parser.parse_args()
     targets = args.target or TARGETS
@@ -250,7 +276,7 @@ def main() -> int:
     runs, seconds = {"short": (None, 20), "long": (10_000_000, None)}[args.mode]
     if args.runs is not None or args.time is not None:
         runs, seconds = args.runs, args.time
-    results = [run_target(t, runs, seconds) for t in targets]
+    results = [run_target(t, runs, seconds, args.workers) for t in targets]
     table(results)
     failed = [r["target"] for r in results if r["result"] != "ok"]
     if failed:
