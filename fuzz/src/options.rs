@@ -21,9 +21,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
-use blkgraph_graph::options::Syntax;
 use blkgraph_graph::{BitmapOptions, Graph, Options, ThrottleLimits};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// The nodes every input's graph starts with (`--blockdev` syntax).
@@ -187,70 +185,8 @@ fn lowest_free_fd() -> i32 {
     probe.as_raw_fd()
 }
 
-/// Whether any object in `map`, at any depth, has `driver` = `name`.
-fn has_driver(map: &Map<String, Value>, name: &str) -> bool {
-    map.get("driver").and_then(Value::as_str) == Some(name)
-        || map.values().any(|v| match v {
-            Value::Object(inner) => has_driver(inner, name),
-            _ => false,
-        })
-}
-
-/// The largest `size` of a `null-co` object in `map`, at any depth, read
-/// the way the driver reads it (`key=value` sizes such as `1T` included).
-fn largest_null_size(map: &Map<String, Value>, syntax: Syntax) -> u64 {
-    #[derive(Deserialize)]
-    struct Size {
-        size: u64,
-    }
-    let own = match (map.get("driver").and_then(Value::as_str), map.get("size")) {
-        (Some("null-co"), Some(size)) => {
-            let size = Options {
-                map: Map::from_iter([("size".to_string(), size.clone())]),
-                syntax,
-            };
-            size.parse::<Size>("").map_or(0, |s| s.size)
-        }
-        _ => 0,
-    };
-    map.values()
-        .filter_map(|v| match v {
-            Value::Object(inner) => Some(largest_null_size(inner, syntax)),
-            _ => None,
-        })
-        .fold(own, u64::max)
-}
-
-/// A bug this target found that is not fixed yet, if `options` runs into
-/// it: such inputs are skipped so that fuzzing goes on past them (unless
-/// `BLKGRAPH_FUZZ_KNOWN_BUGS` is set, to reproduce them). Each entry names
-/// its regression test; remove it once that test passes.
-pub fn known_bug(options: &Options) -> Option<&'static str> {
-    static REPRODUCE: OnceLock<bool> = OnceLock::new();
-    if *REPRODUCE.get_or_init(|| std::env::var_os("BLKGRAPH_FUZZ_KNOWN_BUGS").is_some()) {
-        return None;
-    }
-    // graph/tests/fuzz_regressions.rs, cbw_over_a_huge_source: opening
-    // copy-before-write allocates five byte vectors with one entry per
-    // 64 KiB cluster of its source, whatever the source's size (1 PiB:
-    // 16 GiB each), and aborts or exhausts memory. Sources are large only
-    // through null-co here; 64 GiB and less costs at most 5 MiB.
-    if has_driver(&options.map, "copy-before-write")
-        && largest_null_size(&options.map, options.syntax) > 64 << 30
-    {
-        return Some("copy-before-write over a source larger than 64 GiB");
-    }
-    None
-}
-
 /// Opens `options` in a fresh base graph and checks the outcome.
 pub fn open(mut options: Options) {
-    if let Some(bug) = known_bug(&options) {
-        if verbose() {
-            eprintln!("skipped (known bug): {bug}");
-        }
-        return;
-    }
     if !sandbox(&mut options.map) {
         if verbose() {
             eprintln!("not opened: rbd");

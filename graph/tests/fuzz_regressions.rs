@@ -13,13 +13,13 @@ fn open(input: &[u8]) -> Result<(), String> {
     graph.add(options).map(drop).map_err(|e| e.to_string())
 }
 
-/// copy-before-write sizes its per-cluster state (five byte vectors, one
-/// entry per 64 KiB cluster) by its source when it opens, whatever that
-/// size: over a 1 EiB source it asks for 16 TiB and the process aborts
-/// ("memory allocation of 17592186044416 bytes failed"); over 1 PiB it
-/// fills 16 GiB per vector. It must open (lazily) or refuse with an error.
+/// copy-before-write sized its per-cluster state (five byte vectors, one
+/// entry per 64 KiB cluster) by its source when it opened, whatever that
+/// size: over a 1 EiB source it asked for 16 TiB and the process aborted
+/// ("memory allocation of 17592186044416 bytes failed"). It must open
+/// (lazily) or refuse with an error: since 297067a the per-cluster state
+/// is allocated fallibly and lazily.
 #[test]
-#[ignore = "not fixed yet: aborts the test process (docs/robustness.md, known bugs)"]
 fn cbw_over_a_huge_source() {
     let input = b"driver=copy-before-write,node-name=c,file.driver=null-co,file.size=1E,\
 target.driver=null-co,target.size=1E";
