@@ -58,31 +58,40 @@ pub(crate) fn zeroed_vec<T: Zeroed>(n: usize) -> Result<Vec<T>, OutOfMemory> {
 }
 
 /// A fixed number of bits, each false or true.
-#[derive(Debug, PartialEq, Eq)]
+///
+/// The words hold each bit exclusive-or `inverted`: a set made all true
+/// is stored as zeroed memory too, so it costs nothing until bits change,
+/// however long it is. The stored bits past `len` stay zero.
+#[derive(Debug)]
 pub(crate) struct Bitset {
     words: Vec<u64>,
     len: usize,
+    inverted: bool,
 }
 
 impl Bitset {
     /// `len` bits, all `value`; fails if the memory cannot be had.
     pub(crate) fn try_new(len: usize, value: bool) -> Result<Self, OutOfMemory> {
-        let mut words = zeroed_vec::<u64>(len.div_ceil(64))?;
-        if value {
-            words.fill(u64::MAX);
-        }
-        let mut set = Bitset { words, len };
-        set.clear_tail();
-        Ok(set)
+        Ok(Bitset {
+            words: zeroed_vec::<u64>(len.div_ceil(64))?,
+            len,
+            inverted: value,
+        })
     }
 
-    /// A copy; fails if the memory cannot be had.
+    /// A copy, itself lazily allocated: only the words that are not zero
+    /// are written. Fails if the memory cannot be had.
     pub(crate) fn try_clone(&self) -> Result<Self, OutOfMemory> {
         let mut words = zeroed_vec::<u64>(self.words.len())?;
-        words.copy_from_slice(&self.words);
+        for (to, &from) in words.iter_mut().zip(&self.words) {
+            if from != 0 {
+                *to = from;
+            }
+        }
         Ok(Bitset {
             words,
             len: self.len,
+            inverted: self.inverted,
         })
     }
 
@@ -91,15 +100,17 @@ impl Bitset {
         self.len
     }
 
-    /// Keeps the bits past `len` of the last word false, so counts are
-    /// right.
-    fn clear_tail(&mut self) {
-        if let Some(last) = self.words.last_mut() {
+    /// Word `i` as bits (`inverted` undone), bits past `len` false.
+    fn word(&self, i: usize) -> u64 {
+        let mut word = self.words[i];
+        if self.inverted {
+            word = !word;
             let used = self.len % 64;
-            if used != 0 {
-                *last &= (1u64 << used) - 1;
+            if i + 1 == self.words.len() && used != 0 {
+                word &= (1u64 << used) - 1;
             }
         }
+        word
     }
 
     /// Bit `i`.
@@ -109,7 +120,7 @@ impl Bitset {
     /// If `i` is not below the length.
     pub(crate) fn get(&self, i: usize) -> bool {
         assert!(i < self.len, "bit {i} of {}", self.len);
-        self.words[i / 64] & (1 << (i % 64)) != 0
+        (self.words[i / 64] & (1 << (i % 64)) != 0) != self.inverted
     }
 
     /// Sets bit `i` to `value`.
@@ -119,7 +130,7 @@ impl Bitset {
     /// If `i` is not below the length.
     pub(crate) fn set(&mut self, i: usize, value: bool) {
         assert!(i < self.len, "bit {i} of {}", self.len);
-        if value {
+        if value != self.inverted {
             self.words[i / 64] |= 1 << (i % 64);
         } else {
             self.words[i / 64] &= !(1 << (i % 64));
@@ -128,15 +139,18 @@ impl Bitset {
 
     /// The number of true bits.
     pub(crate) fn count_ones(&self) -> usize {
-        self.words.iter().map(|w| w.count_ones() as usize).sum()
+        let stored: usize = self.words.iter().map(|w| w.count_ones() as usize).sum();
+        if self.inverted {
+            self.len - stored
+        } else {
+            stored
+        }
     }
 
     /// The number of bits true in both sets (of the same length).
     pub(crate) fn count_both(&self, other: &Bitset) -> usize {
-        self.words
-            .iter()
-            .zip(&other.words)
-            .map(|(a, b)| (a & b).count_ones() as usize)
+        (0..self.words.len().min(other.words.len()))
+            .map(|i| (self.word(i) & other.word(i)).count_ones() as usize)
             .sum()
     }
 }
@@ -167,5 +181,27 @@ mod tests {
         );
         let big = Bitset::try_new(1 << 31, false).unwrap();
         assert_eq!(big.count_ones(), 0);
+    }
+
+    #[test]
+    fn all_true_sets_and_their_copies() {
+        let mut a = Bitset::try_new(130, true).unwrap();
+        let b = Bitset::try_new(130, false).unwrap();
+        assert!((0..130).all(|i| a.get(i)));
+        assert_eq!(a.count_both(&a), 130);
+        assert_eq!(a.count_both(&b), 0);
+        a.set(64, false);
+        a.set(64, true);
+        a.set(3, false);
+        let c = a.try_clone().unwrap();
+        assert!(!c.get(3) && c.get(4) && c.get(64) && c.get(129));
+        assert_eq!((c.count_ones(), c.count_both(&a)), (129, 129));
+        let mut d = Bitset::try_new(130, false).unwrap();
+        d.set(3, true);
+        d.set(129, true);
+        assert_eq!((a.count_both(&d), d.count_both(&a)), (1, 1));
+        // 16 GiB of bits, all true, cost nothing until written.
+        let big = Bitset::try_new(1 << 37, true).unwrap();
+        assert!(big.get(0) && big.get((1 << 37) - 1));
     }
 }

@@ -126,7 +126,11 @@ fn open(
             }
             let mut copy = Bitset::try_new(clusters, false).map_err(too_large)?;
             for c in 0..clusters {
-                copy.set(c, bitmap.any_dirty(c as u64 * cluster, cluster));
+                // Only true bits are written: the rest stays untouched,
+                // lazily zeroed memory.
+                if bitmap.any_dirty(c as u64 * cluster, cluster) {
+                    copy.set(c, true);
+                }
             }
             copy
         }
