@@ -9,7 +9,7 @@
 //! as a crash.
 //!
 //! The QMP harness needs `blkgraph_ctl::FuzzSession`, which exists only when
-//! the crates are built with `--cfg fuzzing` (cargo-fuzz sets it; `run.sh`
+//! the crates are built with `--cfg fuzzing` (cargo-fuzz sets it; `run.py`
 //! sets it for clippy and tests).
 
 pub mod options;

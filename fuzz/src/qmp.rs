@@ -14,17 +14,17 @@
 //! line is one ASCII JSON object ending in CRLF with `return` or `error`
 //! (with a known `class` and a `desc`) and perhaps `id`.
 //!
-//! Commands come from a [`Dispatcher`]: [`stand_in_commands`] is a
-//! [`CommandTable`] with the daemon's command names, whose arguments are
-//! parsed into structs the way the daemon parses them. To fuzz another
-//! command table (the daemon's own, say), call [`run_with`] with it.
+//! Commands go to [`ParseOnly`]: the daemon's command table
+//! (`blkgraph_backend::control`), whose argument parser answers every
+//! command without running it. [`run_with`] takes any other
+//! [`Dispatcher`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use blkgraph_backend::control::{check_arguments, Control};
+use blkgraph_backend::exports::Exports;
 use blkgraph_ctl::{Dispatcher, ErrorClass, FuzzSession, NamedFds, QmpError};
-use blkgraph_graph::{Options, ThrottleLimits};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use blkgraph_graph::Graph;
 use serde_json::{json, Map, Value};
 
 /// The message size limit of the fuzzed sessions: small, so that inputs of
@@ -34,231 +34,50 @@ pub const MAX_MESSAGE_SIZE: usize = 1024;
 /// The byte that ends a chunk (doubled: the byte itself).
 pub const SPLIT: u8 = 0xff;
 
-/// A command's implementation: its arguments to its return value.
-pub type Handler = Box<dyn Fn(Map<String, Value>) -> Result<Value, QmpError> + Send + Sync>;
+/// The harness command that returns its arguments, so that replies carry
+/// arbitrary client data (strings, numbers, nesting) to the encoder.
+pub const ECHO: &str = "x-echo";
 
-/// A dispatcher made of named handlers, in `query-commands` order.
-#[derive(Default)]
-pub struct CommandTable {
-    commands: Vec<(String, Handler)>,
+/// The daemon's command table, parsing only: its names are the daemon's
+/// (`control::COMMANDS` and the job commands, see [`daemon_commands`])
+/// and [`ECHO`], and `execute` runs
+/// `control::check_arguments`, the parser every command goes through
+/// before it runs, and returns `{}` without running anything. So every
+/// argument error a client can get is the daemon's own, and both sessions
+/// of one input see the same table. (`qmp_commands` runs the commands.)
+pub struct ParseOnly;
+
+/// The commands the daemon's `Control` lists in `query-commands`, asked of
+/// a `Control` over an empty graph once per process.
+pub fn daemon_commands() -> &'static [String] {
+    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        let graph = Graph::shared();
+        let exports = Arc::new(Exports::new(graph.clone()));
+        Control::new(graph, exports, Box::new(|| {})).commands()
+    })
 }
 
-impl CommandTable {
-    /// An empty table.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds command `name` with a handler of the raw arguments.
-    pub fn raw(
-        mut self,
-        name: &str,
-        handler: impl Fn(Map<String, Value>) -> Result<Value, QmpError> + Send + Sync + 'static,
-    ) -> Self {
-        self.commands.push((name.to_string(), Box::new(handler)));
-        self
-    }
-
-    /// Adds command `name` whose arguments are parsed into `T` (see
-    /// [`parse`]) before `handler` sees them.
-    pub fn typed<T: DeserializeOwned>(
-        self,
-        name: &str,
-        handler: impl Fn(T) -> Result<Value, QmpError> + Send + Sync + 'static,
-    ) -> Self {
-        self.raw(name, move |args| handler(parse(args)?))
-    }
-}
-
-impl Dispatcher for CommandTable {
+impl Dispatcher for ParseOnly {
     fn execute(
         &self,
         command: &str,
         arguments: Map<String, Value>,
         _fds: &mut NamedFds,
     ) -> Result<Value, QmpError> {
-        match self.commands.iter().find(|(name, _)| name == command) {
-            Some((_, handler)) => handler(arguments),
-            None => Err(QmpError::command_not_found(command)),
+        if command == ECHO {
+            return Ok(Value::Object(arguments));
         }
+        check_arguments(command, arguments).map(|()| json!({}))
     }
 
     fn commands(&self) -> Vec<String> {
-        self.commands.iter().map(|(name, _)| name.clone()).collect()
+        daemon_commands()
+            .iter()
+            .cloned()
+            .chain([ECHO.to_string()])
+            .collect()
     }
-}
-
-/// Parses command arguments as the daemon does (`control.rs`): strict JSON
-/// types through `blkgraph_graph::Options`, errors that name the key.
-pub fn parse<T: DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
-    Options::from_json(Value::Object(args))
-        .and_then(|o| o.parse(""))
-        .map_err(|e| QmpError::generic(e.to_string()))
-}
-
-/// No arguments at all.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoArgs {}
-
-/// `blockdev-add`: the driver and node-name; the rest is the driver's.
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct BlockdevAdd {
-    /// The driver.
-    pub driver: String,
-    /// The node-name.
-    pub node_name: String,
-    /// The driver's options.
-    #[serde(flatten)]
-    pub rest: Map<String, Value>,
-}
-
-/// Commands that name one node.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct NodeName {
-    /// The node.
-    pub node_name: String,
-}
-
-/// `x-blockdev-replace`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Replace {
-    /// `export` or `driver`.
-    pub parent_type: String,
-    /// The export, for `export`.
-    #[serde(default)]
-    pub export_id: Option<String>,
-    /// The parent node, for `driver`.
-    #[serde(default)]
-    pub node_name: Option<String>,
-    /// The child role, for `driver`.
-    #[serde(default)]
-    pub child: Option<String>,
-    /// The node to point the edge at.
-    pub new_child: String,
-}
-
-/// One action of `transaction`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Action {
-    /// The action's command name.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Its arguments.
-    pub data: Map<String, Value>,
-}
-
-/// `transaction`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Transaction {
-    /// The actions.
-    pub actions: Vec<Action>,
-    /// `{"completion-mode": ...}`.
-    #[serde(default)]
-    pub properties: Option<Map<String, Value>>,
-}
-
-/// `block-export-del`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ExportDel {
-    /// The export.
-    pub id: String,
-    /// `safe` or `hard`.
-    #[serde(default)]
-    pub mode: Option<String>,
-}
-
-/// `object-add` of a throttle group.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ObjectAdd {
-    /// `throttle-group`.
-    pub qom_type: String,
-    /// The object id.
-    pub id: String,
-    /// The group's limits.
-    #[serde(default)]
-    pub limits: Option<ThrottleLimits>,
-}
-
-/// Commands that name one object or export.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Id {
-    /// The id.
-    pub id: String,
-}
-
-/// `block-dirty-bitmap-add`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BitmapAdd {
-    /// The node.
-    pub node: String,
-    /// The bitmap.
-    pub name: String,
-    /// Bytes per bit.
-    #[serde(default)]
-    pub granularity: Option<u64>,
-    /// Must not be true.
-    #[serde(default)]
-    pub persistent: Option<bool>,
-    /// Not recording.
-    #[serde(default)]
-    pub disabled: Option<bool>,
-}
-
-/// `query-named-block-nodes`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueryNodes {
-    /// Accepted and ignored.
-    #[serde(default)]
-    pub flat: Option<bool>,
-}
-
-fn done<T>(_: T) -> Result<Value, QmpError> {
-    Ok(json!({}))
-}
-
-/// A stand-in for the daemon's command table: its command names, each
-/// parsing its arguments into a struct and changing nothing. `x-echo`
-/// returns its arguments, so that replies carry arbitrary client data.
-pub fn stand_in_commands() -> CommandTable {
-    CommandTable::new()
-        .typed("query-version", |_: NoArgs| {
-            Ok(json!({"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": "blkgraph-fuzz"}))
-        })
-        .typed("blockdev-add", done::<BlockdevAdd>)
-        .typed("blockdev-del", done::<NodeName>)
-        .typed("x-blockdev-replace", |r: Replace| {
-            match r.parent_type.as_str() {
-                "export" | "driver" => Ok(json!({})),
-                other => Err(QmpError::generic(format!(
-                    "Parameter 'parent-type' does not accept value '{other}'"
-                ))),
-            }
-        })
-        .typed("transaction", done::<Transaction>)
-        .typed("query-named-block-nodes", |_: QueryNodes| Ok(json!([])))
-        .typed("block-export-del", done::<ExportDel>)
-        .typed("object-add", done::<ObjectAdd>)
-        .typed("object-del", done::<Id>)
-        .typed("block-dirty-bitmap-add", |a: BitmapAdd| {
-            if a.persistent == Some(true) {
-                Err(QmpError::generic("Persistent bitmaps are not supported"))
-            } else {
-                Ok(json!({}))
-            }
-        })
-        .typed("quit", done::<NoArgs>)
-        .raw("x-echo", |args| Ok(Value::Object(args)))
 }
 
 /// Splits an input into the chunks the client's bytes arrive in (see the
@@ -319,9 +138,9 @@ pub fn check_line(line: &[u8]) {
     }
 }
 
-/// The harness with [`stand_in_commands`].
+/// The harness with [`ParseOnly`].
 pub fn run(data: &[u8]) {
-    run_with(data, Arc::new(stand_in_commands()));
+    run_with(data, Arc::new(ParseOnly));
 }
 
 /// The harness with any command table (which must answer the same input
