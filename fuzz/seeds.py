@@ -5,12 +5,17 @@ The seeds are real inputs: the `--blockdev` strings of README.md, docs/ and
 the tests, their QMP `blockdev-add` forms, and QMP transcripts like those of
 tests/python/test_qmp.py (good clients and the misbehaving ones). The
 committed corpora (fuzz/corpus/<target>/) started from these and were
-minimised with libFuzzer's -merge=1 (`fuzz/run.sh merge`).
+minimised with libFuzzer's -merge=1 (`fuzz/run.py merge`).
 
-    python3 fuzz/seeds.py DIR      # writes DIR/options/* and DIR/qmp_stream/*
+    python3 fuzz/seeds.py DIR      # writes DIR/<target>/* for every target
+
+virtio_blk seeds are guest queues in the harness's layout (fuzz/src/virtio_blk.rs),
+nbd seeds client byte streams (newstyle handshakes, then requests), and
+qmp_commands seeds command sequences as one JSON object per line.
 """
 
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -137,11 +142,171 @@ QMP_STREAMS = {
     "too-large": NEGOTIATE + qmp("x-echo", {"x": "A" * 1100}) + qmp("query-version"),
 }
 
+# The seeds of the protocol targets, by target: each section adds its own.
+SEEDS = {}
+
+
+# qmp_commands: command sequences, one per line.
+def lines(*commands) -> bytes:
+    return b"".join(qmp(c, a) for c, a in commands)
+
+
+VUB_ADDR = {"type": "unix", "path": "/tmp/vub.sock"}
+QMP_COMMANDS = {
+    "queries": lines(("query-version", None), ("query-named-block-nodes", {"flat": True}),
+                     ("x-debug-query-block-graph", None), ("query-block-exports", None)),
+    "blockdev": b"".join(qmp("blockdev-add", a) for a in BLOCKDEV_JSON)
+    + lines(("blockdev-del", {"node-name": "w"}), ("blockdev-del", {"node-name": "null0"}),
+            ("blockdev-del", {"node-name": "nope"})),
+    "replace": lines(("blockdev-add", BLOCKDEV_JSON[3]),
+                     ("x-blockdev-replace", {"parent-type": "driver", "node-name": "thr0", "child": "file", "new-child": "null1"}),
+                     ("x-blockdev-replace", {"parent-type": "export", "export-id": "e0", "new-child": "null1"})),
+    "bitmaps": lines(
+        ("block-dirty-bitmap-add", {"node": "null1", "name": "b1", "granularity": 65536}),
+        ("block-dirty-bitmap-add", {"node": "null1", "name": "b2", "disabled": True}),
+        ("block-dirty-bitmap-merge", {"node": "null1", "target": "b1", "bitmaps": ["b2", {"node": "null0", "name": "bm0"}]}),
+        ("block-dirty-bitmap-clear", {"node": "null0", "name": "bm0"}),
+        ("block-dirty-bitmap-enable", {"node": "null1", "name": "b2"}),
+        ("block-dirty-bitmap-disable", {"node": "null1", "name": "b1"}),
+        ("block-dirty-bitmap-remove", {"node": "null1", "name": "b1"}),
+        ("block-dirty-bitmap-add", {"node": "null1", "name": "p", "persistent": True}),
+    ),
+    "transaction": lines(("transaction", {
+        "actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "null1", "name": "t1"}},
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "null0", "name": "bm0"}},
+            {"type": "blockdev-add", "data": {"driver": "null-co", "node-name": "t2", "size": 4096}},
+            {"type": "blockdev-del", "data": {"node-name": "nope"}},
+        ],
+        "properties": {"completion-mode": "grouped"},
+    })),
+    "exports": lines(
+        ("block-export-add", {"type": "vhost-user-blk", "id": "vub0", "node-name": "null0", "addr": VUB_ADDR, "writable": True, "num-queues": 2}),
+        ("block-export-add", {"type": "vhost-user-blk", "id": "vub1", "node-name": "null1", "addr": {"type": "fd", "str": "myfd"}}),
+        ("query-block-exports", None),
+        ("x-blockdev-replace", {"parent-type": "export", "export-id": "vub0", "new-child": "null1"}),
+        ("blockdev-del", {"node-name": "null0"}),
+        ("block-export-del", {"id": "vub0"}),
+    ),
+    "nbd": lines(
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "/tmp/nbd.sock"}}, "max-connections": 4}),
+        ("block-export-add", {"type": "nbd", "id": "n0", "node-name": "null0", "name": "exp", "bitmaps": ["bm0"], "allocation-depth": True}),
+        ("nbd-server-start", {"addr": {"type": "inet", "host": "localhost", "port": "10809"}}),
+        ("block-export-del", {"id": "n0", "mode": "hard"}),
+        ("nbd-server-stop", None),
+        ("nbd-server-stop", None),
+    ),
+    "objects": lines(
+        ("object-add", {"qom-type": "throttle-group", "id": "tg1", "limits": {"iops-total": 100, "bps-read": 1 << 20}}),
+        ("object-add", {"qom-type": "throttle-group", "id": "tg0"}),
+        ("blockdev-add", {"driver": "throttle", "node-name": "t", "file": "null0", "throttle-group": "tg1"}),
+        ("object-del", {"id": "tg1"}),
+        ("object-del", {"id": "tg0"}),
+        ("object-add", {"qom-type": "memory-backend-ram", "id": "m"}),
+    ),
+    "jobs": lines(
+        ("blockdev-add", {"driver": "null-co", "node-name": "t1", "size": 1 << 20}),
+        ("blockdev-backup", {"device": "null1", "target": "t1", "sync": "full", "job-id": "j0",
+                             "auto-finalize": False, "auto-dismiss": False}),
+        ("query-jobs", None),
+        ("job-pause", {"id": "j0"}),
+        ("block-job-set-speed", {"device": "j0", "speed": 1 << 20}),
+        ("job-resume", {"id": "j0"}),
+        ("query-block-jobs", None),
+        ("job-finalize", {"id": "j0"}),
+        ("job-dismiss", {"id": "j0"}),
+        ("blockdev-backup", {"device": "null0", "target": "t1", "sync": "bitmap", "bitmap": "bm0",
+                             "bitmap-mode": "on-success", "on-target-error": "stop"}),
+        ("block-job-cancel", {"device": "null0", "force": True}),
+    ),
+    "job-transaction": lines(
+        ("blockdev-add", {"driver": "null-co", "node-name": "t3", "size": 1 << 20}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "t4", "size": 1 << 20}),
+        ("transaction", {
+            "actions": [
+                {"type": "blockdev-backup", "data": {"device": "null1", "target": "t3", "sync": "none",
+                                                     "job-id": "fleece", "filter-node-name": "f0"}},
+                {"type": "blockdev-backup", "data": {"device": "null0", "target": "t4", "sync": "full",
+                                                     "job-id": "b2", "speed": 4096}},
+            ],
+            "properties": {"completion-mode": "grouped"},
+        }), ("x-debug-query-block-graph", None), ("block-job-cancel", {"device": "fleece"}),
+        ("job-cancel", {"id": "b2"}), ("job-dismiss", {"id": "b2"})),
+    "resize": lines(
+        ("blockdev-add", {"driver": "raw", "node-name": "r0", "file": {"driver": "file", "filename": "x.raw"}}),
+        ("block_resize", {"node-name": "r0", "size": 4 << 20}),
+        ("block_resize", {"node-name": "null0", "size": 1 << 40}),
+        ("block_resize", {"device": "null1", "size": 512}),
+        ("block_resize", {"node-name": "cbw0", "size": -1}),
+    ),
+    "nbd-client": lines(
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "/tmp/nbd.sock"}}}),
+        ("block-export-add", {"type": "nbd", "id": "n1", "node-name": "null1", "name": "exp"}),
+        ("blockdev-add", {"driver": "nbd", "node-name": "nb", "server": {"type": "unix", "path": "/tmp/nbd.sock"},
+                          "export": "exp", "read-only": True}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "t1", "size": 1 << 20}),
+        ("blockdev-backup", {"device": "nb", "target": "t1", "sync": "full", "job-id": "j1"}),
+        ("blockdev-del", {"node-name": "nb"}),
+    ),
+    "create-and-snapshot": lines(
+        ("blockdev-create", {"job-id": "c0", "options": {"driver": "file", "filename": "ovl.qcow2", "size": 0}}),
+        ("job-dismiss", {"id": "c0"}),
+        ("blockdev-add", {"driver": "file", "filename": "ovl.qcow2", "node-name": "ovl-file"}),
+        ("blockdev-create", {"job-id": "c1", "options": {"driver": "qcow2", "file": "ovl-file", "size": 1 << 20,
+                                                         "backing-file": "base.raw", "backing-fmt": "raw",
+                                                         "cluster-size": 4096, "lazy-refcounts": True}}),
+        ("job-dismiss", {"id": "c1"}),
+        ("blockdev-add", {"driver": "qcow2", "file": "ovl-file", "backing": None, "node-name": "ovl"}),
+        ("blockdev-snapshot", {"node": "null0", "overlay": "ovl"}),
+        ("query-named-block-nodes", None),
+        ("block-stream", {"device": "ovl", "job-id": "s0"}),
+        ("blockdev-snapshot-sync", {"node-name": "null1", "snapshot-file": "sync.qcow2",
+                                    "snapshot-node-name": "snap0", "format": "qcow2"}),
+    ),
+    "mirror": lines(
+        ("blockdev-add", {"driver": "null-co", "node-name": "m1", "size": 1 << 20}),
+        ("blockdev-mirror", {"job-id": "m0", "device": "null0", "target": "m1", "sync": "full",
+                             "copy-mode": "write-blocking", "filter-node-name": "mirror-top"}),
+        ("query-block-jobs", None),
+        ("job-complete", {"id": "m0"}),
+        ("block-job-cancel", {"device": "m0"}),
+    ),
+    "stats-threshold-iothread": lines(
+        ("object-add", {"qom-type": "iothread", "id": "io0", "poll-max-ns": 32768}),
+        ("block-export-add", {"type": "vhost-user-blk", "id": "v0", "node-name": "null0", "addr": VUB_ADDR,
+                              "iothread": "io0"}),
+        ("query-blockstats", {"query-nodes": True}),
+        ("block-latency-histogram-set", {"id": "v0", "boundaries": [10, 100, 1000]}),
+        ("block-set-write-threshold", {"node-name": "null0", "write-threshold": 4096}),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "/tmp/nbd.sock"}}}),
+        ("nbd-server-add", {"device": "null1", "name": "n1"}),
+        ("nbd-server-remove", {"name": "n1", "mode": "hard"}),
+        ("object-del", {"id": "io0"}),
+    ),
+    "commit": lines(
+        ("blockdev-create", {"job-id": "c0", "options": {"driver": "file", "filename": "ovl.qcow2", "size": 0}}),
+        ("blockdev-add", {"driver": "file", "filename": "ovl.qcow2", "node-name": "ovl-file"}),
+        ("blockdev-create", {"job-id": "c1", "options": {"driver": "qcow2", "file": "ovl-file", "size": 1 << 20}}),
+        ("blockdev-add", {"driver": "qcow2", "file": "ovl-file", "backing": "null0", "node-name": "ovl"}),
+        ("block-commit", {"job-id": "k0", "device": "ovl", "top-node": "ovl", "base-node": "null0"}),
+        ("query-block-jobs", None),
+        ("job-complete", {"id": "k0"}),
+    ),
+    "bad-arguments": lines(("blockdev-del", {"node-name": 1}), ("query-version", {"x": 1}),
+                           ("block-export-del", {"id": "x", "mode": "soft"}), ("quit", None),
+                           ("no-such-command", {}), ("transaction", {"actions": [{"type": "quit", "data": {}}]})),
+}
+
+SEEDS["qmp_commands"] = QMP_COMMANDS
+
 
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "seeds")
-    (out / "options").mkdir(parents=True, exist_ok=True)
-    (out / "qmp_stream").mkdir(parents=True, exist_ok=True)
+    for target in ["options", "qmp_stream", *SEEDS]:
+        (out / target).mkdir(parents=True, exist_ok=True)
+    for target, seeds in SEEDS.items():
+        for name, data in seeds.items():
+            (out / target / f"seed-{name}").write_bytes(data)
     for i, arg in enumerate(BLOCKDEV_ARGS):
         (out / "options" / f"seed-arg-{i:02}").write_text(arg)
     for i, value in enumerate(BLOCKDEV_JSON):

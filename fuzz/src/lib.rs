@@ -14,3 +14,51 @@
 
 pub mod options;
 pub mod qmp;
+pub mod qmp_commands;
+
+/// Ignores SIGPIPE and SIGXFSZ, as the daemon does (`backend/src/signals.rs`),
+/// once per process: a write to a socket whose peer has gone (an NBD client
+/// node's last message to a server that stopped) then fails with EPIPE
+/// instead of killing the process. A Rust `main` ignores SIGPIPE before it
+/// runs; libFuzzer's `main` is C++'s and does not.
+pub fn daemon_signals() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        for signal in [libc::SIGPIPE, libc::SIGXFSZ] {
+            // SAFETY: installs the ignore disposition; no handler runs.
+            unsafe { libc::signal(signal, libc::SIG_IGN) };
+        }
+    });
+}
+
+/// Starts `n` threads at once and joins them, once per process.
+///
+/// LeakSanitizer 14's runtime keeps a context per thread in a vector that
+/// it grows while other threads may be reading it without a lock
+/// (`CurrentThreadContext`, called from `malloc`): a harness whose inputs
+/// start and join threads from several threads at once (exports, vhost-user
+/// sessions) crashed inside LSan after some thousands of inputs ("SEGV in
+/// __lsan::CurrentThreadContext"). Growing the vector once, before any
+/// input, leaves room for every later thread (the contexts of joined
+/// threads are reused).
+pub fn reserve_thread_contexts(n: usize) {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(n + 1));
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                let barrier = barrier.clone();
+                std::thread::Builder::new()
+                    .stack_size(64 << 10)
+                    .spawn(move || {
+                        barrier.wait();
+                    })
+                    .expect("thread")
+            })
+            .collect();
+        barrier.wait();
+        for thread in threads {
+            thread.join().expect("thread");
+        }
+    });
+}

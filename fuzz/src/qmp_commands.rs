@@ -1,0 +1,299 @@
+//! The `qmp_commands` harness: bytes as a sequence of QMP commands run by
+//! the daemon's real command table (`blkgraph_backend::control`), on a
+//! graph of small nodes.
+//!
+//! The input is one command per line, `{"execute": NAME, "arguments":
+//! {...}}` (lines that are not such an object are skipped: the
+//! `qmp_stream` target covers the decoder and the session). Each input gets
+//! a fresh graph with the `options` harness's base nodes (null-co nodes, a
+//! copy-before-write node, bitmap `bm0`, throttle group `tg0`), made as the
+//! daemon makes it so that it runs jobs, a fresh export table and a
+//! `Control`, the dispatcher the daemon gives its QMP server (`quit` does
+//! nothing here). For each command:
+//!
+//! - `control::check_arguments` (the pure argument parser) must give `Ok`
+//!   or a clean QMP error: a known class and a text;
+//! - if it refuses, `Control::execute` must refuse the same way and change
+//!   nothing;
+//! - otherwise the command runs with its outside-world arguments
+//!   sandboxed (`options::sandbox`: every string `filename` is the
+//!   scratch file, every `path` a socket in a temporary directory, every
+//!   `host` 127.0.0.1, every `port` 0, no NBD client waits to connect;
+//!   commands that would open an `rbd` node are skipped), and if it fails
+//!   its error must be clean and the graph unchanged: the nodes, their
+//!   children, bitmaps and driver state as `query-named-block-nodes` and
+//!   `x-debug-query-block-graph` show them, the jobs (`query-block-jobs`),
+//!   the exports and the throttle groups.
+//!
+//! Jobs (`blockdev-backup`, `blockdev-mirror`, `block-commit`,
+//! `block-stream`, `blockdev-create`, alone or in a `transaction`) run on
+//! their own and change the graph when they end, so before each command
+//! the harness waits until every job has settled in a state that only a
+//! command ends (paused by job-pause, ready with nothing left to copy,
+//! pending without auto-finalize, concluded without auto-dismiss; never
+//! once a cancel or job-complete was asked for), for at most
+//! [`SETTLE_BUDGET`] per input, and again after a failed command (whose
+//! drained section paused the jobs); while a job still moves after that (a
+//! speed limit, say), a failed command's error is checked but not its
+//! effect on the graph.
+//!
+//! After the last command every export is deleted (`mode: hard`), the NBD
+//! server stopped and the graph shut down as the daemon does at exit
+//! (jobs cancelled, nodes flushed and closed), and no file descriptor may
+//! be left open once the threads that ended have let go of theirs (within
+//! 5 s: an NBD connection's thread closes its socket just after the server
+//! has let go of it). The scratch file gets its first content back before each
+//! input (jobs write it, `block_resize` resizes it).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use blkgraph_backend::control::{check_arguments, Control};
+use blkgraph_backend::exports::Exports;
+use blkgraph_ctl::{Dispatcher, ErrorClass, NamedFds, QmpError};
+use blkgraph_graph::Graph;
+use serde_json::{json, Map, Value};
+
+use crate::options::{base_graph, reset_scratch_file, sandbox, scratch_file, socket_path};
+
+/// Checks that an error is a clean QMP error.
+fn check_error(command: &str, e: &QmpError) {
+    let name = e.class.as_str();
+    assert_eq!(
+        ErrorClass::from_name(name),
+        Some(e.class),
+        "{command}: class {name}"
+    );
+    assert!(!e.desc.is_empty(), "{command}: an error without text");
+}
+
+/// What a failed command must leave as it was.
+fn state(control: &Control, graph: &Graph) -> Value {
+    let mut fds = NamedFds::new();
+    let mut query = |name: &str| {
+        control
+            .execute(name, Map::new(), &mut fds)
+            .unwrap_or_else(|e| panic!("{name} failed: {e:?}"))
+    };
+    let groups: Vec<String> = graph
+        .throttle_groups()
+        .iter()
+        .map(|g| format!("{} {:?}", g.id(), g.limits()))
+        .collect();
+    json!({
+        "nodes": query("query-named-block-nodes"),
+        "graph": query("x-debug-query-block-graph"),
+        "jobs": query("query-block-jobs"),
+        "exports": query("query-block-exports"),
+        "throttle-groups": groups,
+    })
+}
+
+/// The longest the harness waits, over one input, for jobs to settle.
+pub const SETTLE_BUDGET: Duration = Duration::from_millis(500);
+
+/// The longest the harness waits after a failed command for the jobs
+/// paused by its drained section to take up where they were.
+pub const RESETTLE: Duration = Duration::from_millis(200);
+
+/// Whether no job changes anything until a command moves it on.
+fn settled(graph: &Graph) -> bool {
+    graph.jobs().iter().all(|job| {
+        let info = job.block_info();
+        let flag = |name: &str| info[name].as_bool().unwrap_or(true);
+        // A cancel or job-complete ends a job on its own from any state
+        // but the last.
+        let moving = job.cancel_requested() || job.should_complete();
+        match info["status"].as_str().unwrap_or("") {
+            // Paused by job-pause; a pause of a drained section ends on
+            // its own, just after the section.
+            "paused" | "standby" => !moving && flag("paused") && !flag("busy"),
+            // A mirror or commit waiting for job-complete, once it has
+            // copied what was left when it became ready: it polls its
+            // source, but changes nothing without guest writes (there are
+            // none here).
+            "ready" => !moving && info["offset"] == info["len"],
+            "pending" => !moving && !flag("auto-finalize"),
+            "concluded" => !flag("auto-dismiss"),
+            _ => false,
+        }
+    })
+}
+
+/// Waits until [`settled`], while `deadline` allows; whether it is.
+fn settle(graph: &Graph, deadline: Instant) -> bool {
+    loop {
+        if settled(graph) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether `BLKGRAPH_FUZZ_VERBOSE` is set: then each outcome is printed.
+fn verbose() -> bool {
+    static VERBOSE: OnceLock<bool> = OnceLock::new();
+    *VERBOSE.get_or_init(|| std::env::var_os("BLKGRAPH_FUZZ_VERBOSE").is_some())
+}
+
+/// The lowest free file descriptor number.
+fn lowest_free_fd() -> i32 {
+    File::open("/dev/null")
+        .expect("cannot open /dev/null")
+        .as_raw_fd()
+}
+
+/// The commands of an input: (name, arguments) of each line that is a
+/// QMP command object.
+pub fn commands(data: &[u8]) -> Vec<(String, Map<String, Value>)> {
+    data.split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let Ok(Value::Object(mut message)) = serde_json::from_slice::<Value>(line) else {
+                return None;
+            };
+            let Some(Value::String(name)) = message.remove("execute") else {
+                return None;
+            };
+            match message.remove("arguments") {
+                None => Some((name, Map::new())),
+                Some(Value::Object(args)) => Some((name, args)),
+                Some(_) => None,
+            }
+        })
+        .collect()
+}
+
+/// Commands that start, once per process, what the first job starts for
+/// good: the background executor that runs job I/O (its io_uring and
+/// eventfd) and the job control thread.
+const WARM_UP: &str = r#"{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "w", "size": 1048576}}
+{"execute": "blockdev-backup", "arguments": {"device": "null1", "target": "w", "sync": "full"}}"#;
+
+/// Runs [`WARM_UP`] on a graph of its own, so that the descriptor check
+/// of each input sees only what the input left.
+fn warm_up() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let graph = base_graph();
+        let exports = Arc::new(Exports::new(graph.clone()));
+        let control = Control::new(graph.clone(), exports, Box::new(|| {}));
+        let mut fds = NamedFds::new();
+        for (name, args) in commands(WARM_UP.as_bytes()) {
+            if let Err(e) = control.execute(&name, args, &mut fds) {
+                panic!("warm-up {name}: {e:?}");
+            }
+        }
+        assert!(
+            settle(&graph, Instant::now() + Duration::from_secs(10)),
+            "the warm-up job did not end"
+        );
+        graph.shut_down();
+    });
+}
+
+/// The harness.
+pub fn run(data: &[u8]) {
+    crate::reserve_thread_contexts(4096);
+    crate::daemon_signals();
+    scratch_file();
+    socket_path();
+    warm_up();
+    let commands = commands(data);
+    if commands.is_empty() {
+        return;
+    }
+    reset_scratch_file();
+    let fd = lowest_free_fd();
+    let deadline = Instant::now() + SETTLE_BUDGET;
+    let graph = base_graph();
+    let exports = Arc::new(Exports::new(graph.clone()));
+    let control = Control::new(graph.clone(), exports.clone(), Box::new(|| {}));
+    let mut fds = NamedFds::new();
+    for (name, mut args) in commands {
+        // Whether a failed command must have left the state as it was:
+        // not while a job may still change it on its own.
+        let settled = settle(&graph, deadline);
+        if let Err(e) = check_arguments(&name, args.clone()) {
+            if verbose() {
+                eprintln!("{name}: refused: {e:?}");
+            }
+            check_error(&name, &e);
+            let before = state(&control, &graph);
+            let again = control.execute(&name, args, &mut fds);
+            assert_eq!(again.err(), Some(e), "{name}: checked and run differ");
+            if settled {
+                assert_eq!(
+                    state(&control, &graph),
+                    before,
+                    "{name}: a refused command changed the graph"
+                );
+            }
+            continue;
+        }
+        if !sandbox(&mut args) {
+            if verbose() {
+                eprintln!("{name}: not run (rbd)");
+            }
+            continue;
+        }
+        let before = state(&control, &graph);
+        match control.execute(&name, args, &mut fds) {
+            Ok(value) => {
+                if verbose() {
+                    eprintln!("{name}: {value}");
+                }
+            }
+            Err(e) => {
+                if verbose() {
+                    eprintln!("{name}: {e:?}");
+                }
+                check_error(&name, &e);
+                // A command that failed inside a drained section leaves
+                // the jobs it paused to resume on their own, just after.
+                if settled && settle(&graph, Instant::now() + RESETTLE) {
+                    let after = state(&control, &graph);
+                    assert_eq!(
+                        after, before,
+                        "{name} failed ({}) and changed the graph",
+                        e.desc
+                    );
+                }
+            }
+        }
+    }
+    // Leave nothing behind: exports (and their threads and sockets), the
+    // NBD server, then the graph as the daemon leaves it at exit (jobs
+    // cancelled, nodes flushed and closed).
+    let ids: Vec<String> = exports
+        .query()
+        .as_array()
+        .expect("query-block-exports")
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect();
+    for id in ids {
+        if let Err(e) = exports.delete(&id, true) {
+            panic!("block-export-del {id} mode=hard failed: {e}");
+        }
+    }
+    let _ = exports.nbd_server_stop();
+    assert_eq!(
+        exports.query(),
+        json!([]),
+        "exports left after deleting them"
+    );
+    graph.shut_down();
+    drop((control, exports, graph, fds));
+    // The threads of NBD connections end just after the server lets go of
+    // them: give their sockets a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lowest_free_fd() != fd && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(lowest_free_fd(), fd, "a file descriptor was left open");
+}
