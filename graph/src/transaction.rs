@@ -68,8 +68,9 @@ pub enum ReplaceParent<'a> {
 /// A graph transaction. Dropping it without [`Transaction::commit`] rolls
 /// it back.
 pub struct Transaction<'g> {
-    /// Ended (the exports resumed) before the graph is unlocked.
-    _drained: Option<DrainedSection>,
+    /// Ended (the exports resumed) before the nodes that leave the graph
+    /// are closed, and before the graph is unlocked.
+    drained: Option<DrainedSection>,
     /// The graph, for its jobs.
     owner: &'g Graph,
     /// Jobs made by the transaction, started when it commits.
@@ -122,7 +123,7 @@ impl<'g> Transaction<'g> {
             drained.then(|| DrainedSection::begin(graph.drain_parents(), graph.nodes.values()));
         let working = graph.clone();
         Transaction {
-            _drained: drained,
+            drained,
             owner,
             new_jobs: Vec::new(),
             graph,
@@ -748,6 +749,12 @@ impl<'g> Transaction<'g> {
                 left.push(n);
             }
         }
+        // The drained section ends first: closing flushes, and a node may
+        // reach its storage through an export of this same graph (an NBD
+        // client of our own server), which must take requests again.
+        // Requests cannot reach these nodes any more: no edge leads to
+        // them.
+        drop(self.drained.take());
         close_nodes(left);
         for job in std::mem::take(&mut self.new_jobs) {
             self.owner.register_job(job.clone());
@@ -788,6 +795,9 @@ impl Drop for Transaction<'_> {
             }
         }
         self.working = State::default();
+        // As in commit: the exports take requests again before the nodes
+        // the transaction opened are closed.
+        drop(self.drained.take());
         close_nodes(std::mem::take(&mut self.opened));
     }
 }

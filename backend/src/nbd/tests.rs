@@ -712,3 +712,28 @@ fn a_connection_is_served_on_the_calling_thread() {
     client.join().unwrap();
     assert_eq!(s.server.client_count(), 0);
 }
+
+/// Found by the qmp_commands fuzz target: an NBD client node connected to
+/// an export of the same daemon is flushed through that export when it is
+/// deleted. Nodes that left the graph were closed inside the drained
+/// section that pauses every export, so the flush never got an answer:
+/// blockdev-del never returned, and the graph stayed locked for every
+/// later command.
+#[test]
+fn a_node_closed_through_an_export_of_the_same_graph() {
+    let s = setup("close-local", 0);
+    export(&s, "id=e0,node-name=disk0,writable=on");
+    let nbd = format!(
+        "driver=nbd,node-name=nb,server.type=unix,server.path={},export=disk0",
+        s.sock.display()
+    );
+    s.graph.add(Options::from_arg(&nbd, None).unwrap()).unwrap();
+    let graph = s.graph.clone();
+    let (done, deleted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(graph.remove("nb")));
+    let result = deleted
+        .recv_timeout(Duration::from_secs(10))
+        .expect("blockdev-del of the NBD client node hung");
+    result.unwrap();
+    assert!(s.graph.find("nb").is_err());
+}
