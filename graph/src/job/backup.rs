@@ -524,6 +524,41 @@ mod tests {
         assert!(completed[0].get("error").is_none());
     }
 
+    /// Found by the qmp_commands fuzz target: a job over its speed limit
+    /// slept its whole debt at once (17 minutes for 4 MiB at 4 KiB/s, days
+    /// at a few bytes per second), so a cancel, a pause, and every drained
+    /// transaction, which pauses the job and waits for it, waited as long,
+    /// holding the graph's lock.
+    #[test]
+    fn a_rate_limited_job_stops_and_pauses_at_once() {
+        let s = setup(4 * MIB);
+        let mut options = backup(SyncMode::Full);
+        options.job.speed = 4096;
+        let mut tx = s.graph.drained_transaction();
+        tx.blockdev_backup(&options, None).unwrap();
+        tx.commit().unwrap();
+        let job = s.graph.job("job0").unwrap();
+        // Let it copy its first chunks and fall behind its quota.
+        std::thread::sleep(Duration::from_millis(300));
+        let graph = s.graph.clone();
+        let (done, drained) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(graph.drained_transaction());
+            let _ = done.send(());
+        });
+        drained
+            .recv_timeout(Duration::from_secs(2))
+            .expect("a drained section waited for the job's speed limit");
+        let start = Instant::now();
+        job.cancel(true).unwrap();
+        wait_gone(&s.graph, "job0");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the cancel took {:?}",
+            start.elapsed()
+        );
+    }
+
     #[test]
     fn cancelled_sync_none_backup_takes_its_filter_out() {
         let s = setup(4 * MIB);

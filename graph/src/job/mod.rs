@@ -463,9 +463,15 @@ impl Job {
 
     /// Accounts `bytes` against the speed limit, sleeping as needed
     /// (QEMU's rate limit: slices of 100 ms).
+    ///
+    /// The sleep is cut short by a cancel, a pause (a drained section or
+    /// job-pause: the job must get to its pause point) and a new speed, as
+    /// QEMU's job_sleep_ns is: it goes in steps of one slice and looks at
+    /// the job between them. What is left of the wait is not forgiven:
+    /// the slice stays in the future, so the next call waits for it.
     pub async fn rate_limit(&self, bytes: u64) {
         const SLICE: Duration = Duration::from_millis(100);
-        let wait = {
+        let (until, speed) = {
             let mut s = self.state.lock();
             if s.speed == 0 {
                 return;
@@ -485,10 +491,29 @@ impl Job {
             let until = s.slice_start + SLICE * slices as u32;
             s.slice_start = until;
             s.slice_bytes = 0;
-            until.saturating_duration_since(now)
+            (until, s.speed)
         };
-        if let Err(e) = sleep(wait).await {
-            log::warn!("job '{}': rate limit sleep: {e}", self.id);
+        loop {
+            let wait = {
+                let mut s = self.state.lock();
+                if s.speed != speed {
+                    // Accounted again at the new speed from now on.
+                    s.slice_start = Instant::now();
+                    s.slice_bytes = 0;
+                    return;
+                }
+                if (s.cancelled && s.force) || s.pause_count > 0 {
+                    return;
+                }
+                until.saturating_duration_since(Instant::now())
+            };
+            if wait.is_zero() {
+                return;
+            }
+            if let Err(e) = sleep(wait.min(SLICE)).await {
+                log::warn!("job '{}': rate limit sleep: {e}", self.id);
+                return;
+            }
         }
     }
 
