@@ -559,6 +559,33 @@ mod tests {
         );
     }
 
+    /// Found by the qmp_commands fuzz target: a job whose work had
+    /// returned stayed busy until the job control thread took note of it;
+    /// if that thread was itself waiting in a drained section (another
+    /// job ending, which takes its filter out in a drained transaction),
+    /// it waited for that job for ever, with the graph locked.
+    #[test]
+    fn a_drain_on_the_control_thread_does_not_wait_for_a_job_that_is_done() {
+        let s = setup(MIB);
+        let mut tx = s.graph.drained_transaction();
+        tx.blockdev_backup(&backup(SyncMode::None), None).unwrap();
+        tx.commit().unwrap();
+        let job = s.graph.job("job0").unwrap();
+        let graph = s.graph.clone();
+        let (done, drained) = std::sync::mpsc::channel();
+        super::super::control::submit(Box::new(move || {
+            // The job's work returns, and its end waits behind this step.
+            job.cancel(true).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            drop(graph.drained_transaction());
+            let _ = done.send(());
+        }));
+        drained
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the drained section waited for a job whose work was over");
+        wait_gone(&s.graph, "job0");
+    }
+
     #[test]
     fn cancelled_sync_none_backup_takes_its_filter_out() {
         let s = setup(4 * MIB);

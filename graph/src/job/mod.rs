@@ -331,6 +331,14 @@ impl Job {
         let job = self.clone();
         let started = spawn_detached(async move {
             let result = job.driver.run(&job).await;
+            // No more I/O from here: a drained section must not wait for
+            // the control thread to take note (it may be that thread that
+            // waits, in another job's end).
+            {
+                let mut s = job.state.lock();
+                s.busy = false;
+                job.changed.notify_all();
+            }
             let done = job.clone();
             control::submit(Box::new(move || done.work_done(result)));
         });
