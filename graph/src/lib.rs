@@ -51,7 +51,7 @@ pub use node::{
     CacheOptions, Child, CommonOptions, DetectZeroes, DiscardMode, Node, MAX_LENGTH,
     WRITE_THRESHOLD_EVENT,
 };
-pub use open::{DriverEntry, OpenContext, OpenFn, MAX_NODE_NAME_LEN};
+pub use open::{DriverEntry, OpenContext, OpenFn, MAX_NODE_NAME_LEN, MAX_OPEN_DEPTH};
 pub use options::Options;
 pub use permission::{Parent, Permission};
 pub use throttle_group::{Direction, ThrottleGroup, ThrottleLimits};

@@ -39,7 +39,16 @@ pub(crate) struct Staging<'g> {
     /// Whether the options come from a blueprint, where a node the graph
     /// named (`#blockNNN`) keeps its name.
     pub(crate) restoring: bool,
+    /// How many opens are in progress, each inside the one before (a
+    /// node's children are opened while the node is).
+    pub(crate) depth: usize,
 }
+
+/// The most nodes one open may nest (a backing chain from image headers,
+/// inline children): each level takes about 8 KiB of the stack of the
+/// thread that runs the command. A qcow2 image whose header names itself
+/// as its backing file would nest for ever.
+pub const MAX_OPEN_DEPTH: usize = 128;
 
 impl Staging<'_> {
     fn lookup(&self, name: &str) -> Option<Arc<Node>> {
@@ -51,6 +60,23 @@ impl Staging<'_> {
 
     /// Opens a node from its options; inline children are opened too.
     pub(crate) fn open(
+        &mut self,
+        options: Options,
+        parent: Option<&CommonOptions>,
+    ) -> Result<Arc<Node>, Error> {
+        if self.depth >= MAX_OPEN_DEPTH {
+            return Err(Error::OpenFailed(format!(
+                "Too many nested images: more than {MAX_OPEN_DEPTH} levels of children \
+                 (does a backing file chain loop?)"
+            )));
+        }
+        self.depth += 1;
+        let result = self.open_nested(options, parent);
+        self.depth -= 1;
+        result
+    }
+
+    fn open_nested(
         &mut self,
         mut options: Options,
         parent: Option<&CommonOptions>,

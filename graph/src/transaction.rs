@@ -165,6 +165,7 @@ impl<'g> Transaction<'g> {
             created: Vec::new(),
             counter: implicit_counter,
             restoring,
+            depth: 0,
         };
         let result = staging.open(options, None);
         let created = std::mem::take(&mut staging.created);

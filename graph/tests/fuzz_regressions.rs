@@ -62,3 +62,38 @@ target.driver=null-co,target.size=256T";
         grown >> 20
     );
 }
+
+/// Found while teaching the qmp_commands fuzz target blockdev-create: a
+/// qcow2 image whose header names the image itself as its backing file
+/// (blockdev-create with `backing-file`), then opened. The driver opens the
+/// backing file a header names, which opened the same image again, and so
+/// on until the stack overflowed and the process died (SIGSEGV). One
+/// blockdev-add of such an image took the daemon down. Opening now stops
+/// after MAX_OPEN_DEPTH nested nodes, with an error.
+#[test]
+fn a_qcow2_image_that_backs_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("self.qcow2");
+    let image_arg = image.to_str().unwrap();
+    for args in [
+        &["create", "-q", "-f", "qcow2", image_arg, "1M"][..],
+        &["rebase", "-u", "-b", image_arg, "-F", "qcow2", image_arg][..],
+    ] {
+        let status = std::process::Command::new("qemu-img")
+            .args(args)
+            .status()
+            .expect("qemu-img runs");
+        assert!(status.success(), "qemu-img {args:?}");
+    }
+    let input = format!("driver=qcow2,node-name=q,file.driver=file,file.filename={image_arg}");
+    // A stack that holds the allowed nesting in a debug build too; without
+    // the limit the recursion overflows it (or runs out of descriptors).
+    let opened = std::thread::Builder::new()
+        .stack_size(32 << 20)
+        .spawn(move || open(input.as_bytes()))
+        .unwrap()
+        .join()
+        .unwrap();
+    let error = opened.expect_err("an image that backs itself opened");
+    assert!(error.contains("Too many nested images"), "{error}");
+}
