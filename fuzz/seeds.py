@@ -300,6 +300,115 @@ QMP_COMMANDS = {
 SEEDS["qmp_commands"] = QMP_COMMANDS
 
 
+# virtio_blk: the harness's guest memory layout.
+VQ_DATA = 0x3000
+VQ_REGION1 = 0x20000
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+
+
+def vq(chains, config=4 | (0 << 5), capacity=2, data=None, size_log2=4) -> bytes:
+    """A virtio_blk input: `chains` is a list of (head, descriptors) where
+    descriptors are (index, addr, len, flags, next); `data` maps guest
+    addresses (from VQ_DATA on) to bytes."""
+    size = 1 << size_log2
+    config = (config & ~7) | size_log2
+    table = bytearray(16 * size)
+    heads = []
+    for head, descs in chains:
+        heads.append(head)
+        for index, addr, length, flags, nxt in descs:
+            struct.pack_into("<QIHH", table, 16 * index, addr, length, flags, nxt)
+    avail = b"".join(struct.pack("<H", h) for h in heads).ljust(2 * size, b"\0")
+    memory = bytearray()
+    for addr, blob in sorted((data or {}).items()):
+        if addr >= VQ_REGION1:
+            # The second region follows the first region's data.
+            offset = 0x10000 - VQ_DATA + (addr - VQ_REGION1)
+        else:
+            offset = addr - VQ_DATA
+        if len(memory) < offset + len(blob):
+            memory.extend(b"\xa5" * (offset + len(blob) - len(memory)))
+        memory[offset : offset + len(blob)] = blob
+    return bytes([config, capacity, len(heads)]) + avail + bytes(table) + bytes(memory)
+
+
+def blk_header(kind, sector=0) -> bytes:
+    return struct.pack("<IIQ", kind, 0, sector)
+
+
+def simple_chain(kind, data_len=512, sector=0, writable_data=None, head=0, extra=b""):
+    """header (readable), data, status (writable)."""
+    descs = [(head, 0x3000 + 0x100 * head, 16 + len(extra), F_NEXT, head + 1)]
+    if writable_data is None:
+        writable_data = kind in (T_IN, T_GET_ID)
+    if data_len:
+        flags = F_NEXT | (F_WRITE if writable_data else 0)
+        descs.append((head + 1, 0x8000, data_len, flags, head + 2))
+        descs.append((head + 2, 0x3f00, 1, F_WRITE, 0))
+    else:
+        descs.append((head + 1, 0x3f00, 1, F_WRITE, 0))
+    return (head, descs), {0x3000 + 0x100 * head: blk_header(kind, sector) + extra}
+
+
+def virtio_blk_seeds():
+    seeds = {}
+    for name, kind, n, extra in [
+        ("read", T_IN, 4096, b""),
+        ("write", T_OUT, 4096, b""),
+        ("flush", T_FLUSH, 0, b""),
+        ("get-id", T_GET_ID, 20, b""),
+        ("discard", T_DISCARD, 0, struct.pack("<QII", 8, 8, 0)),
+        ("write-zeroes", T_WRITE_ZEROES, 0, struct.pack("<QII", 0, 16, 1)),
+        ("unsupported", 99, 0, b""),
+        ("read-past-end", T_IN, 512, b""),
+    ]:
+        chain, data = simple_chain(kind, n, sector=2048 if name == "read-past-end" else 1, extra=extra)
+        seeds[name] = vq([chain], data=data)
+    # Several chains at once, the used ring must see each.
+    chains, data = [], {}
+    for i, kind in enumerate([T_IN, T_OUT, T_FLUSH]):
+        chain, d = simple_chain(kind, 512 if kind != T_FLUSH else 0, head=3 * i)
+        chains.append(chain)
+        data.update(d)
+    seeds["three"] = vq(chains, data=data)
+    # An indirect table at 0x6000 with header, data and status.
+    table = struct.pack("<QIHH", 0x3000, 16, F_NEXT, 1)
+    table += struct.pack("<QIHH", 0x20000, 8192, F_NEXT | F_WRITE, 2)
+    table += struct.pack("<QIHH", 0x3f00, 1, F_WRITE, 0)
+    seeds["indirect"] = vq(
+        [(0, [(0, 0x6000, len(table), F_INDIRECT, 0)])],
+        data={0x3000: blk_header(T_IN, 4), 0x6000: table},
+    )
+    # Data across the two regions, and into the hole between them.
+    seeds["across-regions"] = vq(
+        [(0, [(0, 0x3000, 16, F_NEXT, 1), (1, 0xf000, 0x2000, F_NEXT, 2), (2, 0x20000, 1, F_WRITE, 0)])],
+        data={0x3000: blk_header(T_OUT, 0)},
+    )
+    seeds["into-the-hole"] = vq(
+        [(0, [(0, 0x3000, 16, F_NEXT, 1), (1, 0xff00, 0x200, F_NEXT | F_WRITE, 2), (2, 0x3f00, 1, F_WRITE, 0)])],
+        data={0x3000: blk_header(T_IN, 0)},
+    )
+    # A loop, a header split over two descriptors, readable after writable.
+    seeds["loop"] = vq([(0, [(0, 0x3000, 16, F_NEXT, 1), (1, 0x3f00, 1, F_WRITE | F_NEXT, 0)])],
+                       data={0x3000: blk_header(T_IN, 0)})
+    seeds["split-header"] = vq(
+        [(0, [(0, 0x3000, 4, F_NEXT, 1), (1, 0x3004, 12, F_NEXT, 2), (2, 0x3f00, 1, F_WRITE, 0)])],
+        data={0x3000: blk_header(T_FLUSH, 0)},
+    )
+    seeds["readable-after-writable"] = vq(
+        [(0, [(0, 0x3000, 16, F_NEXT, 1), (1, 0x3f00, 1, F_WRITE | F_NEXT, 2), (2, 0x8000, 512, 0, 0)])],
+        data={0x3000: blk_header(T_OUT, 0)},
+    )
+    seeds["read-only-write"] = vq([simple_chain(T_OUT, 512)[0]], config=8,
+                                  data=simple_chain(T_OUT, 512)[1])
+    seeds["4k-blocks"] = vq([simple_chain(T_IN, 4096, sector=8)[0]], config=1 << 5,
+                            data=simple_chain(T_IN, 4096, sector=8)[1])
+    return seeds
+
+SEEDS["virtio_blk"] = virtio_blk_seeds()
+
+
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "seeds")
     for target in ["options", "qmp_stream", *SEEDS]:

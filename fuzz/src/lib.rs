@@ -15,6 +15,7 @@
 pub mod options;
 pub mod qmp;
 pub mod qmp_commands;
+pub mod virtio_blk;
 
 /// Ignores SIGPIPE and SIGXFSZ, as the daemon does (`backend/src/signals.rs`),
 /// once per process: a write to a socket whose peer has gone (an NBD client
