@@ -409,6 +409,71 @@ def virtio_blk_seeds():
 SEEDS["virtio_blk"] = virtio_blk_seeds()
 
 
+# nbd: client byte streams.
+NBD_IHAVEOPT = 0x49484156454F5054
+NBD_REQUEST = 0x25609513
+(OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY,
+ OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT) = (1, 2, 3, 6, 7, 8, 9, 10)
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
+
+
+def nbd_opt(option, data=b"") -> bytes:
+    return struct.pack(">QII", NBD_IHAVEOPT, option, len(data)) + data
+
+
+def nbd_name(name: bytes, infos=()) -> bytes:
+    return struct.pack(">I", len(name)) + name + struct.pack(">H", len(infos)) + b"".join(
+        struct.pack(">H", i) for i in infos
+    )
+
+
+def nbd_meta(export: bytes, queries) -> bytes:
+    body = struct.pack(">I", len(export)) + export + struct.pack(">I", len(queries))
+    return body + b"".join(struct.pack(">I", len(q)) + q for q in queries)
+
+
+def nbd_req(cmd, offset=0, length=0, flags=0, handle=1, payload=b"") -> bytes:
+    return struct.pack(">IHHQQI", NBD_REQUEST, flags, cmd, handle, offset, length) + payload
+
+
+def nbd_seeds():
+    flags = struct.pack(">I", 3)  # fixed newstyle, no zeroes
+    queries = [b"base:allocation", b"qemu:dirty-bitmap:bm0", b"qemu:allocation-depth"]
+    io = (
+        nbd_req(CMD_WRITE, 4096, 512, payload=b"\x11" * 512)
+        + nbd_req(CMD_READ, 0, 8192, handle=2)
+        + nbd_req(CMD_WRITE_ZEROES, 8192, 4096, handle=3)
+        + nbd_req(CMD_TRIM, 0, 4096, handle=4)
+        + nbd_req(CMD_FLUSH, handle=5)
+        + nbd_req(CMD_BLOCK_STATUS, 0, 1 << 20, handle=6)
+        + nbd_req(CMD_CACHE, 0, 4096, handle=7)
+        + nbd_req(CMD_READ, (1 << 20) - 512, 1024, handle=8)
+        + nbd_req(CMD_DISC)
+    )
+    return {
+        "list-info-abort": flags + nbd_opt(OPT_LIST) + nbd_opt(OPT_INFO, nbd_name(b"null", [0, 1, 2, 3]))
+        + nbd_opt(OPT_INFO, nbd_name(b"nope")) + nbd_opt(OPT_ABORT),
+        "go-simple": flags + nbd_opt(OPT_GO, nbd_name(b"disk", [3])) + io,
+        "go-structured": flags + nbd_opt(OPT_STRUCTURED_REPLY)
+        + nbd_opt(OPT_SET_META_CONTEXT, nbd_meta(b"disk", queries))
+        + nbd_opt(OPT_GO, nbd_name(b"disk")) + io,
+        "meta-null": flags + nbd_opt(OPT_STRUCTURED_REPLY)
+        + nbd_opt(OPT_LIST_META_CONTEXT, nbd_meta(b"null", [b"qemu:"]))
+        + nbd_opt(OPT_SET_META_CONTEXT, nbd_meta(b"null", queries))
+        + nbd_opt(OPT_GO, nbd_name(b"null"))
+        + nbd_req(CMD_BLOCK_STATUS, 0, 65536, flags=8) + nbd_req(CMD_WRITE, 0, 512, payload=b"x" * 512, handle=2),
+        "export-name": struct.pack(">I", 1) + nbd_opt(OPT_EXPORT_NAME, b"disk") + nbd_req(CMD_READ, 0, 512) + nbd_req(CMD_DISC),
+        "export-name-unknown": flags + nbd_opt(OPT_EXPORT_NAME, b"nope"),
+        "bad-magic": flags + b"\0" * 16 + nbd_opt(OPT_LIST),
+        "bad-request": flags + nbd_opt(OPT_GO, nbd_name(b"null")) + b"\x25\x60\x95\x14" + b"\0" * 24,
+        "oversized": flags + nbd_opt(OPT_GO, nbd_name(b"disk")) + nbd_req(CMD_READ, 0, 64 << 20)
+        + nbd_req(CMD_WRITE, 0, 33 << 20, handle=2),
+        "unknown-option": flags + nbd_opt(99, b"abc") + nbd_opt(OPT_INFO, b"\xff" * 8),
+    }
+
+SEEDS["nbd"] = nbd_seeds()
+
+
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "seeds")
     for target in ["options", "qmp_stream", *SEEDS]:

@@ -12,6 +12,7 @@
 //! the crates are built with `--cfg fuzzing` (cargo-fuzz sets it; `run.py`
 //! sets it for clippy and tests).
 
+pub mod nbd;
 pub mod options;
 pub mod qmp;
 pub mod qmp_commands;

@@ -1,0 +1,5 @@
+//! Fuzz target `nbd`: an NBD client's bytes, served by the real server over a socket pair
+//! (see `blkgraph_fuzz::nbd`).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| blkgraph_fuzz::nbd::run(data));
