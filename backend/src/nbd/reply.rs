@@ -53,7 +53,12 @@ impl Reply {
         }
     }
 
+    /// Appends read data. An empty range adds nothing: the writer never
+    /// sees a part of zero bytes, which no `sendmsg` would get past.
     fn data_part(&mut self, range: Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
         self.parts.push(Part {
             in_data: true,
             start: range.start,
@@ -304,8 +309,9 @@ impl OutQueue {
                 self.pop_front();
             }
         }
-        // Drop replies made only of empty parts (none are built, but the
-        // loop above must not stop in front of one).
+        // Drop replies made only of empty parts (none are built: head parts
+        // are headers and `data_part` skips empty ranges; but the loop
+        // above must not stop in front of one).
         while self
             .replies
             .front()

@@ -713,6 +713,21 @@ fn a_connection_is_served_on_the_calling_thread() {
     assert_eq!(s.server.client_count(), 0);
 }
 
+/// Found by the nbd fuzz target: a READ of 0 bytes with simple replies
+/// queued a reply whose data part was empty. The writer sent its header,
+/// then kept sending that empty part (0 bytes) in a loop: the connection's
+/// thread spun at full CPU, answered nothing more and never closed.
+#[test]
+fn a_read_of_no_bytes_gets_a_simple_reply() {
+    let s = setup("read0", 0);
+    export(&s, "id=e0,node-name=disk0");
+    let mut c = Client::connect(&s.sock, "disk0", false).unwrap();
+    c.send(proto::CMD_READ, 0, 1, 4096, 0, &[]);
+    assert_eq!(c.simple(0), (0, 1, vec![]));
+    c.send(proto::CMD_FLUSH, 0, 2, 0, 0, &[]);
+    assert_eq!(c.simple(0), (0, 2, vec![]));
+}
+
 /// Found by the qmp_commands fuzz target: an NBD client node connected to
 /// an export of the same daemon is flushed through that export when it is
 /// deleted. Nodes that left the graph were closed inside the drained
