@@ -33,12 +33,12 @@ import time
 from pathlib import Path
 
 FUZZ = Path(__file__).resolve().parent
-TARGETS = ["options", "qmp_stream", "qmp_commands", "virtio_blk", "nbd"]
+TARGETS = ["options", "qmp_stream", "qmp_commands", "virtio_blk", "nbd", "vhost_user"]
 TRIPLE = "x86_64-unknown-linux-gnu"
 BIN_DIR = FUZZ / "target" / TRIPLE / "release"
 # Longest input per target: a QMP message may have 1 KiB in the harness, so
 # 2 KiB streams reach several messages and the oversized one.
-MAX_LEN = {"options": 4096, "qmp_stream": 2048, "qmp_commands": 4096, "virtio_blk": 4096, "nbd": 4096}
+MAX_LEN = {"options": 4096, "qmp_stream": 2048, "qmp_commands": 4096, "virtio_blk": 4096, "nbd": 4096, "vhost_user": 4096}
 # Seconds per target in short mode (CI).
 SHORT_SECONDS = 15
 LSAN_GLOB = "/usr/lib/llvm-14/lib/clang/14*/lib/linux/libclang_rt.lsan-x86_64.a"

@@ -474,6 +474,108 @@ def nbd_seeds():
 SEEDS["nbd"] = nbd_seeds()
 
 
+# vhost_user: a frontend's messages (header: request, flags, size; LE).
+def vu(request, payload=b"", flags=1) -> bytes:
+    return struct.pack("<III", request, flags, len(payload)) + payload
+
+
+def u64(*values) -> bytes:
+    return b"".join(struct.pack("<Q", v) for v in values)
+
+
+def u32(*values) -> bytes:
+    return b"".join(struct.pack("<I", v) for v in values)
+
+
+UADDR = 0x7F0000000000
+VU_FEATURES = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28) | (1 << 9) | (1 << 6) | (1 << 11) | (1 << 13) | (1 << 14)
+VU_HANDSHAKE = (
+    vu(1)  # GET_FEATURES
+    + vu(15)  # GET_PROTOCOL_FEATURES
+    + vu(16, u64(0x1 | 0x2 | 0x8 | 0x200 | 0x8000 | 0x10000))  # SET_PROTOCOL_FEATURES
+    + vu(17)  # GET_QUEUE_NUM
+    + vu(36)  # GET_MAX_MEM_SLOTS
+    + vu(3)  # SET_OWNER
+    + vu(24, u32(0, 60, 0) + bytes(60))  # GET_CONFIG
+    + vu(2, u64(VU_FEATURES))  # SET_FEATURES
+)
+
+
+def vu_queue(index, desc, avail, used) -> bytes:
+    return (
+        vu(8, u32(index, 16))  # SET_VRING_NUM
+        + vu(9, u32(index, 0) + u64(UADDR + desc, UADDR + used, UADDR + avail, 0))  # SET_VRING_ADDR
+        + vu(10, u32(index, 0))  # SET_VRING_BASE
+        + vu(12, u64(index))  # SET_VRING_KICK
+        + vu(13, u64(index))  # SET_VRING_CALL
+        + vu(18, u32(index, 1))  # SET_VRING_ENABLE
+    )
+
+
+VHOST_USER = {
+    "handshake": VU_HANDSHAKE,
+    "memory-and-queues": VU_HANDSHAKE
+    + vu(5, u32(1, 0) + u64(0, 1 << 20, UADDR, 0))  # SET_MEM_TABLE, one region
+    + vu_queue(0, 0x10000, 0x11000, 0x12000)
+    + vu_queue(1, 0x20000, 0x21000, 0x22000)
+    + vu(11, u32(0, 0))  # GET_VRING_BASE: stop queue 0
+    + vu(25, u32(0, 1, 0) + bytes([1])),  # SET_CONFIG: wce
+    "mem-regions": VU_HANDSHAKE
+    + vu(37, u64(0) + u64(0, 1 << 20, UADDR, 0))  # ADD_MEM_REG
+    + vu(37, u64(0) + u64(1 << 20, 1 << 20, UADDR + (1 << 20), 0))
+    + vu(38, u64(0) + u64(0, 1 << 20, UADDR, 0))  # REM_MEM_REG
+    + vu(5, u32(2, 0) + u64(0, 1 << 40, UADDR, 0) + u64(1 << 40, 4096, 0, 1 << 30)),  # too large
+    "inflight-and-log": VU_HANDSHAKE
+    + vu(31, u64(0, 0) + struct.pack("<HH4x", 2, 16))  # GET_INFLIGHT_FD
+    + vu(32, u64(1 << 20, 0) + struct.pack("<HH4x", 2, 16))  # SET_INFLIGHT_FD
+    + vu(6, u64(4096, 0))  # SET_LOG_BASE
+    + vu(7)  # SET_LOG_FD
+    + vu(21)  # SET_BACKEND_REQ_FD
+    + vu(14, u64(0)),  # SET_VRING_ERR
+    "bad": vu(2, u64(VU_FEATURES), flags=0) + vu(99, b"x" * 8) + vu(1, b"\0" * 4) + vu(8, u32(7, 1 << 16))
+    + struct.pack("<III", 5, 1, 1 << 20),
+}
+
+# Protocol features with INFLIGHT_SHMFD (0x1000) and BACKEND_REQ (0x20).
+VU_PROTOCOL_ALL = 0x1 | 0x2 | 0x8 | 0x20 | 0x200 | 0x1000 | 0x8000 | 0x10000
+
+
+def inflight_region(queues, size, marks, used_idx=0) -> bytes:
+    """An inflight region of the layout fuzz/src/vhost_user.rs's harness
+    passes back: per queue a 16-byte header, then 16 bytes per descriptor
+    (inflight, padding, next, counter), each queue padded to 64 bytes."""
+    out = b""
+    for q in range(queues):
+        region = struct.pack("<QHHHH", 0, 1, size, 0, used_idx)
+        for head in range(size):
+            counter = marks.get((q, head))
+            region += struct.pack("<B5xHQ", counter is not None, 0, counter or 0)
+        out += region + bytes(-len(region) % 64)
+    return out
+
+
+def inflight_seed(region) -> bytes:
+    """A frontend that passes `region` back to a new backend and starts
+    both queues; the region is the input's last 1 KiB (the harness's
+    INFLIGHT_TAIL), after a header that ends the session."""
+    messages = (
+        vu(1) + vu(15) + vu(16, u64(VU_PROTOCOL_ALL)) + vu(3) + vu(2, u64(VU_FEATURES))
+        + vu(21)  # SET_BACKEND_REQ_FD
+        + vu(5, u32(1, 0) + u64(0, 1 << 20, UADDR, 0))
+        + vu(32, u64(len(region), 0) + struct.pack("<HH4x", 2, 16))  # SET_INFLIGHT_FD
+        + vu_queue(0, 0x10000, 0x11000, 0x12000)
+        + vu_queue(1, 0x20000, 0x21000, 0x22000)
+    )
+    return messages + struct.pack("<III", 0, 1, 0xFFFFFFF0) + region.ljust(1024, b"\0")
+
+
+VHOST_USER["inflight-resubmit"] = inflight_seed(inflight_region(2, 16, {(0, 3): 7, (0, 5): 2, (1, 15): 0}))
+VHOST_USER["inflight-fresh"] = inflight_seed(bytes(640))
+VHOST_USER["inflight-crashed"] = inflight_seed(inflight_region(2, 16, {(0, 1): 1}, used_idx=3))
+
+SEEDS["vhost_user"] = VHOST_USER
+
+
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "seeds")
     for target in ["options", "qmp_stream", *SEEDS]:

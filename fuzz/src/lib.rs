@@ -16,6 +16,7 @@ pub mod nbd;
 pub mod options;
 pub mod qmp;
 pub mod qmp_commands;
+pub mod vhost_user;
 pub mod virtio_blk;
 
 /// Ignores SIGPIPE and SIGXFSZ, as the daemon does (`backend/src/signals.rs`),
