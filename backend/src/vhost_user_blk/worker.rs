@@ -29,6 +29,14 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 /// A descriptor chain popped from a vring.
 type Chain = DescriptorChain<Arc<GuestMemory>>;
 
+/// The longest one [`QueueWorker::process_queue`] keeps its thread while
+/// the ring never runs dry: then the thread goes back to its epoll loop,
+/// where it sees an exit event, and comes back at once (the worker
+/// notifies its own completion eventfd). A driver can keep a ring busy for
+/// ever, and a used ring laid over the available ring's index refills the
+/// ring with every completion.
+const MAX_BUSY: Duration = Duration::from_millis(10);
+
 /// What a queue worker needs to start requests.
 pub struct QueueContext<'a> {
     /// Guest memory of the current frontend; loaded again for every batch,
@@ -145,14 +153,22 @@ impl QueueWorker {
     /// after they are re-enabled. Then, for up to `poll` after the last
     /// request, the worker keeps polling the ring and the completions
     /// instead of going back to sleep, so a busy driver need not kick.
+    /// Returns after at most about [`MAX_BUSY`], asking to be called again
+    /// if it stopped there.
     pub fn process_queue(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
+        let deadline = Instant::now() + MAX_BUSY;
         loop {
             if queue.event_idx {
                 vring.disable_notification().map_err(queue_error)?;
             }
             self.pop_and_start(vring, queue)?;
             if !queue.poll.is_zero() {
-                self.poll(vring, queue)?;
+                self.poll(vring, queue, deadline)?;
+            }
+            if Instant::now() >= deadline {
+                // Through the epoll loop and back here at once.
+                self.executor.notifier().notify();
+                return Ok(());
             }
             if !queue.event_idx || !vring.enable_notification().map_err(queue_error)? {
                 return Ok(());
@@ -182,7 +198,12 @@ impl QueueWorker {
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
-            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone())).collect()
+            // At most a ring's worth: the driver may make chains available
+            // as fast as they are popped.
+            let size = usize::from(q.size());
+            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone()))
+                .take(size)
+                .collect()
         };
         for chain in chains {
             if let Some(inflight) = &mut self.inflight {
@@ -203,10 +224,19 @@ impl QueueWorker {
     }
 
     /// Busy-polls the available ring and the executor until `queue.poll`
-    /// passes without a new request.
-    fn poll(&mut self, vring: &Vring, queue: &QueueContext<'_>) -> io::Result<()> {
+    /// passes without a new request, or until `deadline`.
+    fn poll(
+        &mut self,
+        vring: &Vring,
+        queue: &QueueContext<'_>,
+        deadline: Instant,
+    ) -> io::Result<()> {
         let mut idle_since = Instant::now();
-        while idle_since.elapsed() < queue.poll && !queue.gate.paused() {
+        loop {
+            let now = Instant::now();
+            if now - idle_since >= queue.poll || now >= deadline || queue.gate.paused() {
+                return Ok(());
+            }
             let available = {
                 let memory = queue.memory.memory();
                 let state = vring.get_ref();
@@ -222,7 +252,6 @@ impl QueueWorker {
                 self.run(vring)?;
             }
         }
-        Ok(())
     }
 
     /// Handles the completion eventfd.
@@ -289,7 +318,10 @@ impl QueueWorker {
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
-            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone())).collect()
+            let size = usize::from(q.size());
+            std::iter::from_fn(|| q.pop_descriptor_chain(memory.clone()))
+                .take(size)
+                .collect()
         };
         if chains.is_empty() {
             return;
@@ -361,4 +393,68 @@ fn chains_at(
     queue.set_ready(true);
     let chains = std::iter::from_fn(|| queue.pop_descriptor_chain(memory.clone())).collect();
     Ok((memory, chains))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkgraph_graph::{Graph, Options};
+
+    /// Found by the vhost_user fuzz target: a used ring laid over the
+    /// available ring's index, with the used index ahead of the next chain
+    /// to pop, makes every completion a new available chain. The worker
+    /// kept popping and polling (and, with EVENT_IDX, looked again after
+    /// each re-enabling of notifications) and never returned to its epoll
+    /// loop, so it never saw the exit event: the end of the session (a
+    /// disconnect, block-export-del, the next frontend) waited forever
+    /// while a core spun.
+    #[test]
+    fn a_ring_that_refills_itself_lets_the_thread_go() {
+        let memory = GuestMemoryAtomic::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let vring = Vring::new(memory.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        // Descriptors at 0 (all zero: chains the device fails at once),
+        // the used ring where the available ring is: the used index is the
+        // available index, one ahead of the next chain to pop.
+        vring.set_queue_info(0, 0x1000, 0x1000).unwrap();
+        memory
+            .memory()
+            .write_obj(1u16.to_le(), GuestAddress(0x1002))
+            .unwrap();
+        vring.set_queue_next_used(1);
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let graph = Graph::new();
+        let root = graph
+            .add(Options::from_arg("driver=null-co,node-name=n0,size=1M", None).unwrap())
+            .unwrap();
+        let gate = PauseGate::new();
+        let (done, returned) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut worker = QueueWorker::new(Arc::default()).unwrap();
+            let queue = QueueContext {
+                memory: &memory,
+                root: &root,
+                limits: DeviceLimits {
+                    capacity: 1 << 20,
+                    block_size: 512,
+                    read_only: false,
+                    writethrough: false,
+                },
+                serial: b"vub0",
+                event_idx: true,
+                poll: Duration::from_micros(50),
+                gate: &gate,
+            };
+            let result = worker.process_queue(&vring, &queue);
+            let _ = done.send(result.map_err(|e| e.to_string()));
+        });
+        returned
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the worker never went back to its epoll loop")
+            .unwrap();
+    }
 }
