@@ -117,6 +117,9 @@ pub struct Completion {
 struct Stream {
     segments: SmallVec<[(GuestAddress, u32); 4]>,
     len: u64,
+    /// A segment ends past the last guest address: the stream is not used
+    /// (offsets into it would overflow).
+    wraps: bool,
 }
 
 impl Stream {
@@ -124,10 +127,14 @@ impl Stream {
         Stream {
             segments: SmallVec::new(),
             len: 0,
+            wraps: false,
         }
     }
 
     fn push(&mut self, addr: GuestAddress, len: u32) {
+        if addr.0.checked_add(u64::from(len)).is_none() {
+            self.wraps = true;
+        }
         self.segments.push((addr, len));
         self.len += u64::from(len);
     }
@@ -250,8 +257,8 @@ impl Request {
             op: Op::Done(VIRTIO_BLK_S_IOERR as u8),
             _memory: memory.clone(),
         };
-        if writable.len == 0 {
-            log::warn!("request {head}: no writable byte for the status");
+        if writable.len == 0 || writable.wraps {
+            log::warn!("request {head}: no writable byte in guest memory for the status");
             req.used_len = 0;
             return req;
         }
@@ -265,6 +272,7 @@ impl Request {
         }
         let mut header = OutHeader::default();
         if malformed
+            || readable.wraps
             || descriptors > SEG_MAX + 2
             || readable.read_bytes(mem, 0, header.as_mut_slice()).is_none()
         {
@@ -459,5 +467,90 @@ impl Request {
             len: self.used_len,
             sample,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const LIMITS: DeviceLimits = DeviceLimits {
+        capacity: 1 << 20,
+        block_size: 512,
+        read_only: false,
+        writethrough: false,
+    };
+
+    /// 64 KiB of guest memory with a queue of 4 whose one available chain
+    /// is `descs` (address, length, flags; NEXT is added), and that chain.
+    fn chain(descs: &[(u64, u32, u16)]) -> (Arc<GuestMemory>, DescriptorChain<Arc<GuestMemory>>) {
+        let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let more = i + 1 < descs.len();
+            let mut raw = Vec::with_capacity(16);
+            raw.extend_from_slice(&addr.to_le_bytes());
+            raw.extend_from_slice(&len.to_le_bytes());
+            raw.extend_from_slice(&(flags | if more { NEXT } else { 0 }).to_le_bytes());
+            raw.extend_from_slice(&(i as u16 + 1).to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(16 * i as u64)).unwrap();
+        }
+        // The available ring: no flags, idx 1, head 0.
+        mem.write_slice(&[0, 0, 1, 0, 0, 0], GuestAddress(0x100))
+            .unwrap();
+        let mut queue = Queue::new(4).unwrap();
+        queue.set_desc_table_address(Some(0), Some(0));
+        queue.set_avail_ring_address(Some(0x100), Some(0));
+        queue.set_used_ring_address(Some(0x200), Some(0));
+        queue.set_ready(true);
+        let chain = queue.pop_descriptor_chain(mem.clone()).unwrap();
+        (mem, chain)
+    }
+
+    fn header(mem: &GuestMemory, at: u64, type_: u32) {
+        let header = OutHeader {
+            type_: type_.to_le(),
+            ioprio: 0,
+            sector: 0,
+        };
+        mem.write_slice(header.as_slice(), GuestAddress(at))
+            .unwrap();
+    }
+
+    /// Found by the virtio_blk fuzz target: a descriptor whose end lies
+    /// past the last guest address (address + length overflows u64). The
+    /// byte streams added an offset to its address, which overflowed: a
+    /// panic in debug builds, and in release builds a wrapped address, so
+    /// the status byte or the data went to the guest memory at the start of
+    /// the address space. Such a descriptor is now like one outside guest
+    /// memory: no status if it holds the status byte, IOERR otherwise.
+    #[test]
+    fn descriptors_that_wrap_around_the_address_space() {
+        let end = u64::MAX - 7;
+        // The status byte in a wrapping descriptor: no status, nothing used.
+        let (mem, c) = chain(&[(0x1000, 16, 0), (end, 16, WRITE)]);
+        header(&mem, 0x1000, VIRTIO_BLK_T_IN);
+        let req = Request::parse(c, &mem, &LIMITS, &[]);
+        assert!(req.is_done());
+        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8).len, 0);
+        // Write data in a wrapping descriptor: IOERR in the status byte.
+        let (mem, c) = chain(&[(0x1000, 16, 0), (end, 512, 0), (0x2000, 1, WRITE)]);
+        header(&mem, 0x1000, VIRTIO_BLK_T_OUT);
+        let req = Request::parse(c, &mem, &LIMITS, &[]);
+        assert!(req.is_done());
+        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8).len, 1);
+        let mut status = [0xffu8];
+        mem.read_slice(&mut status, GuestAddress(0x2000)).unwrap();
+        assert_eq!(u32::from(status[0]), VIRTIO_BLK_S_IOERR);
+        // A header split so that its second half wraps.
+        let (mem, c) = chain(&[(0x1000, 8, 0), (end, 8, 0), (0x2000, 1, WRITE)]);
+        header(&mem, 0x1000, VIRTIO_BLK_T_FLUSH);
+        let req = Request::parse(c, &mem, &LIMITS, &[]);
+        assert!(req.is_done());
+        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8).len, 1);
     }
 }
