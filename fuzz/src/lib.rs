@@ -65,3 +65,24 @@ pub fn reserve_thread_contexts(n: usize) {
         }
     });
 }
+
+/// With `BLKGRAPH_FUZZ_VERBOSE` set, prints the daemon's log messages (all
+/// levels) to stderr, once set up per process; without it, logs nothing.
+pub fn log_if_verbose() {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            eprintln!("[{} {}] {}", record.level(), record.target(), record.args());
+        }
+        fn flush(&self) {}
+    }
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        if std::env::var_os("BLKGRAPH_FUZZ_VERBOSE").is_some() && log::set_logger(&Stderr).is_ok() {
+            log::set_max_level(log::LevelFilter::Trace);
+        }
+    });
+}

@@ -116,6 +116,7 @@ fn lowest_free_fd() -> i32 {
 pub fn run(data: &[u8]) {
     crate::reserve_thread_contexts(4096);
     crate::daemon_signals();
+    crate::log_if_verbose();
     let server = server();
     let fd = lowest_free_fd();
     let (ours, theirs) = UnixStream::pair().expect("socket pair");

@@ -230,6 +230,7 @@ pub fn open(mut options: Options) {
 
 /// The harness: `data` as `--blockdev` argument and as QMP arguments.
 pub fn run(data: &[u8]) {
+    crate::log_if_verbose();
     scratch_file();
     let fd = lowest_free_fd();
     if let Ok(text) = std::str::from_utf8(data) {

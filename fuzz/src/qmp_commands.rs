@@ -200,6 +200,7 @@ fn warm_up() {
 pub fn run(data: &[u8]) {
     crate::reserve_thread_contexts(4096);
     crate::daemon_signals();
+    crate::log_if_verbose();
     scratch_file();
     socket_path();
     warm_up();

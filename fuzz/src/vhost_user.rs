@@ -249,6 +249,7 @@ fn fds_for(request: u32, payload: &[u8], input: &[u8]) -> Fds {
 pub fn run(data: &[u8]) {
     crate::reserve_thread_contexts(4096);
     crate::daemon_signals();
+    crate::log_if_verbose();
     let export = export();
     let stream = UnixStream::connect(&export.socket).expect("connect to the export");
     let reader = stream.try_clone().expect("clone");
