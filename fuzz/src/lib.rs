@@ -34,6 +34,46 @@ pub fn daemon_signals() {
     });
 }
 
+/// The lowest free file descriptor number: a descriptor an input left open
+/// makes it grow.
+pub fn lowest_free_fd() -> i32 {
+    use std::os::fd::AsRawFd;
+    std::fs::File::open("/dev/null")
+        .expect("cannot open /dev/null")
+        .as_raw_fd()
+}
+
+/// Everything the daemon's side of `stream` sends until it closes, or
+/// resets the connection (as it may when it closes with client bytes it
+/// has not read); panics if it neither answers nor closes within
+/// `deadline`, or sends 1 GiB or more (the replies to one input are
+/// bounded: an NBD read asks for at most 32 MiB).
+pub fn read_until_closed(
+    mut stream: std::os::unix::net::UnixStream,
+    deadline: std::time::Duration,
+) -> Vec<u8> {
+    use std::io::{ErrorKind, Read};
+    stream
+        .set_read_timeout(Some(deadline))
+        .expect("read timeout");
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!(
+                "the daemon neither answered nor closed in {:?}: {e}",
+                start.elapsed()
+            ),
+        }
+        assert!(out.len() < 1 << 30, "unbounded replies");
+    }
+}
+
 /// Starts `n` threads at once and joins them, once per process.
 ///
 /// LeakSanitizer 14's runtime keeps a context per thread in a vector that

@@ -22,13 +22,14 @@
 //! they can be followed without the client's side.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::{lowest_free_fd, read_until_closed};
 use blkgraph_backend::nbd::{proto, ListenAddress, NbdServer, NbdServerOptions};
 use blkgraph_graph::{BitmapOptions, Graph, Options};
 
@@ -105,13 +106,6 @@ fn server() -> &'static NbdServer {
         .server
 }
 
-/// The lowest free file descriptor number.
-fn lowest_free_fd() -> i32 {
-    File::open("/dev/null")
-        .expect("cannot open /dev/null")
-        .as_raw_fd()
-}
-
 /// The harness.
 pub fn run(data: &[u8]) {
     crate::reserve_thread_contexts(4096);
@@ -123,7 +117,7 @@ pub fn run(data: &[u8]) {
     let serving = std::thread::spawn(move || server.serve_connection(theirs));
     // Read while writing: the server may answer more than a socket holds.
     let reader = ours.try_clone().expect("clone");
-    let reading = std::thread::spawn(move || read_all(reader));
+    let reading = std::thread::spawn(move || read_until_closed(reader, DEADLINE));
     let mut writer = &ours;
     let _ = writer.write_all(data);
     let _ = ours.shutdown(Shutdown::Write);
@@ -136,31 +130,6 @@ pub fn run(data: &[u8]) {
     assert_eq!(server.client_count(), 0, "the client is still registered");
     assert_eq!(lowest_free_fd(), fd, "a file descriptor was left open");
     check_replies(data, &replies);
-}
-
-/// Everything the server sends until it closes, within [`DEADLINE`].
-fn read_all(mut stream: UnixStream) -> Vec<u8> {
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("read timeout");
-    let start = Instant::now();
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            // The server closed with client bytes it had not read.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
-            Err(e) => panic!(
-                "the server neither answered nor closed in {:?}: {e}",
-                start.elapsed()
-            ),
-        }
-        // Replies of one input are bounded: reads of at most 32 MiB each.
-        assert!(out.len() < 1 << 30, "unbounded replies");
-    }
 }
 
 /// A cursor over the server's bytes.

@@ -21,6 +21,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
+use crate::lowest_free_fd;
 use blkgraph_graph::{BitmapOptions, Graph, Options, ThrottleLimits};
 use serde_json::{Map, Value};
 
@@ -176,13 +177,6 @@ fn verbose() -> bool {
 
 fn node_names(graph: &Graph) -> Vec<String> {
     graph.nodes().iter().map(|n| n.name().to_string()).collect()
-}
-
-/// The lowest free file descriptor number: a descriptor left open by an
-/// input makes it grow.
-fn lowest_free_fd() -> i32 {
-    let probe = File::open("/dev/null").expect("cannot open /dev/null");
-    probe.as_raw_fd()
 }
 
 /// Opens `options` in a fresh base graph and checks the outcome.

@@ -45,8 +45,6 @@
 //! has let go of it). The scratch file gets its first content back before each
 //! input (jobs write it, `block_resize` resizes it).
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -56,6 +54,7 @@ use blkgraph_ctl::{Dispatcher, ErrorClass, NamedFds, QmpError};
 use blkgraph_graph::Graph;
 use serde_json::{json, Map, Value};
 
+use crate::lowest_free_fd;
 use crate::options::{base_graph, reset_scratch_file, sandbox, scratch_file, socket_path};
 
 /// Checks that an error is a clean QMP error.
@@ -139,13 +138,6 @@ fn settle(graph: &Graph, deadline: Instant) -> bool {
 fn verbose() -> bool {
     static VERBOSE: OnceLock<bool> = OnceLock::new();
     *VERBOSE.get_or_init(|| std::env::var_os("BLKGRAPH_FUZZ_VERBOSE").is_some())
-}
-
-/// The lowest free file descriptor number.
-fn lowest_free_fd() -> i32 {
-    File::open("/dev/null")
-        .expect("cannot open /dev/null")
-        .as_raw_fd()
 }
 
 /// The commands of an input: (name, arguments) of each line that is a

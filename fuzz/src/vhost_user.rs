@@ -35,7 +35,7 @@
 //! the first session.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -43,6 +43,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::read_until_closed;
 use blkgraph_backend::vhost_user_blk::{start_export, VhostUserBlkExport};
 use blkgraph_graph::{Graph, Options};
 use vmm_sys_util::eventfd::EventFd;
@@ -253,7 +254,7 @@ pub fn run(data: &[u8]) {
     let export = export();
     let stream = UnixStream::connect(&export.socket).expect("connect to the export");
     let reader = stream.try_clone().expect("clone");
-    let reading = std::thread::spawn(move || read_all(reader));
+    let reading = std::thread::spawn(move || read_until_closed(reader, DEADLINE));
     let mut rest = data;
     // Our ends of the backend-request channels sent, open until the end.
     let mut channels = Vec::new();
@@ -282,25 +283,6 @@ pub fn run(data: &[u8]) {
     drop((stream, channels));
     check_replies(&replies);
     check_fds();
-}
-
-/// Everything the backend sends until it closes, within [`DEADLINE`].
-fn read_all(mut stream: UnixStream) -> Vec<u8> {
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("read timeout");
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            // The backend may reset a connection it refuses.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
-            Err(e) => panic!("the backend neither answered nor closed in {DEADLINE:?}: {e}"),
-        }
-    }
 }
 
 /// Checks the backend's replies (see the module's documentation).
