@@ -2,4 +2,7 @@
 //! (see `blkgraph_fuzz::nbd`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| blkgraph_fuzz::nbd::run(data));
+libfuzzer_sys::fuzz_target!(
+    init: blkgraph_fuzz::nbd::init(),
+    |data: &[u8]| blkgraph_fuzz::nbd::run(data)
+);

@@ -2,4 +2,7 @@
 //! graph (see `blkgraph_fuzz::qmp_commands`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| blkgraph_fuzz::qmp_commands::run(data));
+libfuzzer_sys::fuzz_target!(
+    init: blkgraph_fuzz::qmp_commands::init(),
+    |data: &[u8]| blkgraph_fuzz::qmp_commands::run(data)
+);

@@ -3,4 +3,7 @@
 //! `blkgraph_fuzz::vhost_user`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| blkgraph_fuzz::vhost_user::run(data));
+libfuzzer_sys::fuzz_target!(
+    init: blkgraph_fuzz::vhost_user::init(),
+    |data: &[u8]| blkgraph_fuzz::vhost_user::run(data)
+);

@@ -106,11 +106,21 @@ fn server() -> &'static NbdServer {
         .server
 }
 
-/// The harness.
-pub fn run(data: &[u8]) {
+/// What the harness sets up once per process: the fuzz target runs it
+/// before libFuzzer's first input, so that the per-input timeout counts
+/// none of it (on a loaded machine, starting thousands of threads under
+/// LSan took longer than the 10 s of one input); [`run`] calls it too, a
+/// no-op by then, for callers that replay inputs without the target.
+pub fn init() {
     crate::reserve_thread_contexts(4096);
     crate::daemon_signals();
     crate::log_if_verbose();
+    server();
+}
+
+/// The harness.
+pub fn run(data: &[u8]) {
+    init();
     let server = server();
     let fd = lowest_free_fd();
     let (ours, theirs) = UnixStream::pair().expect("socket pair");
