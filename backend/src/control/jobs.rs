@@ -541,22 +541,27 @@ struct BlockStream {
     auto_dismiss: Option<bool>,
 }
 
+/// QEMU's error for two of `given` arguments (name, whether given) that
+/// exclude each other, the first two given named in the order listed.
+fn exclusive(given: &[(&str, bool)]) -> Result<(), QmpError> {
+    let mut named = given.iter().filter(|g| g.1).map(|g| g.0);
+    match (named.next(), named.next()) {
+        (Some(first), Some(second)) => Err(generic(format!(
+            "'{first}' and '{second}' cannot be specified at the same time"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Parses block-stream's arguments.
 pub(super) fn parse_stream(args: Map<String, Value>) -> Result<StreamOptions, QmpError> {
     let a: BlockStream = parse(args)?;
     // QEMU's order of names in its texts.
-    let given = [
+    exclusive(&[
         ("base", a.base.is_some()),
         ("bottom", a.bottom.is_some()),
         ("base-node", a.base_node.is_some()),
-    ];
-    for (i, &(first, first_given)) in given.iter().enumerate() {
-        if let Some(&(second, _)) = given[i + 1..].iter().find(|g| first_given && g.1) {
-            return Err(generic(format!(
-                "'{first}' and '{second}' cannot be specified at the same time"
-            )));
-        }
-    }
+    ])?;
     if a.filter_node_name.is_some() {
         return Err(generic(
             "Parameter 'filter-node-name' is not supported by blkgraph's block-stream",
@@ -631,16 +636,11 @@ struct BlockCommit {
 /// Parses block-commit's arguments.
 pub(super) fn parse_commit(args: Map<String, Value>) -> Result<CommitOptions, QmpError> {
     let a: BlockCommit = parse(args)?;
-    if a.base.is_some() && a.base_node.is_some() {
-        return Err(generic(
-            "'base' and 'base-node' cannot be specified at the same time",
-        ));
-    }
-    if a.top.is_some() && a.top_node.is_some() {
-        return Err(generic(
-            "'top' and 'top-node' cannot be specified at the same time",
-        ));
-    }
+    exclusive(&[
+        ("base", a.base.is_some()),
+        ("base-node", a.base_node.is_some()),
+    ])?;
+    exclusive(&[("top", a.top.is_some()), ("top-node", a.top_node.is_some())])?;
     let _accepted = a.backing_mask_protocol;
     Ok(CommitOptions {
         job: job_options(
