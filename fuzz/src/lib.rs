@@ -34,13 +34,69 @@ pub fn daemon_signals() {
     });
 }
 
-/// The lowest free file descriptor number: a descriptor an input left open
-/// makes it grow.
-pub fn lowest_free_fd() -> i32 {
-    use std::os::fd::AsRawFd;
-    std::fs::File::open("/dev/null")
-        .expect("cannot open /dev/null")
-        .as_raw_fd()
+/// The file descriptors open in this process, by number: what an input
+/// starts with, to check that it leaves none behind
+/// ([`OpenFds::check_none_left`]).
+///
+/// The listing comes from `/proc/self/fd`, whose own descriptor is in
+/// it: it is the lowest free number when the listing is taken, so one
+/// taken after an input that left nothing behind has it at a number the
+/// one before had too.
+pub struct OpenFds(std::collections::BTreeSet<i32>);
+
+impl OpenFds {
+    /// The descriptors open now.
+    pub fn now() -> Self {
+        let dir = std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd");
+        OpenFds(
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect(),
+        )
+    }
+
+    /// Panics unless, within `grace`, every descriptor open is one that
+    /// was open in `self`: an input leaves none behind. Descriptors that
+    /// were open and are closed meanwhile are no fault of the input's
+    /// (another thread letting go of what an earlier input used, after a
+    /// grace of its own), so this compares the sets rather than the lowest
+    /// free number, which such a close lowers. `grace` is for the
+    /// threads that end just after the input has let go of them.
+    pub fn check_none_left(&self, grace: std::time::Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            let now = OpenFds::now();
+            let new: Vec<i32> = now.0.difference(&self.0).copied().collect();
+            if new.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < grace,
+                "file descriptors left open: {new:?}; open before: {:?}; open now:\n{:#?}",
+                self.0,
+                describe_fds()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+/// What each open descriptor is (`7 -> socket:[1234]`), for a failure's
+/// message.
+pub fn describe_fds() -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some(format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                target.display()
+            ))
+        })
+        .collect();
+    fds.sort();
+    fds
 }
 
 /// Everything the daemon's side of `stream` sends until it closes, or

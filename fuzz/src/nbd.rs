@@ -29,7 +29,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::{lowest_free_fd, read_until_closed};
+use crate::{read_until_closed, OpenFds};
 use blkgraph_backend::nbd::{proto, ListenAddress, NbdServer, NbdServerOptions};
 use blkgraph_graph::{BitmapOptions, Graph, Options};
 
@@ -122,7 +122,7 @@ pub fn init() {
 pub fn run(data: &[u8]) {
     init();
     let server = server();
-    let fd = lowest_free_fd();
+    let fds = OpenFds::now();
     let (ours, theirs) = UnixStream::pair().expect("socket pair");
     let serving = std::thread::spawn(move || server.serve_connection(theirs));
     // Read while writing: the server may answer more than a socket holds.
@@ -138,7 +138,7 @@ pub fn run(data: &[u8]) {
         .expect("serve_connection");
     drop(ours);
     assert_eq!(server.client_count(), 0, "the client is still registered");
-    assert_eq!(lowest_free_fd(), fd, "a file descriptor was left open");
+    fds.check_none_left(DEADLINE);
     check_replies(data, &replies);
 }
 

@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
-use crate::lowest_free_fd;
+use crate::OpenFds;
 use blkgraph_graph::{BitmapOptions, Graph, Options, ThrottleLimits};
 use serde_json::{Map, Value};
 
@@ -226,7 +226,7 @@ pub fn open(mut options: Options) {
 pub fn run(data: &[u8]) {
     crate::log_if_verbose();
     scratch_file();
-    let fd = lowest_free_fd();
+    let fds = OpenFds::now();
     if let Ok(text) = std::str::from_utf8(data) {
         match Options::from_arg(text, None) {
             Ok(options) => open(options),
@@ -239,5 +239,5 @@ pub fn run(data: &[u8]) {
             Err(e) => assert!(!e.to_string().is_empty(), "an error without text: {e:?}"),
         }
     }
-    assert_eq!(lowest_free_fd(), fd, "a file descriptor was left open");
+    fds.check_none_left(std::time::Duration::ZERO);
 }

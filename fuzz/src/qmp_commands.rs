@@ -54,8 +54,8 @@ use blkgraph_ctl::{Dispatcher, ErrorClass, NamedFds, QmpError};
 use blkgraph_graph::Graph;
 use serde_json::{json, Map, Value};
 
-use crate::lowest_free_fd;
 use crate::options::{base_graph, reset_scratch_file, sandbox, scratch_file, socket_path};
+use crate::OpenFds;
 
 /// Checks that an error is a clean QMP error.
 fn check_error(command: &str, e: &QmpError) {
@@ -210,7 +210,7 @@ pub fn run(data: &[u8]) {
         return;
     }
     reset_scratch_file();
-    let fd = lowest_free_fd();
+    let open = OpenFds::now();
     let deadline = Instant::now() + SETTLE_BUDGET;
     let graph = base_graph();
     let exports = Arc::new(Exports::new(graph.clone()));
@@ -293,9 +293,5 @@ pub fn run(data: &[u8]) {
     drop((control, exports, graph, fds));
     // The threads of NBD connections end just after the server lets go of
     // them: give their sockets a moment.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lowest_free_fd() != fd && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(lowest_free_fd(), fd, "a file descriptor was left open");
+    open.check_none_left(Duration::from_secs(5));
 }

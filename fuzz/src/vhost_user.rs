@@ -43,7 +43,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::read_until_closed;
+use crate::{describe_fds, read_until_closed};
 use blkgraph_backend::vhost_user_blk::{start_export, VhostUserBlkExport};
 use blkgraph_graph::{Graph, Options};
 use vmm_sys_util::eventfd::EventFd;
@@ -110,24 +110,6 @@ fn export() -> &'static Export {
     })
 }
 
-/// The open descriptors of this process and what they are.
-fn open_fds() -> Vec<String> {
-    let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let target = std::fs::read_link(e.path()).ok()?;
-            Some(format!(
-                "{} -> {}",
-                e.file_name().to_string_lossy(),
-                target.display()
-            ))
-        })
-        .collect();
-    fds.sort();
-    fds
-}
-
 /// How many more descriptors than after the first session the process
 /// may have once a session is over. The server makes the daemon for the
 /// next frontend while the last one's is still going away, and the first
@@ -144,11 +126,11 @@ fn check_fds() {
     let Some(baseline) = BASELINE.get() else {
         // Give the first session's threads a moment to end.
         std::thread::sleep(Duration::from_millis(100));
-        let _ = BASELINE.set(open_fds());
+        let _ = BASELINE.set(describe_fds());
         return;
     };
     loop {
-        let now = open_fds();
+        let now = describe_fds();
         if now.len() <= baseline.len() + FD_SLACK {
             return;
         }
