@@ -29,7 +29,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::{read_until_closed, OpenFds};
+use crate::{read_until_closed, OpenFds, Worker};
 use blkgraph_backend::nbd::{proto, ListenAddress, NbdServer, NbdServerOptions};
 use blkgraph_graph::{BitmapOptions, Graph, Options};
 
@@ -106,6 +106,21 @@ fn server() -> &'static NbdServer {
         .server
 }
 
+/// The threads that serve the connection and read its replies, the same
+/// for every input.
+struct Workers {
+    serving: Worker,
+    reading: Worker,
+}
+
+fn workers() -> &'static Workers {
+    static WORKERS: OnceLock<Workers> = OnceLock::new();
+    WORKERS.get_or_init(|| Workers {
+        serving: Worker::new("nbd-serving"),
+        reading: Worker::new("nbd-reading"),
+    })
+}
+
 /// What the harness sets up once per process: the fuzz target runs it
 /// before libFuzzer's first input, so that the per-input timeout counts
 /// none of it (on a loaded machine, starting thousands of threads under
@@ -116,6 +131,7 @@ pub fn init() {
     crate::daemon_signals();
     crate::log_if_verbose();
     server();
+    workers();
 }
 
 /// The harness.
@@ -124,16 +140,20 @@ pub fn run(data: &[u8]) {
     let server = server();
     let fds = OpenFds::now();
     let (ours, theirs) = UnixStream::pair().expect("socket pair");
-    let serving = std::thread::spawn(move || server.serve_connection(theirs));
+    let serving = workers()
+        .serving
+        .run(move || server.serve_connection(theirs));
     // Read while writing: the server may answer more than a socket holds.
     let reader = ours.try_clone().expect("clone");
-    let reading = std::thread::spawn(move || read_until_closed(reader, DEADLINE));
+    let reading = workers()
+        .reading
+        .run(move || read_until_closed(reader, DEADLINE));
     let mut writer = &ours;
     let _ = writer.write_all(data);
     let _ = ours.shutdown(Shutdown::Write);
-    let replies = reading.join().expect("reader thread");
+    let replies = reading.recv().expect("reader thread");
     serving
-        .join()
+        .recv()
         .expect("server thread")
         .expect("serve_connection");
     drop(ours);
