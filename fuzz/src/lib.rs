@@ -138,7 +138,7 @@ pub fn read_until_closed(
 /// are detected), so a target that started threads for every input grew
 /// until `-rss_limit_mb` within minutes. A job that panics aborts the
 /// process, as any panic in a fuzz target does.
-pub struct Worker(std::sync::Mutex<std::sync::mpsc::Sender<Job>>);
+pub struct Worker(std::sync::mpsc::Sender<Job>);
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -154,7 +154,7 @@ impl Worker {
                 }
             })
             .expect("worker thread");
-        Worker(std::sync::Mutex::new(tx))
+        Worker(tx)
     }
 
     /// Runs `f` on the thread; its result comes on the receiver.
@@ -166,11 +166,7 @@ impl Worker {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        self.0
-            .lock()
-            .expect("worker")
-            .send(job)
-            .expect("the worker thread ended");
+        self.0.send(job).expect("the worker thread ended");
         rx
     }
 }
