@@ -32,10 +32,11 @@
 //! command ends (paused by job-pause, ready with nothing left to copy,
 //! pending without auto-finalize, concluded without auto-dismiss; never
 //! once a cancel or job-complete was asked for), for at most
-//! [`SETTLE_BUDGET`] per input, and again after a failed command (whose
-//! drained section paused the jobs); while a job still moves after that (a
-//! speed limit, say), a failed command's error is checked but not its
-//! effect on the graph.
+//! [`SETTLE_BUDGET`] per input and while the jobs show change (a job that
+//! waits for a command, as a backup with `sync: none`, or copies at a low
+//! `speed`, shows none for [`STILL`]), and again after a failed command
+//! (whose drained section paused the jobs); while a job has not settled, a
+//! failed command's error is checked but not its effect on the graph.
 //!
 //! After the last command every export is deleted (`mode: hard`), the NBD
 //! server stopped and the graph shut down as the daemon does at exit
@@ -121,16 +122,37 @@ fn settled(graph: &Graph) -> bool {
     })
 }
 
-/// Waits until [`settled`], while `deadline` allows; whether it is.
+/// How long the jobs may show no change before [`settle`] stops waiting
+/// for them: a job that waits for a command (a backup with `sync: none`)
+/// or copies at a low `speed` would otherwise take the whole budget of
+/// every input that starts one.
+pub const STILL: Duration = Duration::from_millis(20);
+
+/// What [`settle`] watches for change: each job's status and progress.
+fn jobs_view(graph: &Graph) -> Vec<Value> {
+    graph.jobs().iter().map(|job| job.block_info()).collect()
+}
+
+/// Waits until [`settled`], while `deadline` allows and the jobs move
+/// (they stay unsettled once they show no change for [`STILL`]); whether
+/// they are.
 fn settle(graph: &Graph, deadline: Instant) -> bool {
+    let mut view = jobs_view(graph);
+    let mut changed = Instant::now();
     loop {
         if settled(graph) {
             return true;
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline || now >= changed + STILL {
             return false;
         }
         std::thread::sleep(Duration::from_millis(1));
+        let again = jobs_view(graph);
+        if again != view {
+            view = again;
+            changed = Instant::now();
+        }
     }
 }
 
