@@ -19,6 +19,8 @@ pub mod qmp_commands;
 pub mod vhost_user;
 pub mod virtio_blk;
 
+use std::collections::BTreeSet;
+
 /// Ignores SIGPIPE and SIGXFSZ, as the daemon does (`backend/src/signals.rs`),
 /// once per process: a write to a socket whose peer has gone (an NBD client
 /// node's last message to a server that stopped) then fails with EPIPE
@@ -34,50 +36,101 @@ pub fn daemon_signals() {
     });
 }
 
-/// The file descriptors open in this process, by number: what an input
-/// starts with, to check that it leaves none behind
-/// ([`OpenFds::check_none_left`]).
+/// What an input could leave behind in this process: its open file
+/// descriptors and its threads, by number (`/proc/self/fd`,
+/// `/proc/self/task`). Taken before an input, it checks that the input
+/// leaves none behind ([`Leftovers::check_none_left`]).
 ///
-/// The listing comes from `/proc/self/fd`, whose own descriptor is in
-/// it: it is the lowest free number when the listing is taken, so one
-/// taken after an input that left nothing behind has it at a number the
-/// one before had too.
-pub struct OpenFds(std::collections::BTreeSet<i32>);
+/// The descriptor listing has its own descriptor in it: the lowest free
+/// number when the listing is taken, so one taken after an input that
+/// left nothing behind has it at a number the one before had too.
+///
+/// Threads matter twice: one still running after the input is a leak of
+/// its own, and one that is ending while libFuzzer's leak check stops the
+/// world can be gone from under LSan's scan of its stack (LSan 14's tracer
+/// then dies with `Tracer caught signal 11`, the run with it). Waiting
+/// until every thread the input started has ended avoids that.
+pub struct Leftovers {
+    fds: BTreeSet<i32>,
+    threads: BTreeSet<i32>,
+}
 
-impl OpenFds {
-    /// The descriptors open now.
+/// The numbered entries of a `/proc/self` directory.
+fn listing(dir: &str) -> BTreeSet<i32> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+impl Leftovers {
+    /// The descriptors open and the threads running now.
     pub fn now() -> Self {
-        let dir = std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd");
-        OpenFds(
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect(),
-        )
+        Leftovers {
+            fds: listing("/proc/self/fd"),
+            threads: listing("/proc/self/task"),
+        }
     }
 
-    /// Panics unless, within `grace`, every descriptor open is one that
-    /// was open in `self`: an input leaves none behind. Descriptors that
-    /// were open and are closed meanwhile are no fault of the input's
-    /// (another thread letting go of what an earlier input used, after a
-    /// grace of its own), so this compares the sets rather than the lowest
-    /// free number, which such a close lowers. `grace` is for the
-    /// threads that end just after the input has let go of them.
+    /// Panics unless, within `grace`, every descriptor open and every
+    /// thread running is one of `self`'s: an input leaves none behind.
+    /// Descriptors and threads that were there and are gone meanwhile are
+    /// no fault of the input's (another thread letting go of what an
+    /// earlier input used, after a grace of its own), so this compares the
+    /// sets rather than the lowest free number, which such a close lowers.
+    /// `grace` is for the threads that end just after the input has let go
+    /// of them.
     pub fn check_none_left(&self, grace: std::time::Duration) {
         let start = std::time::Instant::now();
         loop {
-            let now = OpenFds::now();
-            let new: Vec<i32> = now.0.difference(&self.0).copied().collect();
-            if new.is_empty() {
+            let fds: Vec<i32> = listing("/proc/self/fd")
+                .difference(&self.fds)
+                .copied()
+                .collect();
+            let threads = new_threads(&self.threads);
+            if fds.is_empty() && threads.is_empty() {
                 return;
             }
             assert!(
                 start.elapsed() < grace,
-                "file descriptors left open: {new:?}; open before: {:?}; open now:\n{:#?}",
-                self.0,
+                "left behind: file descriptors {fds:?}, threads {:?}; open before: {:?}; \
+                 open now:\n{:#?}",
+                describe_threads(&threads),
+                self.fds,
                 describe_fds()
             );
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
+}
+
+/// The threads of this process that are not in `before`, but those the
+/// kernel or the daemon start for good on first use: io_uring's kernel
+/// workers (`iou-wrk-*`, `iou-sqp-*`, started and ended by the kernel for a
+/// ring's blocking requests) and the 16 threads of `aio=threads` (`aio-*`,
+/// started by the first request that needs them, kept for the process).
+/// Only the new threads' names are read: reading every thread's took most
+/// of an `options` input's time.
+fn new_threads(before: &BTreeSet<i32>) -> Vec<i32> {
+    listing("/proc/self/task")
+        .difference(before)
+        .copied()
+        .filter(|tid| {
+            !std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                .is_ok_and(|comm| comm.starts_with("iou-") || comm.starts_with("aio-"))
+        })
+        .collect()
+}
+
+/// The names of threads (`1234 nbd-conn`), for a failure's message.
+fn describe_threads(tids: &[i32]) -> Vec<String> {
+    tids.iter()
+        .map(|tid| {
+            let comm =
+                std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap_or_default();
+            format!("{tid} {}", comm.trim_end())
+        })
+        .collect()
 }
 
 /// What each open descriptor is (`7 -> socket:[1234]`), for a failure's

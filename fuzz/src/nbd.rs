@@ -14,9 +14,10 @@
 //!
 //! What must hold: no panic; the server ends the connection by itself
 //! once the client's bytes end (within [`DEADLINE`]), and is left with no
-//! client; no descriptor stays open; and what it sent is well-formed: the
-//! greeting, then option replies (magic, a known reply type, a payload of
-//! the length given, within the protocol's limits), then the
+//! client; no descriptor stays open and no thread running; and what it
+//! sent is well-formed: the greeting, then option replies (magic, a known
+//! reply type, a payload of the length given, within the protocol's
+//! limits), then the
 //! `NBD_OPT_EXPORT_NAME` answer or transmission replies (simple replies,
 //! or structured chunks of a known type whose lengths fit), as far as
 //! they can be followed without the client's side.
@@ -29,7 +30,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::{read_until_closed, OpenFds, Worker};
+use crate::{read_until_closed, Leftovers, Worker};
 use blkgraph_backend::nbd::{proto, ListenAddress, NbdServer, NbdServerOptions};
 use blkgraph_graph::{BitmapOptions, Graph, Options};
 
@@ -138,7 +139,7 @@ pub fn init() {
 pub fn run(data: &[u8]) {
     init();
     let server = server();
-    let fds = OpenFds::now();
+    let left = Leftovers::now();
     let (ours, theirs) = UnixStream::pair().expect("socket pair");
     let serving = workers()
         .serving
@@ -158,7 +159,7 @@ pub fn run(data: &[u8]) {
         .expect("serve_connection");
     drop(ours);
     assert_eq!(server.client_count(), 0, "the client is still registered");
-    fds.check_none_left(DEADLINE);
+    left.check_none_left(DEADLINE);
     check_replies(data, &replies);
 }
 

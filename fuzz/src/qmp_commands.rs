@@ -41,10 +41,10 @@
 //! After the last command every export is deleted (`mode: hard`), the NBD
 //! server stopped and the graph shut down as the daemon does at exit
 //! (jobs cancelled, nodes flushed and closed), and no file descriptor may
-//! be left open once the threads that ended have let go of theirs (within
-//! 5 s: an NBD connection's thread closes its socket just after the server
-//! has let go of it). The scratch file gets its first content back before each
-//! input (jobs write it, `block_resize` resizes it).
+//! be left open and no thread running once the threads that ended are gone
+//! (within 5 s: an NBD connection's thread closes its socket just after
+//! the server has let go of it). The scratch file gets its first content
+//! back before each input (jobs write it, `block_resize` resizes it).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -56,7 +56,7 @@ use blkgraph_graph::Graph;
 use serde_json::{json, Map, Value};
 
 use crate::options::{base_graph, reset_scratch_file, sandbox, scratch_file, socket_path};
-use crate::OpenFds;
+use crate::Leftovers;
 
 /// Checks that an error is a clean QMP error.
 fn check_error(command: &str, e: &QmpError) {
@@ -232,7 +232,7 @@ pub fn run(data: &[u8]) {
         return;
     }
     reset_scratch_file();
-    let open = OpenFds::now();
+    let left = Leftovers::now();
     let deadline = Instant::now() + SETTLE_BUDGET;
     let graph = base_graph();
     let exports = Arc::new(Exports::new(graph.clone()));
@@ -315,5 +315,5 @@ pub fn run(data: &[u8]) {
     drop((control, exports, graph, fds));
     // The threads of NBD connections end just after the server lets go of
     // them: give their sockets a moment.
-    open.check_none_left(Duration::from_secs(5));
+    left.check_none_left(Duration::from_secs(5));
 }
