@@ -132,12 +132,11 @@ def fuzz_env() -> dict:
 
     An allocation LSan cannot make returns NULL, as glibc's malloc does (the
     fallible allocations of huge nodes' state rely on it), instead of
-    ending the process.
+    ending the process; fuzz/lsan.supp names what LSan must not report.
     """
     env = dict(os.environ)
-    env["LSAN_OPTIONS"] = ":".join(
-        filter(None, [env.get("LSAN_OPTIONS", ""), "allocator_may_return_null=1"])
-    )
+    options = ["allocator_may_return_null=1", f"suppressions={FUZZ / 'lsan.supp'}"]
+    env["LSAN_OPTIONS"] = ":".join(filter(None, [env.get("LSAN_OPTIONS", ""), *options]))
     return env
 
 
@@ -179,8 +178,12 @@ def parse_output(text: str) -> dict:
 # A crash inside LSan 14's own thread registry (the race that upstream's
 # compiler-rt/test/lsan/TestCases/thread_context_crash.cpp covers, fixed
 # after LLVM 14): "ERROR: LeakSanitizer: SEGV" with LSan's thread lookup on
-# top of the stack, in a pthread_create or malloc of the harness. A crash
-# anywhere else in LSan (its allocator, say) is not one.
+# top of the stack, in a pthread_create or malloc of the harness. Or the
+# leak check's tracer thread, which runs only LSan's scan of the stopped
+# threads' stacks and TLS, dying on a page gone from under it (a thread
+# that was exiting): "Tracer caught signal 11", then "LeakSanitizer has
+# encountered a fatal error". A crash anywhere else in LSan (its
+# allocator, say) is not one.
 LSAN_FAULT = "LSan runtime fault"
 
 
@@ -190,6 +193,10 @@ def failure(text: str, rc: int) -> str:
         r"#0 0x[0-9a-f]+ in __(lsan::(EnsureMainThreadIDIsCorrect|CurrentThreadContext"
         r"|GetCurrentThread)|sanitizer::ThreadRegistry)",
         text,
+    ):
+        return LSAN_FAULT
+    if re.search(r"Tracer caught signal 11: ", text) and re.search(
+        r"LeakSanitizer has encountered a fatal error", text
     ):
         return LSAN_FAULT
     for pattern, what in [
