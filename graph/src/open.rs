@@ -93,17 +93,11 @@ impl Staging<'_> {
         };
         let name = match &common.node_name {
             Some(name) => {
-                if restored_implicit.is_none() && !valid_node_name(name) {
-                    return Err(Error::InvalidNodeName(name.clone()));
-                }
-                if self.lookup(name).is_some() {
-                    return Err(Error::DuplicateNodeName(name.clone()));
-                }
-                if name.len() > MAX_NODE_NAME_LEN {
-                    return Err(Error::NodeNameTooLong);
-                }
-                if let Some(number) = restored_implicit {
-                    *self.counter = (*self.counter).max(number);
+                let taken = self.lookup(name).is_some();
+                match restored_implicit {
+                    None => check_node_name(name, taken)?,
+                    Some(_) if taken => return Err(Error::DuplicateNodeName(name.clone())),
+                    Some(number) => *self.counter = (*self.counter).max(number),
                 }
                 name.clone()
             }
@@ -267,6 +261,21 @@ pub fn valid_node_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
+/// Checks the name of a new node as QEMU does, in QEMU's order: its
+/// characters ([`valid_node_name`]), whether it is `taken`, its length.
+pub(crate) fn check_node_name(name: &str, taken: bool) -> Result<(), Error> {
+    if !valid_node_name(name) {
+        return Err(Error::InvalidNodeName(name.to_string()));
+    }
+    if taken {
+        return Err(Error::DuplicateNodeName(name.to_string()));
+    }
+    if name.len() > MAX_NODE_NAME_LEN {
+        return Err(Error::NodeNameTooLong);
+    }
+    Ok(())
 }
 
 /// The number of a name the graph gave a node (`#blockNNN`).

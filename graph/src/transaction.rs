@@ -27,8 +27,8 @@ use crate::error::Error;
 use crate::graph::Graph;
 use crate::job::{Job, JobDriver, JobOptions, JobTxn};
 use crate::node::{Child, CommonOptions, Node, NodeFlags};
-use crate::open::valid_node_name;
 use crate::open::Staging;
+use crate::open::{check_node_name, valid_node_name};
 use crate::options::Options;
 use crate::permission::{Parent, Permission};
 use crate::state::{ExportEdge, JobEdges, State};
@@ -507,12 +507,7 @@ impl<'g> Transaction<'g> {
     ) -> Result<Arc<Node>, Error> {
         let name = match name {
             Some(n) => {
-                if !valid_node_name(n) {
-                    return Err(Error::InvalidNodeName(n.to_string()));
-                }
-                if self.working.nodes.contains_key(n) {
-                    return Err(Error::DuplicateNodeName(n.to_string()));
-                }
+                check_node_name(n, self.working.nodes.contains_key(n))?;
                 n.to_string()
             }
             None => {
@@ -617,6 +612,15 @@ impl<'g> Transaction<'g> {
         existing: bool,
     ) -> Result<(), Error> {
         let old = self.find(node)?;
+        // A name the overlay cannot have is refused before its file is
+        // made, so that a refused command leaves the file as it was (QEMU
+        // checks only whether the name is taken before, with this text).
+        if self.find(overlay).is_ok() {
+            return Err(Error::OpenFailed(
+                "New overlay node-name already in use".into(),
+            ));
+        }
+        check_node_name(overlay, false)?;
         if !existing {
             let mut o = crate::drivers::qcow2::create::Qcow2CreateOptions::new(old.size());
             o.backing_file = old.filename();
@@ -1106,5 +1110,38 @@ mod tests {
         assert_eq!(g.find("disk0").unwrap().children()[0].node().name(), "n0");
         let e = g.remove("disk0").unwrap_err();
         assert!(e.to_string().contains("in use by"), "{e}");
+    }
+
+    #[test]
+    fn snapshot_sync_checks_the_overlay_name_before_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("overlay.qcow2");
+        let g = Graph::new();
+        g.add(opts("driver=null-co,node-name=disk0,size=1M"))
+            .unwrap();
+        let long = "o".repeat(crate::MAX_NODE_NAME_LEN + 1);
+        for (overlay, error) in [
+            ("sn`p0", "Invalid node-name: 'sn`p0'"),
+            ("disk0", "New overlay node-name already in use"),
+            (long.as_str(), "Node name too long"),
+        ] {
+            std::fs::write(&file, b"what the file held").unwrap();
+            let mut tx = g.transaction();
+            let e = tx
+                .blockdev_snapshot_sync("disk0", &file, overlay, false)
+                .unwrap_err();
+            assert_eq!(e.to_string(), error);
+            drop(tx);
+            let held = std::fs::read(&file).unwrap();
+            assert!(
+                held == b"what the file held",
+                "{overlay}: the file was overwritten"
+            );
+        }
+        let mut tx = g.transaction();
+        tx.blockdev_snapshot_sync("disk0", &file, "ovl", false)
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(g.find("ovl").unwrap().driver_name(), "qcow2");
     }
 }

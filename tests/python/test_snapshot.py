@@ -10,7 +10,9 @@ against qemu-storage-daemon too when BLKGRAPH_TEST_QSD=1.
 - blockdev-snapshot-sync in a transaction with a bitmap: the overlay file is
   made by the daemon, with the disk as its backing file; as in QEMU, an
   overlay of a node named by node-name needs a snapshot-node-name;
-- QEMU's refusals: an overlay in use, or with a backing file already.
+- QEMU's refusals: an overlay in use, or with a backing file already, and
+  an overlay name taken or invalid, which blkgraph refuses before it makes
+  the file (QEMU overwrites the file, then refuses an invalid name).
 """
 
 import json
@@ -95,6 +97,28 @@ def test_snapshot_sync_needs_the_overlay_name(daemon_kind, start_daemon, workdir
     assert r["error"]["desc"] == "New overlay node-name missing", r
     assert export_root(q) == "disk0"
     assert not overlay.exists()
+    q.close()
+    daemon.stop()
+
+
+def test_snapshot_sync_refuses_a_name_before_making_the_file(daemon_kind, start_daemon, workdir):
+    image = workdir / "disk.raw"
+    make_image(image)
+    overlay = workdir / "held.qcow2"
+    overlay.write_bytes(b"what the file held")
+    daemon = start_daemon(image, qmp=True)
+    q = connect(daemon)
+    args = {"node-name": "disk0", "snapshot-file": str(overlay)}
+    r = cmd(q, "blockdev-snapshot-sync", **args, **{"snapshot-node-name": "disk0"})
+    assert r["error"]["desc"] == "New overlay node-name already in use", r
+    assert overlay.read_bytes() == b"what the file held"
+    r = cmd(q, "blockdev-snapshot-sync", **args, **{"snapshot-node-name": "sn`p0"})
+    assert r["error"]["desc"] == "Invalid node-name: 'sn`p0'", r
+    if daemon_kind == "blkgraph":
+        # QEMU makes the overlay file first, and then refuses the name:
+        # the file it overwrote may have been another disk.
+        assert overlay.read_bytes() == b"what the file held"
+    assert export_root(q) == "disk0"
     q.close()
     daemon.stop()
 
