@@ -48,8 +48,9 @@ pub fn daemon_signals() {
 /// Threads matter twice: one still running after the input is a leak of
 /// its own, and one that is ending while libFuzzer's leak check stops the
 /// world can be gone from under LSan's scan of its stack (LSan 14's tracer
-/// then dies with `Tracer caught signal 11`, the run with it). Waiting
-/// until every thread the input started has ended avoids that.
+/// then dies with `Tracer caught signal 11`, the run with it), so the
+/// check waits until every thread the input started has ended. The tracer
+/// still dies now and then (`run.py` runs the target again).
 pub struct Leftovers {
     fds: BTreeSet<i32>,
     threads: BTreeSet<i32>,
