@@ -116,21 +116,23 @@ fn new_threads(before: &BTreeSet<i32>) -> Vec<i32> {
     listing("/proc/self/task")
         .difference(before)
         .copied()
-        .filter(|tid| {
-            !std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                .is_ok_and(|comm| comm.starts_with("iou-") || comm.starts_with("aio-"))
+        .filter(|&tid| {
+            !thread_name(tid)
+                .is_some_and(|name| name.starts_with("iou-") || name.starts_with("aio-"))
         })
         .collect()
+}
+
+/// The name of thread `tid` of this process, unless it has ended.
+fn thread_name(tid: i32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+    Some(comm.trim_end().to_string())
 }
 
 /// The names of threads (`1234 nbd-conn`), for a failure's message.
 fn describe_threads(tids: &[i32]) -> Vec<String> {
     tids.iter()
-        .map(|tid| {
-            let comm =
-                std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap_or_default();
-            format!("{tid} {}", comm.trim_end())
-        })
+        .map(|&tid| format!("{tid} {}", thread_name(tid).unwrap_or_default()))
         .collect()
 }
 

@@ -17,10 +17,9 @@
 //! client; no descriptor stays open and no thread running; and what it
 //! sent is well-formed: the greeting, then option replies (magic, a known
 //! reply type, a payload of the length given, within the protocol's
-//! limits), then the
-//! `NBD_OPT_EXPORT_NAME` answer or transmission replies (simple replies,
-//! or structured chunks of a known type whose lengths fit), as far as
-//! they can be followed without the client's side.
+//! limits), then the `NBD_OPT_EXPORT_NAME` answer or transmission replies
+//! (simple replies, or structured chunks of a known type whose lengths
+//! fit), as far as they can be followed without the client's side.
 
 use std::fs::File;
 use std::io::Write;

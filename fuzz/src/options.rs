@@ -240,7 +240,7 @@ pub fn run(data: &[u8]) {
             Err(e) => assert!(!e.to_string().is_empty(), "an error without text: {e:?}"),
         }
     }
-    // A node's own thread (an NBD client's) ends just after the node is
-    // closed.
+    // A thread an opened node started may still be ending once the node
+    // is deleted.
     left.check_none_left(std::time::Duration::from_secs(5));
 }
