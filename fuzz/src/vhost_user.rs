@@ -230,11 +230,9 @@ fn fds_for(request: u32, payload: &[u8], input: &[u8]) -> Fds {
 
 /// What the harness sets up once per process: the fuzz target runs it
 /// before libFuzzer's first input, so that the per-input timeout counts
-/// none of it (on a loaded machine, starting thousands of threads under
-/// LSan took longer than the 10 s of one input); [`run`] calls it too, a
-/// no-op by then, for callers that replay inputs without the target.
+/// none of it; [`run`] calls it too, a no-op by then, for callers that
+/// replay inputs without the target.
 pub fn init() {
-    crate::reserve_thread_contexts(4096);
     crate::daemon_signals();
     crate::log_if_verbose();
     export();
