@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Job, JobDriver, JobOptions, JobTxn, SyncMode};
-use crate::aio::{block_on, sleep, InFlight, IoFuture};
+use crate::aio::{block_on, InFlight, IoFuture};
 use crate::bitmap::DirtyBitmap;
 use crate::buffer::IoBuffer;
 use crate::driver::{BlockDriver, BlockStatus, ChildRole, WriteFlags, ZeroFlags};
@@ -487,7 +487,7 @@ impl Mirror {
                 }));
             }
             let Some(done) = window.next().await else {
-                sleep(IDLE_POLL).await?;
+                job.sleep(IDLE_POLL).await?;
                 continue;
             };
             let (len, failure) = done?;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde_json::{json, Value};
 
-use crate::aio::{sleep, spawn_detached, IoFuture};
+use crate::aio::{race, sleep, spawn_detached, Either, IoFuture};
 use crate::drain::DrainParent;
 use crate::error::Error;
 use crate::graph::Graph;
@@ -191,6 +191,8 @@ struct State {
     slice_bytes: u64,
     io_status: &'static str,
     waker: Option<Waker>,
+    /// How many times the job was kicked: a sleep ends when it changes.
+    kicks: u64,
     auto_finalize: bool,
     auto_dismiss: bool,
     txn: Option<Arc<JobTxn>>,
@@ -259,6 +261,7 @@ impl Job {
                 slice_bytes: 0,
                 io_status: "ok",
                 waker: None,
+                kicks: 0,
                 auto_finalize: options.auto_finalize,
                 auto_dismiss: options.auto_dismiss,
                 txn: txn.clone(),
@@ -411,6 +414,7 @@ impl Job {
     }
 
     fn kick(&self, s: &mut State) {
+        s.kicks = s.kicks.wrapping_add(1);
         if let Some(w) = s.waker.take() {
             w.wake();
         }
@@ -469,13 +473,41 @@ impl Job {
         (s.current, s.total)
     }
 
+    /// For the job's work: sleeps for `duration`, or less. A kick (a
+    /// cancel, a pause, a resume, job-complete, a new speed) ends the sleep
+    /// at once, and a cancelled job does not sleep, as QEMU's job_sleep_ns,
+    /// so that the job sees them without delay. Only the job's own task may
+    /// sleep so: a kick wakes the one task that waits last.
+    pub async fn sleep(&self, duration: Duration) -> io::Result<()> {
+        let kicks = {
+            let s = self.state.lock();
+            if s.cancelled && s.force {
+                return Ok(());
+            }
+            s.kicks
+        };
+        let kicked = std::future::poll_fn(|cx| {
+            let mut s = self.state.lock();
+            if s.kicks != kicks {
+                return Poll::Ready(());
+            }
+            s.waker = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        match race(sleep(duration), kicked).await {
+            Either::Left(slept) => slept,
+            Either::Right(()) => Ok(()),
+        }
+    }
+
     /// Accounts `bytes` against the speed limit, sleeping as needed
     /// (QEMU's rate limit: slices of 100 ms).
     ///
     /// The sleep is cut short by a cancel, a pause (a drained section or
     /// job-pause: the job must get to its pause point) and a new speed, as
-    /// QEMU's job_sleep_ns is: it goes in steps of one slice and looks at
-    /// the job between them. What is left of the wait is not forgiven:
+    /// QEMU's job_sleep_ns is: a kick ends each step of at most one slice
+    /// (see [`Job::sleep`]), and the job is looked at between them. What is
+    /// left of the wait is not forgiven:
     /// the slice stays in the future, so the next call waits for it.
     pub async fn rate_limit(&self, bytes: u64) {
         const SLICE: Duration = Duration::from_millis(100);
@@ -518,7 +550,7 @@ impl Job {
             if wait.is_zero() {
                 return;
             }
-            if let Err(e) = sleep(wait.min(SLICE)).await {
+            if let Err(e) = self.sleep(wait.min(SLICE)).await {
                 log::warn!("job '{}': rate limit sleep: {e}", self.id);
                 return;
             }
@@ -585,7 +617,7 @@ impl Job {
     pub async fn retry_or_fail(&self, side: Side, error: io::Error) -> io::Result<()> {
         match self.on_error(side, &error).await {
             Verdict::Retry => Ok(()),
-            Verdict::Ignore => sleep(IGNORED_ERROR_DELAY).await,
+            Verdict::Ignore => self.sleep(IGNORED_ERROR_DELAY).await,
             Verdict::Fail => Err(error),
         }
     }
@@ -937,5 +969,62 @@ impl DrainParent for Job {
         let mut s = self.state.lock();
         s.pause_count = s.pause_count.saturating_sub(1);
         self.kick(&mut s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job whose work is one sleep of an hour.
+    struct Sleeper;
+
+    impl JobDriver for Sleeper {
+        fn job_type(&self) -> &'static str {
+            "backup"
+        }
+
+        fn run<'a>(&'a self, job: &'a Job) -> IoFuture<'a> {
+            Box::pin(job.sleep(Duration::from_secs(3600)))
+        }
+    }
+
+    /// A job's sleep (a speed limit's step, a ready mirror's idle poll,
+    /// the delay after an ignored error) ends when the job is kicked, as
+    /// QEMU's job_sleep_ns does: a cancel, a pause or a new speed is seen
+    /// at once, not when the sleep is over.
+    #[test]
+    fn a_kick_ends_a_jobs_sleep() {
+        let options = JobOptions::new("job0");
+        let job = Job::new(&options, Box::new(Sleeper), Weak::new(), None, None);
+        job.start().unwrap();
+        // Kicked until its work is over: a kick before the sleep began is
+        // not one it sees.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = job.state.lock();
+        while !s.finished {
+            assert!(
+                Instant::now() < deadline,
+                "a new speed did not end the sleep"
+            );
+            s.speed += 1;
+            job.kick(&mut s);
+            job.changed.wait_for(&mut s, Duration::from_millis(20));
+        }
+        assert_eq!(s.result, Some(Ok(())));
+    }
+
+    /// A job cancelled before it sleeps does not sleep.
+    #[test]
+    fn a_cancelled_job_does_not_sleep() {
+        let options = JobOptions::new("job0");
+        let job = Job::new(&options, Box::new(Sleeper), Weak::new(), None, None);
+        {
+            let mut s = job.state.lock();
+            s.cancelled = true;
+            s.force = true;
+        }
+        let slept = crate::aio::block_on(job.sleep(Duration::from_secs(3600)));
+        slept.unwrap().unwrap();
     }
 }
