@@ -125,8 +125,10 @@ fn settled(graph: &Graph) -> bool {
 /// How long the jobs may show no change before [`settle`] stops waiting
 /// for them: a job that waits for a command (a backup with `sync: none`)
 /// or copies at a low `speed` would otherwise take the whole budget of
-/// every input that starts one.
-pub const STILL: Duration = Duration::from_millis(20);
+/// every input that starts one. A job that copies at full speed over the
+/// harness's small nodes shows progress well within it; one judged still
+/// too early only costs the check of the next failed command's effect.
+pub const STILL: Duration = Duration::from_millis(5);
 
 /// What [`settle`] watches for change: each job's status and progress.
 fn jobs_view(graph: &Graph) -> Vec<Value> {
