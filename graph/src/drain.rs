@@ -48,8 +48,9 @@ impl DrainedSection {
 }
 
 impl Drop for DrainedSection {
+    /// Resumes the parents in the reverse order of their pause.
     fn drop(&mut self) {
-        for p in self.parents.drain(..) {
+        for p in self.parents.drain(..).rev() {
             p.drained_end();
         }
     }

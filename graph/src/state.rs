@@ -44,12 +44,15 @@ impl State {
             .chain(self.jobs.values().flat_map(|j| j.edges.iter()))
     }
 
-    /// The parents outside the graph that a drained section pauses.
+    /// The parents outside the graph that a drained section pauses, in
+    /// the order it pauses them: jobs before exports, as a job may read or
+    /// write through an export of this graph (an NBD client node connected
+    /// to its own NBD server) and pauses only once that I/O is done.
     pub(crate) fn drain_parents(&self) -> Vec<Arc<dyn DrainParent>> {
-        self.exports
+        self.jobs
             .values()
-            .map(|e| e.parent.clone())
-            .chain(self.jobs.values().map(|j| j.parent.clone()))
+            .map(|j| j.parent.clone())
+            .chain(self.exports.values().map(|e| e.parent.clone()))
             .collect()
     }
 }

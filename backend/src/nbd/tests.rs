@@ -752,3 +752,81 @@ fn a_node_closed_through_an_export_of_the_same_graph() {
     result.unwrap();
     assert!(s.graph.find("nb").is_err());
 }
+
+/// Found by the qmp_commands fuzz target, under load: a backup job read
+/// from an NBD client node connected to an export of the same graph. A
+/// drained transaction (blockdev-del, any graph change) paused the
+/// exports before the jobs, then waited for the job to get to its pause
+/// point; but the job's next read went to the paused export, so it never
+/// did, and the transaction waited for ever with the graph locked.
+#[test]
+fn a_drain_while_a_job_reads_through_an_export_of_the_same_graph() {
+    use blkgraph_graph::job::{BackupOptions, JobOptions, JobStatus, SyncMode};
+
+    let s = setup("drain-job-local", 0);
+    let graph = Graph::shared();
+    let image = s._dir.0.join("src.raw");
+    std::fs::write(&image, vec![0x5a_u8; 32 << 20]).unwrap();
+    let add = |arg: String| graph.add(Options::from_arg(&arg, None).unwrap()).unwrap();
+    add(format!(
+        "driver=raw,node-name=src,file.driver=file,file.filename={}",
+        image.display()
+    ));
+    // The export reads 16 MiB/s: the job's 8 reads of 1 MiB in flight
+    // take half a second, and it takes 2 s in all.
+    add("driver=throttle,node-name=slowsrc,file=src,limits.bps-total=16777216".into());
+    add("driver=null-co,node-name=t0,size=32M".into());
+    s.server
+        .start_export(
+            &graph,
+            Options::from_arg("id=e0,node-name=slowsrc", None).unwrap(),
+        )
+        .unwrap();
+    add(format!(
+        "driver=nbd,node-name=nb,server.type=unix,server.path={},export=slowsrc,read-only=on",
+        s.sock.display()
+    ));
+    let mut tx = graph.drained_transaction();
+    let job = tx
+        .blockdev_backup(
+            &BackupOptions {
+                job: JobOptions::new("job0"),
+                device: "nb".into(),
+                target: "t0".into(),
+                sync: SyncMode::Full,
+                bitmap: None,
+                bitmap_mode: None,
+                filter_node_name: None,
+            },
+            None,
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    // Copying: reads go to the export and back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job.progress().0 == 0 {
+        assert!(Instant::now() < deadline, "the backup copied nothing");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(job.status(), JobStatus::Running);
+    for _ in 0..3 {
+        let g = graph.clone();
+        let (done, drained) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(g.drained_transaction());
+            let _ = done.send(());
+        });
+        drained
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a drained transaction waited for ever for the job");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Over by now, or cancelled.
+    let _ = job.cancel(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while graph.job("job0").is_some() {
+        assert!(Instant::now() < deadline, "the cancelled job did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    graph.shut_down();
+}
