@@ -82,9 +82,18 @@ impl Graph {
         self.jobs.lock().insert(job.id().to_string(), job);
     }
 
-    /// A dismissed job goes.
-    pub(crate) fn forget_job(&self, id: &str) {
-        self.jobs.lock().remove(id);
+    /// A dismissed job goes, if it is still the one under its id: once a
+    /// job has been forgotten, a new job may take its id while it is still
+    /// ending (it is forgotten once as it concludes and again as it is
+    /// dismissed).
+    pub(crate) fn forget_job(&self, job: &Job) {
+        let mut jobs = self.jobs.lock();
+        if jobs
+            .get(job.id())
+            .is_some_and(|known| std::ptr::eq(Arc::as_ptr(known), job))
+        {
+            jobs.remove(job.id());
+        }
     }
 
     /// Takes job `id`'s edges out of the graph, as the job ends.

@@ -743,7 +743,7 @@ impl Job {
         self.check(&s, Verb::Dismiss)?;
         // Gone from queries before its last event says so.
         if let Some(g) = self.graph.upgrade() {
-            g.forget_job(&self.id);
+            g.forget_job(self);
         }
         self.transition(&mut s, JobStatus::Null);
         Ok(())
@@ -877,7 +877,7 @@ impl Job {
         if s.auto_dismiss {
             // As in QEMU, where a job ends in one main loop iteration: a
             // client that sees the end event no longer finds the job.
-            graph.forget_job(&self.id);
+            graph.forget_job(self);
         }
         let mut data = self.block_event_data(&s);
         if cancelled && self.is_block_job() {
@@ -1012,6 +1012,28 @@ mod tests {
             job.changed.wait_for(&mut s, Duration::from_millis(20));
         }
         assert_eq!(s.result, Some(Ok(())));
+    }
+
+    /// Found by the qmp_commands fuzz target, under load: a job is
+    /// forgotten as it concludes and again as it is dismissed, by id. A
+    /// new job that took the id in between (a second block-stream with
+    /// the same job-id) was forgotten by the old one's dismissal: it ran
+    /// on, out of query-block-jobs, job-cancel and shutdown's reach.
+    #[test]
+    fn a_job_that_ends_forgets_only_itself() {
+        let graph = Graph::shared();
+        let options = JobOptions::new("s0");
+        let old = Job::new(&options, Box::new(Sleeper), graph.me(), None, None);
+        graph.register_job(old.clone());
+        graph.forget_job(&old);
+        let new = Job::new(&options, Box::new(Sleeper), graph.me(), None, None);
+        graph.register_job(new.clone());
+        // The old job's dismissal.
+        graph.forget_job(&old);
+        let known = graph.job("s0").expect("the new job was forgotten");
+        assert!(Arc::ptr_eq(&known, &new));
+        graph.forget_job(&new);
+        assert!(graph.job("s0").is_none());
     }
 
     /// A job cancelled before it sleeps does not sleep.
