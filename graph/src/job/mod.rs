@@ -19,6 +19,7 @@ mod status;
 mod stream;
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
@@ -394,23 +395,41 @@ impl Job {
         Poll::Pending
     }
 
-    /// Waits until something happens to the job (cancel, complete, pause,
-    /// resume): for a job with nothing to do until then.
+    /// Waits until the job is cancelled, asked to complete or to pause
+    /// (and then until it is resumed), or kicked otherwise: for a job with
+    /// nothing to do until then. Returns at once if a cancel, a complete
+    /// or a pause was asked for before: one asked for while the job was
+    /// running finds no waker to wake.
     pub async fn wait_kick(&self) {
-        let mut parked = false;
-        std::future::poll_fn(|cx| {
-            if parked {
-                // Kicked: on, unless it is to pause.
-                return self.poll_pause(cx);
-            }
+        let kicks = {
             let mut s = self.state.lock();
-            parked = true;
-            s.busy = false;
+            if s.cancelled || s.should_complete || s.pause_count > 0 {
+                None
+            } else {
+                s.busy = false;
+                self.changed.notify_all();
+                Some(s.kicks)
+            }
+        };
+        if let Some(kicks) = kicks {
+            self.kicked_since(kicks).await;
+        }
+        // On, unless it is to pause.
+        self.pause_point().await
+    }
+
+    /// Resolves once the job has been kicked since its kick count was
+    /// `kicks`. Only the job's own task may wait so: a kick wakes the one
+    /// task that waits last.
+    fn kicked_since(&self, kicks: u64) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut s = self.state.lock();
+            if s.kicks != kicks {
+                return Poll::Ready(());
+            }
             s.waker = Some(cx.waker().clone());
-            self.changed.notify_all();
             Poll::Pending
         })
-        .await
     }
 
     fn kick(&self, s: &mut State) {
@@ -486,15 +505,7 @@ impl Job {
             }
             s.kicks
         };
-        let kicked = std::future::poll_fn(|cx| {
-            let mut s = self.state.lock();
-            if s.kicks != kicks {
-                return Poll::Ready(());
-            }
-            s.waker = Some(cx.waker().clone());
-            Poll::Pending
-        });
-        match race(sleep(duration), kicked).await {
+        match race(sleep(duration), self.kicked_since(kicks)).await {
             Either::Left(slept) => slept,
             Either::Right(()) => Ok(()),
         }
@@ -975,6 +986,7 @@ impl DrainParent for Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
 
     /// A job whose work is one sleep of an hour.
     struct Sleeper;
@@ -1034,6 +1046,73 @@ mod tests {
         assert!(Arc::ptr_eq(&known, &new));
         graph.forget_job(&new);
         assert!(graph.job("s0").is_none());
+    }
+
+    /// A job that waits for kicks as a backup with `sync: none` does
+    /// (until it is cancelled), and stops after each look at its cancel
+    /// until the test lets it go on.
+    struct WaitsForCancel {
+        checked: Mutex<mpsc::Sender<()>>,
+        go: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl JobDriver for WaitsForCancel {
+        fn job_type(&self) -> &'static str {
+            "backup"
+        }
+
+        fn run<'a>(&'a self, job: &'a Job) -> IoFuture<'a> {
+            Box::pin(async move {
+                while !job.cancel_requested() {
+                    let _ = self.checked.lock().send(());
+                    let _ = self.go.lock().recv_timeout(Duration::from_secs(10));
+                    job.wait_kick().await;
+                }
+                Ok(())
+            })
+        }
+    }
+
+    /// A cancel that comes while the job runs, after it looked at its
+    /// cancel and before it waits for a kick, finds no waker (the kick
+    /// that woke the job took it): the wait must see the cancel, or the
+    /// job waits for ever, and job-cancel and shutdown with it.
+    #[test]
+    fn a_cancel_before_a_wait_for_a_kick_ends_the_job() {
+        let (checked, checked_rx) = mpsc::channel();
+        let (go_tx, go) = mpsc::channel();
+        let driver = WaitsForCancel {
+            checked: Mutex::new(checked),
+            go: Mutex::new(go),
+        };
+        let options = JobOptions::new("job0");
+        let job = Job::new(&options, Box::new(driver), Weak::new(), None, None);
+        job.start().unwrap();
+        let step = Duration::from_secs(10);
+        checked_rx.recv_timeout(step).unwrap();
+        go_tx.send(()).unwrap();
+        // Parked in its wait: a kick takes the waker and wakes it.
+        let deadline = Instant::now() + step;
+        {
+            let mut s = job.state.lock();
+            while s.busy || s.waker.is_none() {
+                assert!(Instant::now() < deadline, "the job did not wait");
+                job.changed.wait_for(&mut s, Duration::from_millis(20));
+            }
+        }
+        job.set_speed(1).unwrap();
+        checked_rx.recv_timeout(step).unwrap();
+        // Between its look at the cancel and its wait.
+        job.cancel(true).unwrap();
+        go_tx.send(()).unwrap();
+        let mut s = job.state.lock();
+        while !s.finished {
+            assert!(
+                Instant::now() < deadline + step,
+                "the cancelled job waits for a kick"
+            );
+            job.changed.wait_for(&mut s, Duration::from_millis(20));
+        }
     }
 
     /// A job cancelled before it sleeps does not sleep.
