@@ -198,9 +198,10 @@ pub(super) fn node_info(node: &Node) -> Value {
         "write_threshold": node.write_threshold(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "cache": {"writeback": true, "direct": node.direct(), "no-flush": node.no_flush()},
-        "image": image_info(node),
-        "dirty-bitmaps": bitmaps,
     });
+    // Moved in: json! would copy a Value through the serializer.
+    info["image"] = image_info(node);
+    info["dirty-bitmaps"] = Value::Array(bitmaps);
     let chain = std::iter::successors(backing(node), |n| backing(n));
     info["backing_file_depth"] = json!(chain.count());
     if let Some(b) = info["image"].get("full-backing-filename").cloned() {
@@ -306,5 +307,12 @@ pub(super) fn block_graph(graph: &Graph) -> Value {
             "shared-perm": shared.names(),
         }));
     }
-    json!({"nodes": nodes, "edges": edges})
+    // Moved in: json! would copy the arrays through the serializer.
+    let members = [("nodes", nodes), ("edges", edges)];
+    Value::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Value::Array(v)))
+            .collect(),
+    )
 }
