@@ -83,19 +83,12 @@ fn state(control: &Control, graph: &Graph) -> Value {
         .map(|g| format!("{} {:?}", g.id(), g.limits()))
         .collect();
     // Moved in: json! would copy each answer through the serializer.
-    let members = [
-        ("nodes", query("query-named-block-nodes")),
-        ("graph", query("x-debug-query-block-graph")),
-        ("jobs", query("query-block-jobs")),
-        ("exports", query("query-block-exports")),
-        ("throttle-groups", json!(groups)),
-    ];
-    Value::Object(
-        members
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
-    )
+    let mut snapshot = json!({"throttle-groups": groups});
+    snapshot["nodes"] = query("query-named-block-nodes");
+    snapshot["graph"] = query("x-debug-query-block-graph");
+    snapshot["jobs"] = query("query-block-jobs");
+    snapshot["exports"] = query("query-block-exports");
+    snapshot
 }
 
 /// The longest the harness waits, over one input, for jobs to settle.

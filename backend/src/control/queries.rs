@@ -308,11 +308,8 @@ pub(super) fn block_graph(graph: &Graph) -> Value {
         }));
     }
     // Moved in: json! would copy the arrays through the serializer.
-    let members = [("nodes", nodes), ("edges", edges)];
-    Value::Object(
-        members
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), Value::Array(v)))
-            .collect(),
-    )
+    let mut answer = json!({});
+    answer["nodes"] = Value::Array(nodes);
+    answer["edges"] = Value::Array(edges);
+    answer
 }
