@@ -494,13 +494,15 @@ impl Job {
 
     /// For the job's work: sleeps for `duration`, or less. A kick (a
     /// cancel, a pause, a resume, job-complete, a new speed) ends the sleep
-    /// at once, and a cancelled job does not sleep, as QEMU's job_sleep_ns,
-    /// so that the job sees them without delay. Only the job's own task may
-    /// sleep so: a kick wakes the one task that waits last.
+    /// at once, and a job that is cancelled or asked to pause does not
+    /// sleep, as QEMU's job_sleep_ns, so that the job sees them without
+    /// delay (every caller's loop goes on to its pause point). Only the
+    /// job's own task may sleep so: a kick wakes the one task that waits
+    /// last.
     pub async fn sleep(&self, duration: Duration) -> io::Result<()> {
         let kicks = {
             let s = self.state.lock();
-            if s.cancelled && s.force {
+            if (s.cancelled && s.force) || s.pause_count > 0 {
                 return Ok(());
             }
             s.kicks
@@ -1125,6 +1127,19 @@ mod tests {
             s.cancelled = true;
             s.force = true;
         }
+        let slept = crate::aio::block_on(job.sleep(Duration::from_secs(3600)));
+        slept.unwrap().unwrap();
+    }
+
+    /// A job asked to pause before it sleeps (a drained section, job-pause)
+    /// does not sleep: it goes on to its pause point. Its kick came before
+    /// the sleep, so only this check keeps the pause from waiting for the
+    /// whole sleep (an hour here; up to 100 ms for the jobs' own sleeps).
+    #[test]
+    fn a_job_asked_to_pause_does_not_sleep() {
+        let options = JobOptions::new("job0");
+        let job = Job::new(&options, Box::new(Sleeper), Weak::new(), None, None);
+        job.state.lock().pause_count = 1;
         let slept = crate::aio::block_on(job.sleep(Duration::from_secs(3600)));
         slept.unwrap().unwrap();
     }
