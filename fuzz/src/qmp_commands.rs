@@ -113,8 +113,9 @@ fn settled(graph: &Graph) -> bool {
             // A mirror or commit waiting for job-complete, once it has
             // copied what was left when it became ready: it polls its
             // source, but changes nothing without guest writes (there are
-            // none here).
-            "ready" => !moving && info["offset"] == info["len"],
+            // none here). Not once a pause was asked for: the job goes on
+            // to standby at its next pause point.
+            "ready" => !moving && !flag("paused") && info["offset"] == info["len"],
             "pending" => !moving && !flag("auto-finalize"),
             "concluded" => !flag("auto-dismiss"),
             _ => false,
