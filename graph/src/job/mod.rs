@@ -199,6 +199,21 @@ struct State {
     txn: Option<Arc<JobTxn>>,
 }
 
+impl State {
+    /// Cancelled so that the job ends without its final step: any cancel
+    /// before the job is ready, a forced one after (a plain cancel of a
+    /// ready job completes it), as QEMU's job_is_cancelled.
+    fn is_cancelled(&self) -> bool {
+        self.cancelled && self.force
+    }
+
+    /// The job's work must get on to its pause point rather than wait (a
+    /// sleep, a rate limit): it is cancelled or asked to pause.
+    fn must_not_wait(&self) -> bool {
+        self.is_cancelled() || self.pause_count > 0
+    }
+}
+
 /// A job.
 pub struct Job {
     id: String,
@@ -362,7 +377,7 @@ impl Job {
 
     fn poll_pause(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.state.lock();
-        if s.pause_count == 0 || (s.cancelled && s.force) {
+        if s.pause_count == 0 || s.is_cancelled() {
             s.busy = true;
             if s.paused {
                 s.paused = false;
@@ -450,8 +465,7 @@ impl Job {
     /// forced cancel counts: a plain one completes it without its final
     /// step, see [`Job::cancel_requested`]).
     pub fn is_cancelled(&self) -> bool {
-        let s = self.state.lock();
-        s.cancelled && s.force
+        self.state.lock().is_cancelled()
     }
 
     /// Whether a cancel was asked for at all.
@@ -502,7 +516,7 @@ impl Job {
     pub async fn sleep(&self, duration: Duration) -> io::Result<()> {
         let kicks = {
             let s = self.state.lock();
-            if (s.cancelled && s.force) || s.pause_count > 0 {
+            if s.must_not_wait() {
                 return Ok(());
             }
             s.kicks
@@ -555,7 +569,7 @@ impl Job {
                     s.slice_bytes = 0;
                     return;
                 }
-                if (s.cancelled && s.force) || s.pause_count > 0 {
+                if s.must_not_wait() {
                     return;
                 }
                 until.saturating_duration_since(Instant::now())
@@ -779,7 +793,7 @@ impl Job {
             let mut s = self.state.lock();
             s.finished = true;
             s.busy = false;
-            let cancelled = s.cancelled && s.force;
+            let cancelled = s.is_cancelled();
             s.result = Some(match result {
                 Ok(()) if cancelled => Err("Operation canceled".into()),
                 Ok(()) => Ok(()),
@@ -815,7 +829,7 @@ impl Job {
         let group = self.group();
         let any_failed = group.iter().any(|j| {
             let s = j.state.lock();
-            s.cancelled && s.force || s.result.as_ref().is_some_and(|r| r.is_err())
+            s.is_cancelled() || s.result.as_ref().is_some_and(|r| r.is_err())
         });
         if any_failed {
             for job in &group {
@@ -870,7 +884,7 @@ impl Job {
             if matches!(s.status, JobStatus::Concluded | JobStatus::Null) {
                 return;
             }
-            let cancelled = s.cancelled && s.force;
+            let cancelled = s.is_cancelled();
             if cancelled && s.result.as_ref().is_none_or(|r| r.is_ok()) {
                 s.result = Some(Err("Operation canceled".into()));
             }
