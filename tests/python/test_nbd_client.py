@@ -11,11 +11,14 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+import nbd_scripted_server as scripted
 
 MIB = 1 << 20
 SIZE = 32 * MIB
@@ -308,3 +311,36 @@ def test_open_errors(daemon_kind, daemon_bin, server_factory, workdir):
     if daemon_kind == "blkgraph":
         out, _ = fails(f"server.type=unix,server.path={srv.sock},tls-creds=tls0")
         assert "TLS is not supported" in out, out
+
+
+@pytest.mark.parametrize("delay", [0, 2])
+def test_a_reply_outside_the_read_fails_the_read(daemon_kind, start_daemon, workdir, delay):
+    """A server whose read data lies outside the read (at an offset whose
+    end is past 2^64) breaks the protocol: the read fails, at once also
+    with a reconnect-delay (sent again, it would meet the same server), and
+    the daemon goes on serving and stops cleanly."""
+    sock = workdir / "scripted.sock"
+
+    def outside(req):
+        if req.kind == scripted.CMD_READ:
+            data = struct.pack(">Q", (1 << 64) - 8) + bytes(16)
+            return scripted.chunk(req.cookie, scripted.REPLY_TYPE_OFFSET_DATA, data)
+        if req.kind == scripted.CMD_BLOCK_STATUS:
+            # All data: QSD's export asks before it reads, and reads no hole.
+            extent = struct.pack(">III", req.context, req.length, 0)
+            return scripted.chunk(req.cookie, scripted.REPLY_TYPE_BLOCK_STATUS, extent)
+        return scripted.well_behaved(req)
+
+    srv = scripted.ScriptedServer(sock, SIZE, reply=outside)
+    try:
+        client = start_client(start_daemon, workdir, sock, reconnect_delay=delay)
+        for _ in range(2):
+            res = qemu_io_read(client.uri, timeout=60)
+            assert "Input/output error" in res.stdout + res.stderr, res
+        # Each read failed once: no resending to the same server.
+        assert srv.connections <= 3, srv.connections
+        assert client.proc.poll() is None
+        assert client.stop() == 0
+    finally:
+        srv.close()
+

@@ -21,7 +21,10 @@
 //! node's users. After the delay (at once with `reconnect-delay=0`, the
 //! default, where requests in flight fail too) a request asks for one
 //! immediate attempt and fails with EIO if it does not connect; this is
-//! QEMU's behaviour.
+//! QEMU's behaviour. A reply that breaks the protocol (data outside its
+//! read, an unknown cookie, a bad chunk) ends the connection and fails the
+//! requests in flight at once, whatever the delay: sent again, they would
+//! meet the same server.
 
 mod proto;
 
@@ -633,7 +636,10 @@ impl Receiver {
                         } else {
                             return Err(protocol_error("bad hole chunk"));
                         };
-                        if at < offset || at + n > offset + u64::from(len) {
+                        let inside = at
+                            .checked_sub(offset)
+                            .is_some_and(|skip| n <= u64::from(len).saturating_sub(skip));
+                        if !inside {
                             return Err(protocol_error("the server sent data outside the read"));
                         }
                         let buf = buf.ok_or_else(|| protocol_error("read without a buffer"))?;
@@ -775,8 +781,12 @@ impl Link {
 
 /// The connection on `sock` failed (or the node closed): requests in flight
 /// wait for the next connection (or fail at once with
-/// `reconnect-delay=0`), and the connection thread reconnects. Nothing
-/// happens for a connection that was replaced already.
+/// `reconnect-delay=0`), and the connection thread reconnects. A server
+/// that broke the protocol (`InvalidData`) would likely break it again
+/// with the same requests: they fail at once, as with a delay of 0, and
+/// the next request asks for a new connection (QEMU's client gives the
+/// node up for good then). Nothing happens for a connection that was
+/// replaced already.
 fn connection_lost(shared: &Shared, sock: &Arc<Sock>, why: &io::Error) {
     let mut state = shared.state.lock();
     let current = matches!(&state.conn, Conn::Up(link) if Arc::ptr_eq(&link.sock, sock));
@@ -785,11 +795,17 @@ fn connection_lost(shared: &Shared, sock: &Arc<Sock>, why: &io::Error) {
         return;
     }
     sock.shutdown();
-    let wait = current && !shared.reconnect_delay.is_zero();
+    let broken = why.kind() == io::ErrorKind::InvalidData;
+    let wait = current && !broken && !shared.reconnect_delay.is_zero();
     if current {
         log::warn!(
-            "nbd node {}: connection lost ({why}); reconnecting",
-            shared.node
+            "nbd node {}: connection lost ({why}); {}",
+            shared.node,
+            if broken {
+                "requests in flight fail"
+            } else {
+                "reconnecting"
+            }
         );
         state.conn = if wait {
             Conn::Reconnecting(Instant::now() + shared.reconnect_delay)
