@@ -344,3 +344,26 @@ def test_a_reply_outside_the_read_fails_the_read(daemon_kind, start_daemon, work
     finally:
         srv.close()
 
+
+def test_a_reconnection_may_number_base_allocation_anew(daemon_kind, start_daemon, workdir):
+    """A server that comes back may give base:allocation another id: block
+    status goes on working on the new connection."""
+    sock = workdir / "scripted.sock"
+    srv = scripted.ScriptedServer(sock, SIZE, context=lambda n: 1 + 6 * n)
+    try:
+        client = start_client(start_daemon, workdir, sock, reconnect_delay=5)
+        assert nbd_map(client.uri) == [[0, SIZE, 3]]
+        srv.drop_connections()
+        deadline = time.monotonic() + 30
+        while srv.connections < 2:
+            # The first request after the drop finds the connection gone
+            # (QSD reconnects on its own).
+            res = run("nbdinfo", "--map", "--json", client.uri, check=False)
+            if srv.connections >= 2:
+                break
+            assert time.monotonic() < deadline, f"no reconnect: {res}"
+            time.sleep(0.2)
+        assert nbd_map(client.uri) == [[0, SIZE, 3]]
+        assert client.stop() == 0
+    finally:
+        srv.close()

@@ -24,7 +24,8 @@
 //! QEMU's behaviour. A reply that breaks the protocol (data outside its
 //! read, an unknown cookie, a bad chunk) ends the connection and fails the
 //! requests in flight at once, whatever the delay: sent again, they would
-//! meet the same server.
+//! meet the same server. A new connection must serve the export as the
+//! first did (size, commands, block sizes: `ExportInfo::incompatible_with`).
 
 mod proto;
 
@@ -308,7 +309,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
         cookie: AtomicU64::new(1),
         send_lock: AsyncMutex::new(()),
     });
-    shared.state.lock().conn = Conn::Up(Link::new(&shared, sock));
+    shared.state.lock().conn = Conn::Up(Link::new(&shared, sock, &shared.info));
     let theirs = shared.clone();
     let thread = std::thread::Builder::new()
         .name(format!("nbd-{}", shared.node))
@@ -386,6 +387,8 @@ struct ChunkEnd {
 /// end of what arrived is taken up where it stopped at the next readiness.
 struct Receiver {
     sock: Arc<Sock>,
+    /// The id of `base:allocation` on this connection.
+    base_allocation: Option<u32>,
     buf: Box<[u8]>,
     /// The unparsed bytes are `buf[start..end]`.
     start: usize,
@@ -435,9 +438,10 @@ fn recv_into(fd: RawFd, buf: &IoBuffer) -> io::Result<Option<usize>> {
 }
 
 impl Receiver {
-    fn new(sock: Arc<Sock>) -> Self {
+    fn new(sock: Arc<Sock>, base_allocation: Option<u32>) -> Self {
         Receiver {
             sock,
+            base_allocation,
             buf: vec![0; RECV_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -660,7 +664,7 @@ impl Receiver {
                     {
                         let (id, ext_len, ext_flags) =
                             (be32(&body), be32(&body[4..]), be32(&body[8..]));
-                        if Some(id) == shared.info.base_allocation {
+                        if Some(id) == self.base_allocation {
                             if ext_len == 0 {
                                 end.error = Some(libc::EIO);
                             } else {
@@ -753,10 +757,11 @@ struct Link {
 }
 
 impl Link {
-    /// Starts reading replies from `sock` for `shared`'s requests.
-    fn new(shared: &Arc<Shared>, sock: Sock) -> Link {
+    /// Starts reading replies from `sock`, negotiated as `info`, for
+    /// `shared`'s requests.
+    fn new(shared: &Arc<Shared>, sock: Sock, info: &ExportInfo) -> Link {
         let sock = Arc::new(sock);
-        let rx = Mutex::new(Receiver::new(sock.clone()));
+        let rx = Mutex::new(Receiver::new(sock.clone(), info.base_allocation));
         let (weak, theirs) = (Arc::downgrade(shared), sock.clone());
         let watch = SharedWatch::new(
             sock.as_raw_fd(),
@@ -885,17 +890,12 @@ fn reconnect(shared: &Arc<Shared>) -> bool {
         }
         pause = (pause * 2).min(RECONNECT_MAX);
         let attempt = connect(&shared.server, &shared.export).and_then(|(sock, info)| {
-            let old = &shared.info;
-            if info.size != old.size
-                || info.structured != old.structured
-                || info.base_allocation.is_some() != old.base_allocation.is_some()
-                || (info.flags & proto::FLAG_READ_ONLY) > (old.flags & proto::FLAG_READ_ONLY)
-            {
-                return Err(io::Error::other(format!(
-                    "the server's export changed ({info:?} instead of {old:?})"
-                )));
+            match info.incompatible_with(&shared.info) {
+                Some(why) => Err(io::Error::other(format!(
+                    "the server's export changed: {why}"
+                ))),
+                None => Ok((sock, info)),
             }
-            Ok(sock)
         });
         let mut state = shared.state.lock();
         state.attempts += 1;
@@ -906,8 +906,8 @@ fn reconnect(shared: &Arc<Shared>) -> bool {
                 false
             }
             Ok(_) if matches!(state.conn, Conn::Closed) => return false,
-            Ok(sock) => {
-                state.conn = Conn::Up(Link::new(shared, sock));
+            Ok((sock, info)) => {
+                state.conn = Conn::Up(Link::new(shared, sock, &info));
                 log::warn!("nbd node {}: reconnected", shared.node);
                 true
             }

@@ -75,6 +75,42 @@ pub struct ExportInfo {
     pub max_block: u32,
 }
 
+/// The transmission flags whose loss a reconnection cannot hide: requests
+/// of the node go on relying on them.
+const RELIED_ON: u16 = FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
+
+impl ExportInfo {
+    /// Why a reconnection that negotiated `self` cannot carry on the
+    /// requests of a node opened with `old`, if it cannot: another size,
+    /// reply kind or block status, a read-only export where it was
+    /// writable, a command it no longer takes, or block sizes its requests
+    /// (aligned to the old minimum, split at the old maximum) would break
+    /// (both minimums are powers of two).
+    /// The id of `base:allocation` may change: each connection has its own.
+    pub fn incompatible_with(&self, old: &ExportInfo) -> Option<String> {
+        let lost = old.flags & !self.flags & RELIED_ON;
+        let why = if self.size != old.size {
+            format!("size {} instead of {}", self.size, old.size)
+        } else if self.structured != old.structured
+            || self.base_allocation.is_some() != old.base_allocation.is_some()
+        {
+            "other reply features".to_string()
+        } else if self.flags & FLAG_READ_ONLY > old.flags & FLAG_READ_ONLY {
+            "read-only".to_string()
+        } else if lost != 0 {
+            format!("transmission flags {lost:#x} withdrawn")
+        } else if self.min_block > old.min_block || self.max_block < old.max_block {
+            format!(
+                "block sizes {}..{} instead of {}..{}",
+                self.min_block, self.max_block, old.min_block, old.max_block
+            )
+        } else {
+            return None;
+        };
+        Some(why)
+    }
+}
+
 /// An NBD error number as an errno (QEMU's mapping; unknown ones are
 /// EINVAL).
 pub fn errno(nbd: u32) -> i32 {
@@ -286,4 +322,82 @@ pub fn request(flags: u16, kind: u16, cookie: u64, offset: u64, len: u32) -> [u8
     h[16..24].copy_from_slice(&offset.to_be_bytes());
     h[24..28].copy_from_slice(&len.to_be_bytes());
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ExportInfo {
+        ExportInfo {
+            size: 1 << 30,
+            flags: FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_WRITE_ZEROES,
+            structured: true,
+            base_allocation: Some(1),
+            min_block: 512,
+            max_block: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_reconnection_may_change_what_requests_do_not_rely_on() {
+        let old = info();
+        let new = ExportInfo {
+            // Another id for base:allocation, a command more, a smaller
+            // minimum and a larger maximum block size.
+            base_allocation: Some(7),
+            flags: old.flags | FLAG_SEND_TRIM,
+            min_block: 1,
+            max_block: 32 << 20,
+            ..old.clone()
+        };
+        assert_eq!(new.incompatible_with(&old), None);
+        assert_eq!(old.incompatible_with(&old), None);
+    }
+
+    #[test]
+    fn a_reconnection_may_not_take_away_what_requests_rely_on() {
+        let old = info();
+        let changed = [
+            ExportInfo {
+                size: old.size + 512,
+                ..old.clone()
+            },
+            ExportInfo {
+                structured: false,
+                ..old.clone()
+            },
+            ExportInfo {
+                base_allocation: None,
+                ..old.clone()
+            },
+            ExportInfo {
+                flags: old.flags | FLAG_READ_ONLY,
+                ..old.clone()
+            },
+            ExportInfo {
+                flags: old.flags & !FLAG_SEND_FUA,
+                ..old.clone()
+            },
+            ExportInfo {
+                flags: old.flags & !FLAG_SEND_FLUSH,
+                ..old.clone()
+            },
+            ExportInfo {
+                flags: old.flags & !FLAG_SEND_WRITE_ZEROES,
+                ..old.clone()
+            },
+            ExportInfo {
+                min_block: 4096,
+                ..old.clone()
+            },
+            ExportInfo {
+                max_block: 64 << 10,
+                ..old.clone()
+            },
+        ];
+        for new in changed {
+            assert!(new.incompatible_with(&old).is_some(), "{new:?}");
+        }
+    }
 }
