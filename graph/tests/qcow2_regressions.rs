@@ -131,3 +131,93 @@ fn allocation_depth_past_a_short_backing_file() {
         );
     }
 }
+
+/// The host cluster with `guest`'s data, from `qemu-img map`.
+fn host_offset(image: &Path, guest: u64) -> u64 {
+    let out = Command::new("qemu-img")
+        .args([
+            "map",
+            "--output=json",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+        ])
+        .output()
+        .expect("qemu-img runs");
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let extent = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            let start = e["start"].as_u64().unwrap();
+            (start..start + e["length"].as_u64().unwrap()).contains(&guest)
+        })
+        .unwrap();
+    extent["offset"].as_u64().unwrap() + guest - extent["start"].as_u64().unwrap()
+}
+
+/// An image whose file ends before a cluster it uses (the data cluster's
+/// growth of the file lost in a crash, a truncated copy) had the cluster
+/// handed out again: the allocator took every cluster from the file's end
+/// on for free without reading its refcount, so the next allocating write
+/// shared it with the data it belongs to.
+#[test]
+fn clusters_past_the_end_of_the_file_are_not_allocated_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let path = image.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64k",
+        path,
+        "4M",
+    ]);
+    let cluster = 64 << 10;
+    let written = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x41 0 64k", path])
+        .status()
+        .expect("qemu-io runs");
+    assert!(written.success());
+    let data = host_offset(&image, 0);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    assert_eq!(
+        file.metadata().unwrap().len(),
+        data + cluster,
+        "the data is last"
+    );
+    file.set_len(data).unwrap();
+
+    let graph = Graph::new();
+    let node = open(&graph, "q", &image);
+    let b = IoBuffer::from_vec(vec![0x42; cluster as usize]);
+    block_on(node.write(cluster, &b, WriteFlags::default()))
+        .unwrap()
+        .unwrap();
+    block_on(node.flush()).unwrap().unwrap();
+    // Guest cluster 0 lost its data with the file's end (zeroes), but
+    // not to guest cluster 1.
+    let first = read(&node, 0, cluster);
+    assert!(
+        first.iter().all(|&b| b == 0),
+        "cluster 0 reads {:#x}",
+        first[0]
+    );
+    let second = read(&node, cluster, cluster);
+    assert!(
+        second.iter().all(|&b| b == 0x42),
+        "cluster 1 reads {:#x}",
+        second[0]
+    );
+    drop(node);
+    graph.remove("q").unwrap();
+    assert_ne!(host_offset(&image, cluster), data);
+    qemu_img(&["check", "-q", path]);
+}

@@ -154,6 +154,42 @@ impl Meta {
         }
     }
 
+    /// Moves the end past the last host cluster that has a refcount. The
+    /// file may end before clusters the image uses: a crash that kept an
+    /// L2 entry and its refcount but lost the growth of the file, a
+    /// truncated copy. Allocating from the file's end would hand such a
+    /// cluster out a second time (QEMU's allocator reads every refcount).
+    /// Reads the refcount blocks whose range reaches past the end, from the
+    /// last, until one counts something: usually one.
+    pub async fn find_end(&mut self, f: &File<'_>) -> io::Result<()> {
+        let cs = self.g.cluster_size;
+        let entries = self.g.refcount_block_entries;
+        let blocks: Vec<(u64, u64)> = self
+            .refcount_table
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i as u64, e & OFFSET_MASK))
+            .filter(|&(_, block)| block != 0)
+            .collect();
+        // The refcount blocks themselves, wherever they lie.
+        if let Some(last) = blocks.iter().map(|&(_, b)| b / cs + 1).max() {
+            self.end = self.end.max(last);
+        }
+        for &(i, block) in blocks.iter().rev() {
+            if (i + 1) * entries <= self.end {
+                break;
+            }
+            let data = f.read(block, cs as usize).await?;
+            let counted =
+                (0..entries).rfind(|&j| get_refcount(&data, self.g.refcount_bits, j) != 0);
+            if let Some(j) = counted {
+                self.end = self.end.max(i * entries + j + 1);
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the metadata from now on with `policy` (a reopen changed
     /// it).
     pub fn set_policy(&mut self, policy: Policy) {

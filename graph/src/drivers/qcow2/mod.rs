@@ -255,6 +255,10 @@ fn open(
         node: &file_node,
         align,
     };
+    // Also read-only: a reopen may make the node writable.
+    block_on(meta.find_end(&f))
+        .and_then(|r| r)
+        .map_err(|e| OpenError::Read("refcount blocks", e))?;
     let (bitmaps, used) = block_on(meta.load_bitmaps(&f, writable))
         .and_then(|r| r)
         .map_err(|e| Error::OpenFailed(format!("Could not load bitmaps: {e}")))?;
