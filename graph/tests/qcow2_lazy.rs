@@ -131,3 +131,72 @@ fn lazy_refcounts_need_compat_1_1() {
         "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
     );
 }
+
+/// A dirty image with an L2 entry that points near the end of the 56-bit
+/// offset space: the repair walked every cluster up to it (about 2^40)
+/// and would have grown the refcount table to count it. It now counts
+/// only the clusters referenced, and the refcount table that would have
+/// to grow past QEMU's 8 MiB refuses (EFBIG): the open fails at once
+/// with a clear error.
+#[test]
+fn a_dirty_image_pointing_past_any_refcount_table_fails_to_open() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("hostile.qcow2");
+    let path = image.to_str().unwrap().to_string();
+    let (ok, text) = run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=64k",
+            &path,
+            "4M",
+        ],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = run("qemu-io", &["-c", "write -P 0x5a 0 64k", &path]);
+    assert!(ok, "{text}");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    let be64 = |file: &mut std::fs::File, at: u64| {
+        let mut b = [0u8; 8];
+        file.seek(SeekFrom::Start(at)).unwrap();
+        file.read_exact(&mut b).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l1 = be64(&mut file, 40);
+    let l2 = be64(&mut file, l1) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0);
+    // Guest cluster 0 at host offset 0x00ff_ffff_ffff_0000 (COPIED), and
+    // the image dirty (incompatible feature bit 0, at byte 72).
+    file.seek(SeekFrom::Start(l2)).unwrap();
+    file.write_all(&(0x80ff_ffff_ffff_0000u64).to_be_bytes())
+        .unwrap();
+    let incompatible = be64(&mut file, 72);
+    file.seek(SeekFrom::Start(72)).unwrap();
+    file.write_all(&(incompatible | 1).to_be_bytes()).unwrap();
+    drop(file);
+
+    let (done, opened) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let arg = format!("driver=qcow2,node-name=q,file.driver=file,file.filename={path}");
+        let e = Graph::new()
+            .add(Options::from_arg(&arg, None).unwrap())
+            .map(|_| ())
+            .unwrap_err();
+        done.send(e.to_string()).unwrap();
+    });
+    let e = opened
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the open ends");
+    assert!(e.contains("Could not repair dirty image"), "{e}");
+    assert!(e.contains("File too large"), "{e}");
+}

@@ -21,6 +21,9 @@ pub const ALL_ALLOCATED: u64 = 0xffff_ffff;
 pub const ALL_ZERO: u64 = 0xffff_ffff << 32;
 /// The most entries an L1 table may have (32 MiB of them, QEMU's limit).
 pub const MAX_L1_ENTRIES: u64 = 1 << 22;
+/// The largest refcount table, in bytes (QEMU's limit): larger ones are
+/// refused at open, and the table never grows past it.
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
 /// Sizes derived from the header.
 #[derive(Clone, Copy, Debug)]

@@ -22,7 +22,7 @@ use super::cache::TableCache;
 use super::header::{Header, INCOMPAT_DIRTY};
 use super::layout::{
     get_be64, get_refcount, put_be64, set_refcount, Corrupt, Extent, Geometry, L2Entry, COPIED,
-    MAX_L1_ENTRIES, OFFSET_MASK,
+    MAX_L1_ENTRIES, MAX_REFTABLE_BYTES, OFFSET_MASK,
 };
 use crate::buffer::IoBuffer;
 use crate::driver::WriteFlags;
@@ -609,6 +609,10 @@ impl Meta {
             }
             table_clusters = t;
             blocks = missing;
+        }
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
+            // QEMU's error too: the image could not be opened again.
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }
         let new_len = (table_clusters * cs / 8) as usize;
         let mut table = self.refcount_table.clone();

@@ -36,7 +36,7 @@ use serde_json::{json, Map, Value};
 use self::header::{
     Compression, Header, HeaderError, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
-use self::layout::Geometry;
+use self::layout::{Geometry, MAX_REFTABLE_BYTES};
 use self::meta::{read_table, CacheSizes, File, Meta, Policy, StoredBitmap};
 use crate::aio::{block_on, AsyncMutex};
 use crate::bitmap::DirtyBitmap;
@@ -60,7 +60,6 @@ pub const ENTRY: DriverEntry = DriverEntry {
 
 /// QEMU's limits on the tables it reads at open.
 const MAX_L1_BYTES: u64 = 32 << 20;
-const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// QEMU's default ceiling of the L2 cache.
 const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
 /// The smallest caches, in tables.

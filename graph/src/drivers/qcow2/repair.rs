@@ -75,12 +75,18 @@ impl Meta {
         for &(offset, len) in extra {
             refs.add(offset, len);
         }
-        // New refcount blocks go past every cluster counted here.
-        let last = refs.counts.keys().max().map_or(0, |c| c + 1);
-        self.end = self.end.max(last);
+        // Every cluster up to the end (of the file, or of what the refcounts
+        // count), and those referenced past it: their data was lost with
+        // the file's growth, or a hostile image points anywhere, which costs
+        // only a refcount each (or the error of a refcount table that would
+        // grow too large), not a walk over every cluster up to them. New
+        // refcount blocks go past every cluster counted here.
         let end = self.end;
+        let mut beyond: Vec<u64> = refs.counts.keys().copied().filter(|&c| c >= end).collect();
+        beyond.sort_unstable();
+        self.end = self.end.max(beyond.last().map_or(0, |c| c + 1));
         let mut changed = 0;
-        for c in 0..end {
+        for c in (0..end).chain(beyond) {
             let want = refs.counts.get(&c).copied().unwrap_or(0);
             if self.refcount(f, c).await? != want {
                 self.set_refcount(f, c, want).await?;
