@@ -6,7 +6,9 @@
 //! - refcount blocks are written before the L2 tables that point to the
 //!   clusters they count (a crash leaks clusters, never shares them);
 //! - a new L2 table, and its refcount, are written before the L1 entry
-//!   that points to it; a new refcount block before its table entry;
+//!   that points to it; a new refcount block, and a flush, before its
+//!   table entry (a table entry that could not be written is taken back:
+//!   the new table or block is leaked, never used);
 //! - a cluster an L2 entry stopped pointing to is unreferenced only after
 //!   that L2 table was written.
 //!
@@ -361,8 +363,14 @@ impl Meta {
         if self.write_refblocks(f).await? {
             f.flush().await?;
         }
-        self.l1[l1_index] = table | COPIED;
-        self.write_l1_entry(f, l1_index).await
+        let old = std::mem::replace(&mut self.l1[l1_index], table | COPIED);
+        if let Err(e) = self.write_l1_entry(f, l1_index).await {
+            // Else later writes would go on filling a table the image
+            // never points to. The new table is leaked.
+            self.l1[l1_index] = old;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Writes the aligned block of the L1 table holding entry `index`.
@@ -544,9 +552,19 @@ impl Meta {
             set_refcount(&mut data, self.g.refcount_bits, at % entries, 1);
         }
         f.write(at * cs, data.clone()).await?;
-        self.refcount_table[table_index as usize] = at * cs;
-        self.write_refcount_table_entry(f, table_index as usize)
-            .await?;
+        // The block is stable before the table points to it: a table
+        // entry over a block lost in a power cut would count its range
+        // (and the block itself) as free.
+        f.flush().await?;
+        let t = table_index as usize;
+        let old = std::mem::replace(&mut self.refcount_table[t], at * cs);
+        if let Err(e) = self.write_refcount_table_entry(f, t).await {
+            // Else the range would be counted in a block the image never
+            // points to, and read as free once reopened. The new block is
+            // leaked.
+            self.refcount_table[t] = old;
+            return Err(e);
+        }
         if self.refblocks.full() {
             if let Some((victim, dirty)) = self.refblocks.victim() {
                 if dirty {

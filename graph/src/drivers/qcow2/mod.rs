@@ -18,6 +18,8 @@ mod bitmaps;
 mod cache;
 mod compress;
 pub(crate) mod create;
+#[cfg(test)]
+mod faults;
 mod header;
 mod io;
 mod layout;
