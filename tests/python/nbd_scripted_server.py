@@ -8,6 +8,7 @@ test gives, which gets the connection's number and the request and returns
 the bytes to send.
 """
 
+import os
 import socket
 import struct
 import threading
@@ -91,6 +92,16 @@ class ScriptedServer:
                 except OSError:
                     pass
             self.open.clear()
+
+    def stop_accepting(self):
+        """Listens anew with a backlog of 0 and never accepts, as a server
+        that stopped does: one connection waits in the backlog, the next
+        connect cannot complete."""
+        self.listener.close()
+        os.unlink(self.path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(0)
 
     def close(self):
         self.listener.close()

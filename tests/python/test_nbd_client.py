@@ -367,3 +367,31 @@ def test_a_reconnection_may_number_base_allocation_anew(daemon_kind, start_daemo
         assert client.stop() == 0
     finally:
         srv.close()
+
+
+def test_requests_wait_no_longer_than_reconnect_delay(daemon_kind, start_daemon, workdir):
+    """A server that stopped accepting connections (its backlog full): the
+    requests waiting for a reconnection fail once reconnect-delay is over,
+    later ones after an attempt of their own, and the daemon stops. Before,
+    an attempt's connect or handshake had no end of its own, so requests
+    hung and the daemon could not stop."""
+    sock = workdir / "scripted.sock"
+    srv = scripted.ScriptedServer(sock, SIZE)
+    try:
+        client = start_client(start_daemon, workdir, sock, reconnect_delay=3)
+        assert qemu_io_read(client.uri).returncode == 0
+        srv.stop_accepting()
+        srv.drop_connections()
+        start = time.monotonic()
+        # Read-only: qemu-io flushes a writable export when it closes, a
+        # second request.
+        res = run("qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", client.uri, check=False, timeout=60)
+        took = time.monotonic() - start
+        assert "Input/output error" in res.stdout + res.stderr, res
+        # reconnect-delay is 3 s: nothing waits for a 10 s attempt after it.
+        assert took < 8, f"the read failed after {took:.1f} s"
+        res = qemu_io_read(client.uri, timeout=60)
+        assert "Input/output error" in res.stdout + res.stderr, res
+        assert client.stop() == 0
+    finally:
+        srv.close()

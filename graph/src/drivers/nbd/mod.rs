@@ -21,7 +21,9 @@
 //! node's users. After the delay (at once with `reconnect-delay=0`, the
 //! default, where requests in flight fail too) a request asks for one
 //! immediate attempt and fails with EIO if it does not connect; this is
-//! QEMU's behaviour. A reply that breaks the protocol (data outside its
+//! QEMU's behaviour. An attempt (connect and handshake) ends within 10 s,
+//! and within the delay while there is one, whatever the server does
+//! (a server that stopped accepting, or answers slowly). A reply that breaks the protocol (data outside its
 //! read, an unknown cookie, a bad chunk) ends the connection and fails the
 //! requests in flight at once, whatever the delay: sent again, they would
 //! meet the same server. A new connection must serve the export as the
@@ -33,7 +35,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +47,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types};
 use parking_lot::{Condvar, Mutex};
 use serde::Deserialize;
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use self::proto::ExportInfo;
 use crate::aio::{run_blocking, sleep, submit, AsyncMutex, Keepalive, SharedWatch, WatchUse};
@@ -98,17 +101,44 @@ enum Sock {
     Tcp(TcpStream),
 }
 
+/// The time left until `deadline`, or a timeout error.
+fn time_left(deadline: Instant) -> io::Result<Duration> {
+    match deadline.saturating_duration_since(Instant::now()) {
+        Duration::ZERO => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the connection attempt timed out",
+        )),
+        left => Ok(left),
+    }
+}
+
+/// Connects to a UNIX socket, waiting until `deadline` at most: a
+/// listener whose backlog is full (a server that stopped accepting) makes
+/// a plain connect wait for ever. The socket's send timeout bounds it.
+fn connect_unix(path: &str, deadline: Instant) -> io::Result<UnixStream> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_write_timeout(Some(time_left(deadline)?))?;
+    match socket.connect(&SockAddr::unix(path)?) {
+        Ok(()) => Ok(UnixStream::from(OwnedFd::from(socket))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the server does not accept connections",
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 impl Sock {
-    fn connect(server: &Server) -> io::Result<Sock> {
+    fn connect(server: &Server, deadline: Instant) -> io::Result<Sock> {
         match server {
-            Server::Unix { path } => Ok(Sock::Unix(UnixStream::connect(path)?)),
+            Server::Unix { path } => Ok(Sock::Unix(connect_unix(path, deadline)?)),
             Server::Inet { host, port } => {
                 let port: u16 = port
                     .parse()
                     .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad port"))?;
                 let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
                 for addr in (host.as_str(), port).to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                    match TcpStream::connect_timeout(&addr, time_left(deadline)?) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
                             return Ok(Sock::Tcp(s));
@@ -172,11 +202,43 @@ impl Write for Sock {
     }
 }
 
-/// Connects and negotiates; the socket is blocking, without timeouts.
-fn connect(server: &Server, export: &str) -> io::Result<(Sock, ExportInfo)> {
-    let mut sock = Sock::connect(server)?;
-    sock.set_timeout(Some(CONNECT_TIMEOUT))?;
-    let info = proto::handshake(&mut sock, export)?;
+/// A socket whose reads and writes fail once `deadline` is past: it
+/// bounds a whole handshake (a server may send slowly, or without end),
+/// not only each call.
+struct DeadlineSock<'a> {
+    sock: &'a mut Sock,
+    deadline: Instant,
+}
+
+impl Read for DeadlineSock<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.sock.set_timeout(Some(time_left(self.deadline)?))?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for DeadlineSock<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.set_timeout(Some(time_left(self.deadline)?))?;
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects and negotiates, by `deadline` (at most [`CONNECT_TIMEOUT`]
+/// from now); the socket is then blocking, without timeouts.
+fn connect(server: &Server, export: &str, deadline: Instant) -> io::Result<(Sock, ExportInfo)> {
+    let deadline = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+    let mut sock = Sock::connect(server, deadline)?;
+    let info = proto::handshake(
+        &mut DeadlineSock {
+            sock: &mut sock,
+            deadline,
+        },
+        export,
+    )?;
     sock.set_timeout(None)?;
     Ok((sock, info))
 }
@@ -270,7 +332,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
     };
     let mut pause = RECONNECT_MIN;
     let (sock, info) = loop {
-        match connect(&opts.server, &export) {
+        match connect(&opts.server, &export, Instant::now() + CONNECT_TIMEOUT) {
             Ok(c) => break c,
             // A refusal by a server that answered is final.
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -860,7 +922,7 @@ fn connection_thread(shared: Arc<Shared>) {
 fn reconnect(shared: &Arc<Shared>) -> bool {
     let mut pause = RECONNECT_MIN;
     loop {
-        {
+        let deadline = {
             let mut state = shared.state.lock();
             let deadline = match state.conn {
                 Conn::Closed => return false,
@@ -887,16 +949,21 @@ fn reconnect(shared: &Arc<Shared>) -> bool {
                 return false;
             }
             state.attempt_wanted = false;
-        }
+            deadline
+        };
         pause = (pause * 2).min(RECONNECT_MAX);
-        let attempt = connect(&shared.server, &shared.export).and_then(|(sock, info)| {
-            match info.incompatible_with(&shared.info) {
-                Some(why) => Err(io::Error::other(format!(
-                    "the server's export changed: {why}"
-                ))),
-                None => Ok((sock, info)),
-            }
-        });
+        // Within reconnect-delay, an attempt ends with it: requests wait
+        // no longer than the delay, whatever the server does.
+        let by = deadline.unwrap_or_else(|| Instant::now() + CONNECT_TIMEOUT);
+        let attempt =
+            connect(&shared.server, &shared.export, by).and_then(|(sock, info)| {
+                match info.incompatible_with(&shared.info) {
+                    Some(why) => Err(io::Error::other(format!(
+                        "the server's export changed: {why}"
+                    ))),
+                    None => Ok((sock, info)),
+                }
+            });
         let mut state = shared.state.lock();
         state.attempts += 1;
         let wakers: Vec<Waker> = state.waiters.drain(..).collect();
@@ -994,7 +1061,11 @@ impl Nbd {
                 );
                 Poll::Ready(Ok((sock, cookie, outcome)))
             }
+            // Waits for the reconnection; if the delay ends first, the
+            // attempts made meanwhile count as this request's: it fails
+            // then, as QEMU's do, rather than wait for one more.
             Conn::Reconnecting(_) => {
+                asked.get_or_insert(state.attempts);
                 state.waiters.push(cx.waker().clone());
                 Poll::Pending
             }
