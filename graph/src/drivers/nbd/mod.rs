@@ -999,6 +999,20 @@ impl Drop for SendGuard {
     }
 }
 
+/// A request registered but not yet being sent: if its future is dropped
+/// (waiting for the send lock), the request is taken out of the table, as
+/// nothing will ever answer it and `drain` would wait for it for ever.
+struct Unsent<'a> {
+    shared: &'a Shared,
+    cookie: u64,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        self.shared.state.lock().inflight.remove(&self.cookie);
+    }
+}
+
 /// A request registered on a connection: the socket to send it on, its
 /// cookie and where its outcome arrives.
 type Started = (Arc<Sock>, u64, Arc<Mutex<Outcome>>);
@@ -1090,8 +1104,10 @@ impl Nbd {
     }
 
     /// Writes `msg` to the socket on this executor's io_uring.
-    async fn send(&self, sock: &Arc<Sock>, msg: IoBuffer) -> io::Result<()> {
+    async fn send(&self, sock: &Arc<Sock>, msg: IoBuffer, unsent: Unsent<'_>) -> io::Result<()> {
         let _lock = self.shared.send_lock.lock().await;
+        // From here a dropped future is SendGuard's.
+        std::mem::forget(unsent);
         let mut guard = SendGuard(Some(sock.clone()));
         let mut done = 0;
         while done < msg.len() {
@@ -1134,7 +1150,11 @@ impl Nbd {
                 Some(d) if kind == proto::CMD_WRITE => IoBuffer::concat(&[header, d.clone()]),
                 _ => header,
             };
-            if let Err(e) = self.send(&sock, msg).await {
+            let unsent = Unsent {
+                shared: &self.shared,
+                cookie,
+            };
+            if let Err(e) = self.send(&sock, msg, unsent).await {
                 log::debug!("nbd node {}: send failed: {e}", self.shared.node);
                 // The connection thread sees the failure and retries or
                 // fails the request.
