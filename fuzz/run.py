@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 FUZZ = Path(__file__).resolve().parent
-TARGETS = ["options", "qmp_stream", "qmp_commands", "virtio_blk", "nbd", "vhost_user"]
+TARGETS = ["options", "qmp_stream", "qmp_commands", "virtio_blk", "nbd", "nbd_client", "vhost_user"]
 TRIPLE = "x86_64-unknown-linux-gnu"
 BIN_DIR = FUZZ / "target" / TRIPLE / "release"
 # Longest input per target: a QMP message may have 1 KiB in the harness, so
@@ -45,6 +45,8 @@ MAX_LEN = {
     "qmp_commands": 4096,
     "virtio_blk": 4096,
     "nbd": 4096,
+    # A server's replies carry the data of reads of up to 20 KiB.
+    "nbd_client": 32768,
     "vhost_user": 4096,
 }
 # Seconds per target in short mode (CI).

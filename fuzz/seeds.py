@@ -502,6 +502,74 @@ def nbd_seeds():
 SEEDS["nbd"] = nbd_seeds()
 
 
+# nbd_client: server byte streams, answering the harness's client
+# (fuzz/src/nbd_client.rs): options, then requests with cookies 1, 2, ...
+REP_MAGIC = 0x0003E889045565A9
+REP_ACK, REP_INFO, REP_META_CONTEXT, REP_ERR_UNSUP = 1, 3, 4, (1 << 31) + 1
+SIMPLE_MAGIC, STRUCTURED_MAGIC = 0x67446698, 0x668E33EF
+GREETING = b"NBDMAGIC" + struct.pack(">QH", NBD_IHAVEOPT, 3)
+SEND_ALL = 1 | 4 | 8 | 32 | 64  # HAS_FLAGS, FLUSH, FUA, TRIM, WRITE_ZEROES
+
+
+def rep(option, kind, data=b"") -> bytes:
+    return struct.pack(">QIII", REP_MAGIC, option, kind, len(data)) + data
+
+
+def go(size=8 << 20, flags=SEND_ALL, block_size=None) -> bytes:
+    out = rep(OPT_GO, REP_INFO, struct.pack(">HQH", 0, size, flags))
+    if block_size:
+        out += rep(OPT_GO, REP_INFO, struct.pack(">HIII", 3, *block_size))
+    return out + rep(OPT_GO, REP_ACK)
+
+
+def chunk(cookie, kind, payload=b"", done=True) -> bytes:
+    return struct.pack(">IHHQI", STRUCTURED_MAGIC, 1 if done else 0, kind, cookie, len(payload)) + payload
+
+
+def simple(cookie, error=0, data=b"") -> bytes:
+    return struct.pack(">IIQ", SIMPLE_MAGIC, error, cookie) + data
+
+
+def nbd_client_seeds():
+    structured = (
+        GREETING
+        + rep(OPT_STRUCTURED_REPLY, REP_ACK)
+        + rep(OPT_SET_META_CONTEXT, REP_META_CONTEXT, struct.pack(">I", 1) + b"base:allocation")
+        + rep(OPT_SET_META_CONTEXT, REP_ACK)
+    )
+    replies = (
+        chunk(1, 1, struct.pack(">Q", 0) + b"\x61" * 4096)
+        + chunk(2, 2, struct.pack(">QI", 1 << 20, 4096), done=False)
+        + chunk(2, 1, struct.pack(">Q", (1 << 20) + 4096) + b"\x63" * 16384, done=False)
+        + chunk(2, 0)
+        + chunk(3, 0)
+        + chunk(4, 0)
+        + chunk(5, 0)
+        + chunk(6, 0)
+        + chunk(7, 5, struct.pack(">III", 1, 65536, 3))
+        + chunk(8, 1, struct.pack(">Q", 4 << 20) + b"\x62" * 512)
+    )
+    unstructured = GREETING + rep(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP)
+    plain = b"".join(
+        simple(c, data=bytes(n)) for c, n in [(1, 4096), (2, 20480), (3, 0), (4, 0), (5, 0), (6, 0), (7, 512)]
+    )
+    return {
+        "structured": structured + go() + replies,
+        "block-sizes": structured + go(block_size=(512, 4096, 32768)) + replies,
+        "simple": unstructured + go(flags=1 | 4) + plain,
+        "errors": structured + go() + chunk(1, (1 << 15) + 1, struct.pack(">IH", 5, 4) + b"oops")
+        + simple(2, error=28) + chunk(3, (1 << 15) + 2, struct.pack(">IHQ", 22, 0, 8192)),
+        "outside-the-read": structured + go() + chunk(1, 1, struct.pack(">Q", (1 << 64) - 8) + bytes(16)),
+        "unknown-cookie": structured + go() + chunk(99, 0),
+        "read-only": structured + go(flags=1 | 2),
+        "export-refused": GREETING + rep(OPT_STRUCTURED_REPLY, REP_ACK) + rep(OPT_SET_META_CONTEXT, (1 << 31) + 6),
+        "oversized-reply": GREETING + struct.pack(">QIII", REP_MAGIC, OPT_STRUCTURED_REPLY, REP_ACK, 1 << 20),
+        "oldstyle": b"NBDMAGIC" + struct.pack(">QQ", 0x00420281861253, 1 << 20) + bytes(128),
+    }
+
+SEEDS["nbd_client"] = nbd_client_seeds()
+
+
 # vhost_user: a frontend's messages (header: request, flags, size; LE).
 def vu(request, payload=b"", flags=1) -> bytes:
     return struct.pack("<III", request, flags, len(payload)) + payload

@@ -13,6 +13,7 @@
 //! sets it for clippy and tests).
 
 pub mod nbd;
+pub mod nbd_client;
 pub mod options;
 pub mod qmp;
 pub mod qmp_commands;
