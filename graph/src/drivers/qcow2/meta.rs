@@ -13,7 +13,9 @@
 //!   that L2 table was written.
 //!
 //! Between the refcount blocks and the L2 tables the file is flushed, so
-//! the order also holds across a power loss.
+//! the order also holds across a power loss: once refcount blocks were
+//! written, the next L2 table waits for a flush made under the metadata
+//! lock (a guest flush's own flush runs without it and may not be done).
 
 use std::io;
 use std::sync::Arc;
@@ -111,6 +113,11 @@ pub struct Meta {
     /// Host ranges to unreference once the L2 tables that pointed to them
     /// are written: (offset, bytes).
     pending_frees: Vec<(u64, u64)>,
+    /// Refcount blocks were written since the last flush made under the
+    /// metadata lock: an L2 table written next needs a flush first. (A
+    /// flush made without the lock, as `flush_image`'s, may still be
+    /// running when the next L2 table is written: it does not count.)
+    refcounts_unstable: bool,
     policy: Policy,
 }
 
@@ -152,6 +159,7 @@ impl Meta {
             refcount_table,
             free_hint: 0,
             pending_frees: Vec::new(),
+            refcounts_unstable: false,
             policy,
         }
     }
@@ -361,7 +369,7 @@ impl Meta {
         let table = self.alloc_clusters(f, 1).await?;
         f.write(table, vec![0u8; cs as usize]).await?;
         if self.write_refblocks(f).await? {
-            f.flush().await?;
+            self.flush_file(f).await?;
         }
         let old = std::mem::replace(&mut self.l1[l1_index], table | COPIED);
         if let Err(e) = self.write_l1_entry(f, l1_index).await {
@@ -400,9 +408,19 @@ impl Meta {
     /// Writes the dirty refcount blocks, stable before any L2 table written
     /// next (unless refcounts are lazy).
     async fn refcounts_before_l2(&mut self, f: &File<'_>) -> io::Result<()> {
-        if self.write_refblocks(f).await? && !self.policy.lazy_refcounts {
-            f.flush().await?;
+        self.write_refblocks(f).await?;
+        if self.refcounts_unstable && !self.policy.lazy_refcounts {
+            self.flush_file(f).await?;
         }
+        Ok(())
+    }
+
+    /// Flushes the image file: every refcount block written so far is
+    /// stable (they are written under the metadata lock, which the caller
+    /// holds, and were waited for).
+    async fn flush_file(&mut self, f: &File<'_>) -> io::Result<()> {
+        f.flush().await?;
+        self.refcounts_unstable = false;
         Ok(())
     }
 
@@ -412,11 +430,11 @@ impl Meta {
         if !self.policy.lazy_refcounts || self.header.incompatible & INCOMPAT_DIRTY != 0 {
             return Ok(());
         }
-        f.flush().await?;
+        self.flush_file(f).await?;
         let mut header = self.header.clone();
         header.incompatible |= INCOMPAT_DIRTY;
         self.write_header(f, header).await?;
-        f.flush().await
+        self.flush_file(f).await
     }
 
     /// Writes everything back and clears the dirty mark, as the image
@@ -427,7 +445,7 @@ impl Meta {
             let mut header = self.header.clone();
             header.incompatible &= !INCOMPAT_DIRTY;
             self.write_header(f, header).await?;
-            f.flush().await?;
+            self.flush_file(f).await?;
         }
         Ok(())
     }
@@ -438,6 +456,7 @@ impl Meta {
         for offset in &dirty {
             if let Some(e) = self.refblocks.get(*offset) {
                 let data = e.data.clone();
+                self.refcounts_unstable = true;
                 f.write(*offset, data).await?;
                 if let Some(e) = self.refblocks.get(*offset) {
                     e.dirty = false;
@@ -551,11 +570,12 @@ impl Meta {
         if at / entries == table_index {
             set_refcount(&mut data, self.g.refcount_bits, at % entries, 1);
         }
+        self.refcounts_unstable = true;
         f.write(at * cs, data.clone()).await?;
         // The block is stable before the table points to it: a table
         // entry over a block lost in a power cut would count its range
         // (and the block itself) as free.
-        f.flush().await?;
+        self.flush_file(f).await?;
         let t = table_index as usize;
         let old = std::mem::replace(&mut self.refcount_table[t], at * cs);
         if let Err(e) = self.write_refcount_table_entry(f, t).await {
@@ -658,6 +678,7 @@ impl Meta {
         }
         for (b, data) in &new_blocks {
             let at = table[*b as usize];
+            self.refcounts_unstable = true;
             f.write(at, data.clone()).await?;
             self.refblocks.insert(at, data.clone(), false);
         }
@@ -673,7 +694,7 @@ impl Meta {
             put_be64(&mut bytes, i * 8, *e);
         }
         f.write(start * cs, bytes).await?;
-        f.flush().await?;
+        self.flush_file(f).await?;
         let old = (
             self.header.refcount_table_offset,
             u64::from(self.header.refcount_table_clusters) * cs,
@@ -713,7 +734,7 @@ impl Meta {
                 put_be64(&mut data, i * 8, *e);
             }
             f.write(at, data).await?;
-            f.flush().await?;
+            self.flush_file(f).await?;
             let old_bytes = (u64::from(header.l1_size) * 8).next_multiple_of(cs);
             grown = Some((l1, (header.l1_table_offset, old_bytes)));
             header.l1_table_offset = at;
@@ -721,7 +742,7 @@ impl Meta {
         }
         header.size = size;
         self.write_header(f, header).await?;
-        f.flush().await?;
+        self.flush_file(f).await?;
         if let Some((l1, (old, old_bytes))) = grown {
             self.l1 = l1;
             self.free_later(old, old_bytes);
@@ -803,7 +824,7 @@ impl Meta {
     /// with a file flush.
     pub async fn flush(&mut self, f: &File<'_>) -> io::Result<()> {
         self.write_back(f).await?;
-        f.flush().await
+        self.flush_file(f).await
     }
 
     /// [`Meta::flush`] without its final file flush, which the caller
@@ -820,7 +841,7 @@ impl Meta {
         if !self.pending_frees.is_empty() {
             // The L2 tables that dropped the clusters are stable before the
             // clusters can be reused (or discarded).
-            f.flush().await?;
+            self.flush_file(f).await?;
         }
         let frees = std::mem::take(&mut self.pending_frees);
         let mut freed: Vec<(u64, u64)> = Vec::new();
