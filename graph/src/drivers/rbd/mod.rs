@@ -287,13 +287,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
     if ret < 0 {
         return Err(fail("error getting image info", ret));
     }
-    let (mut features, mut flags) = (0u64, 0u64);
-    // SAFETY: an open image and valid out pointers.
-    let fast_diff = unsafe {
-        (lib.rbd_get_features)(handles.image, &mut features) == 0
-            && (lib.rbd_get_flags)(handles.image, &mut flags) == 0
-    } && features & ffi::FEATURE_FAST_DIFF != 0
-        && flags & ffi::FLAG_FAST_DIFF_INVALID == 0;
+    let fast_diff = fast_diff_usable(&handles);
     Ok(Box::new(Rbd {
         handles: Arc::new(handles),
         description,
@@ -436,45 +430,24 @@ impl Rbd {
         op.await.map(|_| ())
     }
 
-    /// `rbd_diff_iterate2` over `[offset, offset + len)`; blocks.
+    /// `rbd_diff_iterate2` over `[offset, offset + len)`, or all data if
+    /// the fast-diff map cannot answer now; blocks.
     fn diff(handles: &Handles, offset: u64, len: u64) -> io::Result<BlockStatus> {
-        struct Walk {
-            offset: u64,
-            /// The end of the data run that starts at `offset`, once found.
-            data_end: Option<u64>,
-            /// The start of the first data after a hole at `offset`.
-            hole_end: Option<u64>,
+        if !fast_diff_usable(handles) {
+            return Ok(BlockStatus {
+                len,
+                data: true,
+                zero: false,
+                depth: 1,
+            });
         }
         unsafe extern "C" fn cb(off: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
-            // SAFETY: `arg` is the `Walk` on `diff`'s stack, which outlives
-            // the synchronous iteration.
-            let walk = unsafe { &mut *arg.cast::<Walk>() };
-            let end = off.saturating_add(len as u64);
-            if exists == 0 || end <= walk.offset {
-                return 0;
-            }
-            let start = off.max(walk.offset);
-            match walk.data_end {
-                None if start > walk.offset => {
-                    walk.hole_end = Some(start);
-                    DIFF_STOP
-                }
-                None => {
-                    walk.data_end = Some(end);
-                    0
-                }
-                Some(data_end) if start > data_end => DIFF_STOP,
-                Some(data_end) => {
-                    walk.data_end = Some(data_end.max(end));
-                    0
-                }
-            }
+            // SAFETY: `arg` is the `DiffWalk` on `diff`'s stack, which
+            // outlives the synchronous iteration.
+            let walk = unsafe { &mut *arg.cast::<DiffWalk>() };
+            walk.extent(off, len as u64, exists != 0)
         }
-        let mut walk = Walk {
-            offset,
-            data_end: None,
-            hole_end: None,
-        };
+        let mut walk = DiffWalk::new(offset);
         // SAFETY: an open image; the callback matches `DiffCallback` and
         // `walk` outlives the call, which does not keep the pointer.
         let ret = unsafe {
@@ -486,27 +459,101 @@ impl Rbd {
                 1,
                 1,
                 cb,
-                (&mut walk as *mut Walk).cast(),
+                (&mut walk as *mut DiffWalk).cast(),
             )
         };
         if ret < 0 && ret != DIFF_STOP {
             return Err(os_error(ret));
         }
-        let end = offset + len;
-        Ok(match (walk.data_end, walk.hole_end) {
+        Ok(walk.status(offset + len))
+    }
+}
+
+/// Whether the image's fast-diff object map can answer block status: the
+/// feature is on and the map valid. Without it `rbd_diff_iterate2` lists
+/// every object from the OSDs. Both may change while the image is open
+/// (`rbd feature disable`, a map invalidated after an error), so QEMU
+/// asks before each walk, and so does blkgraph. May wait for librbd to
+/// refresh the image: not for an executor's thread.
+fn fast_diff_usable(handles: &Handles) -> bool {
+    let lib = &handles.lib;
+    let (mut features, mut flags) = (0u64, 0u64);
+    // SAFETY: an open image and valid out pointers.
+    let known = unsafe {
+        (lib.rbd_get_features)(handles.image, &mut features) == 0
+            && (lib.rbd_get_flags)(handles.image, &mut flags) == 0
+    };
+    known && features & ffi::FEATURE_FAST_DIFF != 0 && flags & ffi::FLAG_FAST_DIFF_INVALID == 0
+}
+
+/// What `rbd_diff_iterate2` reported from `offset` on: the data run that
+/// starts there, or the hole up to the first data.
+struct DiffWalk {
+    offset: u64,
+    /// The end of the data run that starts at `offset`, once found.
+    data_end: Option<u64>,
+    /// The start of the first data after a hole at `offset`.
+    hole_end: Option<u64>,
+    /// The walk asked librbd to stop. librbd may still call with the
+    /// extents of requests it had in flight (its fallback without the
+    /// fast-diff object map lists several objects at once): they must
+    /// change nothing, or a later data start would stretch the hole over
+    /// data in between.
+    stopped: bool,
+}
+
+impl DiffWalk {
+    fn new(offset: u64) -> Self {
+        DiffWalk {
+            offset,
+            data_end: None,
+            hole_end: None,
+            stopped: false,
+        }
+    }
+
+    /// One extent, in order: what the callback returns to librbd.
+    fn extent(&mut self, off: u64, len: u64, exists: bool) -> c_int {
+        if self.stopped {
+            return DIFF_STOP;
+        }
+        let end = off.saturating_add(len);
+        if !exists || end <= self.offset {
+            return 0;
+        }
+        let start = off.max(self.offset);
+        match self.data_end {
+            None if start > self.offset => self.hole_end = Some(start),
+            None => {
+                self.data_end = Some(end);
+                return 0;
+            }
+            Some(data_end) if start > data_end => {}
+            Some(data_end) => {
+                self.data_end = Some(data_end.max(end));
+                return 0;
+            }
+        }
+        self.stopped = true;
+        DIFF_STOP
+    }
+
+    /// The status of `[offset, end)`.
+    fn status(&self, end: u64) -> BlockStatus {
+        match (self.data_end, self.hole_end) {
             (Some(data_end), _) => BlockStatus {
-                len: data_end.min(end) - offset,
+                len: data_end.min(end) - self.offset,
                 data: true,
                 zero: false,
                 depth: 1,
             },
             (None, hole_end) => BlockStatus {
-                len: hole_end.unwrap_or(end).min(end) - offset,
+                len: hole_end.unwrap_or(end).min(end) - self.offset,
                 data: false,
                 zero: true,
                 depth: 1,
             },
-        })
+        }
     }
 }
 
@@ -646,5 +693,43 @@ impl BlockDriver for Rbd {
             self.size.store(size, Ordering::Release);
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_data_run_ends_at_the_first_gap() {
+        let mut walk = DiffWalk::new(MIB);
+        assert_eq!(walk.extent(0, 4 * MIB, true), 0);
+        assert_eq!(walk.extent(4 * MIB, 4 * MIB, true), 0);
+        assert_eq!(walk.extent(12 * MIB, 4 * MIB, true), DIFF_STOP);
+        let st = walk.status(64 * MIB);
+        assert_eq!((st.len, st.data, st.zero), (7 * MIB, true, false));
+    }
+
+    /// librbd's fallback walk (no usable fast-diff object map) lists
+    /// several objects at once and still calls back with the extents of
+    /// those in flight after the callback asked it to stop: the hole at
+    /// the start then stretched to the last of them, over data.
+    #[test]
+    fn extents_after_a_stop_change_nothing() {
+        let mut walk = DiffWalk::new(0);
+        assert_eq!(walk.extent(0, 4 * MIB, false), 0);
+        assert_eq!(walk.extent(4 * MIB, 4 * MIB, true), DIFF_STOP);
+        assert_eq!(walk.extent(8 * MIB, 4 * MIB, true), DIFF_STOP);
+        let st = walk.status(64 * MIB);
+        assert_eq!((st.len, st.data, st.zero), (4 * MIB, false, true));
+
+        let mut walk = DiffWalk::new(0);
+        assert_eq!(walk.extent(0, 4 * MIB, true), 0);
+        assert_eq!(walk.extent(8 * MIB, 4 * MIB, true), DIFF_STOP);
+        assert_eq!(walk.extent(12 * MIB, 4 * MIB, true), DIFF_STOP);
+        let st = walk.status(64 * MIB);
+        assert_eq!((st.len, st.data, st.zero), (4 * MIB, true, false));
     }
 }
