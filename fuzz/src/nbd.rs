@@ -107,13 +107,14 @@ fn server() -> &'static NbdServer {
 }
 
 /// The threads that serve the connection and read its replies, the same
-/// for every input.
-struct Workers {
-    serving: Worker,
-    reading: Worker,
+/// for every input (the `nbd_client` harness's too: a server and a reader
+/// of what its client sends).
+pub(crate) struct Workers {
+    pub(crate) serving: Worker,
+    pub(crate) reading: Worker,
 }
 
-fn workers() -> &'static Workers {
+pub(crate) fn workers() -> &'static Workers {
     static WORKERS: OnceLock<Workers> = OnceLock::new();
     WORKERS.get_or_init(|| Workers {
         serving: Worker::new("nbd-serving"),

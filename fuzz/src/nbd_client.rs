@@ -26,7 +26,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::{Leftovers, Worker};
+use crate::nbd::workers;
+use crate::Leftovers;
 use blkgraph_graph::aio::{block_on, join_all, IoFuture};
 use blkgraph_graph::{Graph, IoBuffer, Options, WriteFlags, ZeroFlags};
 
@@ -46,21 +47,6 @@ fn place() -> &'static Place {
 
 fn socket_path() -> PathBuf {
     place().dir.path().join("server.sock")
-}
-
-/// The threads that serve the connection and read what the client sends,
-/// the same for every input.
-struct Workers {
-    serving: Worker,
-    reading: Worker,
-}
-
-fn workers() -> &'static Workers {
-    static WORKERS: OnceLock<Workers> = OnceLock::new();
-    WORKERS.get_or_init(|| Workers {
-        serving: Worker::new("nbd-serving"),
-        reading: Worker::new("nbd-reading"),
-    })
 }
 
 /// What the harness sets up once per process (see `nbd::init`).

@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+mod common;
+
 use blkgraph_graph::aio::block_on;
 use blkgraph_graph::{Graph, IoBuffer, Options, WriteFlags};
 
@@ -28,20 +30,7 @@ fn a_dirty_image_is_repaired_when_opened_for_writing() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("lazy.qcow2");
     let path = image.to_str().unwrap();
-    let (ok, text) = run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            path,
-            "16M",
-        ],
-    );
-    assert!(ok, "{text}");
+    common::create_qcow2(&image, "lazy_refcounts=on", "16M");
     // qemu-io dies by SIGKILL after its writes: nothing flushed the
     // refcounts, and the dirty flag stays.
     let (_, text) = run(
@@ -107,20 +96,7 @@ fn lazy_refcounts_need_compat_1_1() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("v2.qcow2");
     let path = image.to_str().unwrap();
-    let (ok, text) = run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            path,
-            "1M",
-        ],
-    );
-    assert!(ok, "{text}");
+    common::create_qcow2(&image, "compat=0.10", "1M");
     let arg =
         format!("driver=qcow2,node-name=q,lazy-refcounts=on,file.driver=file,file.filename={path}");
     let e = Graph::new()
@@ -145,20 +121,7 @@ fn a_dirty_image_pointing_past_any_refcount_table_fails_to_open() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("hostile.qcow2");
     let path = image.to_str().unwrap().to_string();
-    let (ok, text) = run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=64k",
-            &path,
-            "4M",
-        ],
-    );
-    assert!(ok, "{text}");
+    common::create_qcow2(&image, "cluster_size=64k", "4M");
     let (ok, text) = run("qemu-io", &["-c", "write -P 0x5a 0 64k", &path]);
     assert!(ok, "{text}");
     let mut file = std::fs::OpenOptions::new()

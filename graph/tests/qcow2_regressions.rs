@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+mod common;
+
 use blkgraph_graph::aio::block_on;
 use blkgraph_graph::{Graph, IoBuffer, Node, Options, WriteFlags, ZeroFlags};
 
@@ -53,16 +55,7 @@ fn allocating_writes_over_more_than_1024_clusters() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.qcow2");
         let size = 4 * len;
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            image.to_str().unwrap(),
-            &size.to_string(),
-        ]);
+        common::create_qcow2(&image, opts, &size.to_string());
         let graph = Graph::new();
         let node = open(&graph, "q", &image);
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
@@ -167,16 +160,7 @@ fn clusters_past_the_end_of_the_file_are_not_allocated_again() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let path = image.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=64k",
-        path,
-        "4M",
-    ]);
+    common::create_qcow2(&image, "cluster_size=64k", "4M");
     let cluster = 64 << 10;
     let written = Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x41 0 64k", path])

@@ -161,6 +161,13 @@ impl Image {
     }
 }
 
+/// Allocates a host cluster for guest cluster `guest` and maps it there.
+async fn map_new_cluster(m: &mut Meta, f: &File<'_>, guest: u64) -> io::Result<()> {
+    let data = m.alloc_clusters(f, 1).await?;
+    let word = data | COPIED;
+    m.set_entry(f, guest, L2Entry { word, bitmap: 0 }).await
+}
+
 fn file_arg(path: &Path) -> String {
     format!("driver=file,node-name=f,filename={}", path.display())
 }
@@ -173,31 +180,11 @@ fn file_arg(path: &Path) -> String {
 fn a_failed_l1_entry_write_is_taken_back() {
     let mut img = Image::create("cluster_size=64k");
     img.fail_at.store(img.l1_offset, Ordering::Relaxed);
-    let failed = img.run(async |m, f| {
-        let data = m.alloc_clusters(f, 1).await?;
-        m.set_entry(
-            f,
-            0,
-            L2Entry {
-                word: data | COPIED,
-                bitmap: 0,
-            },
-        )
-        .await
-    });
+    let failed = img.run(async |m, f| map_new_cluster(m, f, 0).await);
     assert!(failed.is_err());
     img.fail_at.store(u64::MAX, Ordering::Relaxed);
     img.run(async |m, f| {
-        let data = m.alloc_clusters(f, 1).await?;
-        m.set_entry(
-            f,
-            1,
-            L2Entry {
-                word: data | COPIED,
-                bitmap: 0,
-            },
-        )
-        .await?;
+        map_new_cluster(m, f, 1).await?;
         m.flush(f).await
     })
     .unwrap();
@@ -255,16 +242,7 @@ fn an_l2_table_waits_for_a_flush_after_refcounts_written_without_one() {
     let mut img = Image::create("cluster_size=64k");
     // The L2 table exists, and everything is stable.
     img.run(async |m, f| {
-        let data = m.alloc_clusters(f, 1).await?;
-        m.set_entry(
-            f,
-            1,
-            L2Entry {
-                word: data | COPIED,
-                bitmap: 0,
-            },
-        )
-        .await?;
+        map_new_cluster(m, f, 1).await?;
         m.flush(f).await
     })
     .unwrap();
