@@ -23,11 +23,13 @@
 //! immediate attempt and fails with EIO if it does not connect; this is
 //! QEMU's behaviour. An attempt (connect and handshake) ends within 10 s,
 //! and within the delay while there is one, whatever the server does
-//! (a server that stopped accepting, or answers slowly). A reply that breaks the protocol (data outside its
-//! read, an unknown cookie, a bad chunk) ends the connection and fails the
-//! requests in flight at once, whatever the delay: sent again, they would
-//! meet the same server. A new connection must serve the export as the
-//! first did (size, commands, block sizes: `ExportInfo::incompatible_with`).
+//! (a server that stopped accepting, or answers slowly).
+//!
+//! A reply that breaks the protocol (data outside its read, an unknown
+//! cookie, a bad chunk) ends the connection and fails the requests in
+//! flight at once, whatever the delay: sent again, they would meet the
+//! same server. A new connection must serve the export as the first did
+//! (size, commands, block sizes: `ExportInfo::incompatible_with`).
 
 mod proto;
 
