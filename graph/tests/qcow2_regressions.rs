@@ -8,23 +8,12 @@ use std::sync::Arc;
 
 mod common;
 
+use common::qemu_img;
+
 use blkgraph_graph::aio::block_on;
 use blkgraph_graph::{Graph, IoBuffer, Node, Options, WriteFlags, ZeroFlags};
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn open(graph: &Graph, name: &str, image: &Path) -> Arc<Node> {
     let arg = format!(

@@ -3,19 +3,23 @@
 use std::path::Path;
 use std::process::Command;
 
-/// Makes a qcow2 image at `path` with qemu-img's `-o` `options` and
-/// `size` (qemu-img's notation: "4M").
-pub fn create_qcow2(path: &Path, options: &str, size: &str) {
+/// Runs qemu-img with `args`; panics with its output if it fails.
+pub fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", options])
-        .arg(path)
-        .arg(size)
+        .args(args)
         .output()
         .expect("qemu-img runs");
     assert!(
         out.status.success(),
-        "qemu-img create {options} {size}: {}{}",
+        "qemu-img {args:?}: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Makes a qcow2 image at `path` with qemu-img's `-o` `options` and
+/// `size` (qemu-img's notation: "4M").
+pub fn create_qcow2(path: &Path, options: &str, size: &str) {
+    let path = path.to_str().expect("a UTF-8 path");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, path, size]);
 }
