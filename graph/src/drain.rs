@@ -1,10 +1,12 @@
 //! Drained sections: while the graph changes under its users, no request
 //! runs anywhere in it and none starts (QEMU's `bdrv_drained_begin`).
 //!
-//! Requests come from parents outside the graph (exports), which the
-//! graph pauses through [`DrainParent`], and from work drivers do on their
-//! own (a copy that outlived its guest write), which each driver's `drain`
-//! hook waits for.
+//! Requests come from parents outside the graph (exports, jobs), which
+//! the graph pauses through [`DrainParent`], and from work drivers do on
+//! their own (a copy that outlived its guest write), which each driver's
+//! `drain` hook waits for. A driver that holds requests back (a throttle)
+//! lets them go when the section begins (its `drained_begin` hook), so
+//! that the section never waits for a limit.
 
 use std::sync::Arc;
 
@@ -21,37 +23,50 @@ pub trait DrainParent: Send + Sync {
     fn drained_end(&self);
 }
 
-/// A drained section in progress: it ends the parents it began when it is
-/// dropped, and only those.
+/// A drained section in progress: it ends the parents and nodes it
+/// began when it is dropped, and only those.
 pub(crate) struct DrainedSection {
     parents: Vec<Arc<dyn DrainParent>>,
+    nodes: Vec<Arc<Node>>,
 }
 
 impl DrainedSection {
-    /// Pauses `parents`, then waits for every node's own work.
+    /// Lets the nodes' held-back requests go (a throttle's), pauses
+    /// `parents`, then waits for every node's own work. The nodes begin
+    /// first: a parent's pause waits for its requests in flight, and one
+    /// that waits for its turn in a throttle could wait for hours.
     pub(crate) fn begin<'a>(
         parents: Vec<Arc<dyn DrainParent>>,
         nodes: impl Iterator<Item = &'a Arc<Node>>,
     ) -> Self {
+        let nodes: Vec<Arc<Node>> = nodes.cloned().collect();
+        for n in &nodes {
+            n.drained_begin();
+        }
         for p in &parents {
             p.drained_begin();
         }
-        let section = DrainedSection { parents };
-        drain_nodes(nodes);
-        section
+        drain_nodes(nodes.iter());
+        DrainedSection { parents, nodes }
     }
 
-    /// Ends nothing when dropped: the parents stay paused (shutdown).
+    /// Ends nothing when dropped: the parents and nodes stay drained
+    /// (shutdown).
     pub(crate) fn keep(mut self) {
         self.parents.clear();
+        self.nodes.clear();
     }
 }
 
 impl Drop for DrainedSection {
-    /// Resumes the parents in the reverse order of their pause.
+    /// Resumes the parents in the reverse order of their pause, then ends
+    /// the nodes' sections.
     fn drop(&mut self) {
         for p in self.parents.drain(..).rev() {
             p.drained_end();
+        }
+        for n in self.nodes.drain(..) {
+            n.drained_end();
         }
     }
 }

@@ -352,6 +352,18 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
+    /// A drained section begins: requests the driver holds back on its
+    /// own (a throttle's, waiting for their turn) go at once, and none is
+    /// held back until [`BlockDriver::drained_end`], as QEMU's
+    /// `bdrv_drain_begin`: the section waits for every request in flight,
+    /// and must not wait for a limit. Called before the section waits for
+    /// anything; must not block.
+    fn drained_begin(&self) {}
+
+    /// The drained section that [`BlockDriver::drained_begin`] began has
+    /// ended.
+    fn drained_end(&self) {}
+
     /// Waits until the work the driver started on its own (not on behalf
     /// of a request still running, e.g. a copy that outlived its guest
     /// write) has finished. Called in drained sections, when no parent

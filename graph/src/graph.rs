@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::drain::{close_nodes, DrainParent, DrainedSection};
+use crate::drain::{close_nodes, drain_nodes, DrainParent, DrainedSection};
 use crate::error::Error;
 use crate::job::Job;
 use crate::node::{Child, Node};
@@ -221,17 +221,22 @@ impl Graph {
         Ok(edge)
     }
 
-    /// At exit: drains the graph for good (exports stay paused, requests
-    /// still queued stay where they are), then closes every node, parents
-    /// first.
+    /// At exit, as qemu-storage-daemon: drains the graph for good
+    /// (exports stay paused, requests still queued stay where they are,
+    /// throttles hold nothing back), cancels every job and waits for its
+    /// end (its filter removed), then closes every node, parents first.
     pub fn shut_down(&self) {
-        // Jobs first, as QSD does: cancelled, and ended (their filters
-        // removed) before anything is drained.
+        {
+            let state = self.lock();
+            DrainedSection::begin(state.drain_parents(), state.nodes.values()).keep();
+        }
+        // Not with the graph locked: a job's end changes the graph.
         for job in self.jobs() {
             job.cancel_and_wait();
         }
         let mut state = self.lock();
-        DrainedSection::begin(state.drain_parents(), state.nodes.values()).keep();
+        // What the jobs' ends started.
+        drain_nodes(state.nodes.values());
         close_nodes(std::mem::take(&mut state.nodes).into_values().collect());
     }
 

@@ -728,6 +728,17 @@ impl Node {
         self.driver.remove_bitmap(name)
     }
 
+    /// A drained section begins over the node (see
+    /// [`BlockDriver::drained_begin`]).
+    pub(crate) fn drained_begin(&self) {
+        self.driver.drained_begin()
+    }
+
+    /// The drained section over the node has ended.
+    pub(crate) fn drained_end(&self) {
+        self.driver.drained_end()
+    }
+
     /// Waits until the work the driver started on its own has finished.
     pub fn drain(&self) -> IoFuture<'_> {
         self.driver.drain()

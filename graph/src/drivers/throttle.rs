@@ -1,11 +1,20 @@
 //! The `throttle` filter: passes requests to its `file` child no faster
-//! than the limits of its throttle group allow.
+//! than the limits of its throttle group allow, except in drained
+//! sections, where every request goes at once (QEMU's
+//! `io_limits_disabled`): a section waits for the requests in flight, and
+//! one waiting for its turn at a low limit would keep it waiting for hours
+//! (a job-cancel, blockdev-del, shutdown).
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 
-use crate::aio::sleep;
+use crate::aio::{race, sleep, Either};
 use crate::buffer::IoBuffer;
 use crate::driver::{BlockDriver, ChildRole, IoFuture, WriteFlags, ZeroFlags};
 use crate::error::Error;
@@ -32,6 +41,87 @@ struct ThrottleOptions {
 struct Throttle {
     file: Arc<Child>,
     group: Arc<ThrottleGroup>,
+    drained: Drained,
+}
+
+/// The drained sections over a throttle node, and the requests waiting
+/// for their turn meanwhile, which a section lets go.
+#[derive(Default)]
+struct Drained(Mutex<DrainedState>);
+
+#[derive(Default)]
+struct DrainedState {
+    /// Sections in progress.
+    sections: u32,
+    /// The wakers of the requests that wait for their turn, by ticket.
+    waiting: HashMap<u64, Waker>,
+    next_ticket: u64,
+}
+
+impl Drained {
+    fn is_on(&self) -> bool {
+        self.0.lock().sections > 0
+    }
+
+    fn begin(&self) {
+        let waiting = {
+            let mut s = self.0.lock();
+            s.sections += 1;
+            std::mem::take(&mut s.waiting)
+        };
+        for waker in waiting.into_values() {
+            waker.wake();
+        }
+    }
+
+    fn end(&self) {
+        let mut s = self.0.lock();
+        s.sections = s.sections.saturating_sub(1);
+    }
+
+    /// Resolves once a section is on.
+    fn until_on(&self) -> UntilOn<'_> {
+        UntilOn {
+            drained: self,
+            ticket: None,
+        }
+    }
+}
+
+/// A request's wait for a drained section; its waker leaves with it.
+struct UntilOn<'a> {
+    drained: &'a Drained,
+    ticket: Option<u64>,
+}
+
+impl Future for UntilOn<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.drained.0.lock();
+        if s.sections > 0 {
+            return Poll::Ready(());
+        }
+        let ticket = match self.ticket {
+            Some(t) => t,
+            None => {
+                s.next_ticket += 1;
+                s.next_ticket
+            }
+        };
+        s.waiting.insert(ticket, cx.waker().clone());
+        drop(s);
+        self.ticket = Some(ticket);
+        Poll::Pending
+    }
+}
+
+impl Drop for UntilOn<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket {
+            self.drained.0.lock().waiting.remove(&ticket);
+        }
+    }
 }
 
 fn open(
@@ -60,22 +150,42 @@ fn open(
             ))
         }
     };
-    Ok(Box::new(Throttle { file, group }))
+    Ok(Box::new(Throttle {
+        file,
+        group,
+        drained: Drained::default(),
+    }))
 }
 
 impl Throttle {
+    /// Waits for the request's turn, unless a drained section is on or
+    /// begins meanwhile.
     async fn admit(&self, direction: Direction, bytes: u64) -> std::io::Result<()> {
-        let wait = self.group.reserve(direction, bytes);
-        if !wait.is_zero() {
-            sleep(wait).await?;
+        if self.drained.is_on() {
+            return Ok(());
         }
-        Ok(())
+        let wait = self.group.reserve(direction, bytes);
+        if wait.is_zero() {
+            return Ok(());
+        }
+        match race(sleep(wait), self.drained.until_on()).await {
+            Either::Left(slept) => slept,
+            Either::Right(()) => Ok(()),
+        }
     }
 }
 
 impl BlockDriver for Throttle {
     fn size(&self) -> u64 {
         self.file.node().size()
+    }
+
+    fn drained_begin(&self) {
+        self.drained.begin();
+    }
+
+    fn drained_end(&self) {
+        self.drained.end();
     }
 
     fn filtered_child(&self) -> Option<&Arc<Child>> {
@@ -116,7 +226,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use crate::aio::block_on;
-    use crate::{Graph, IoBuffer, Options};
+    use crate::{Graph, IoBuffer, Options, WriteFlags};
 
     #[test]
     fn reads_are_slowed_to_the_limit() {
@@ -138,6 +248,49 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    /// Found by the qmp_commands fuzz target: a request waiting for its
+    /// turn at a low limit kept waiting in a drained section, and the
+    /// section with it: a job writing through a throttle node at 4 KiB/s
+    /// held job-cancel, every drained transaction and shutdown for minutes
+    /// (days at a few bytes per second). As QEMU's throttle, a drained
+    /// section lets the waiting requests go, and holds none back.
+    #[test]
+    fn a_drained_section_lets_waiting_requests_go() {
+        let graph = Graph::shared();
+        let arg = "driver=throttle,node-name=t,limits.bps-total=4096,\
+                   file.driver=null-co,file.size=1M";
+        let node = graph.add(Options::from_arg(arg, None).unwrap()).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let writer = node.clone();
+        std::thread::spawn(move || {
+            block_on(async {
+                let buf = IoBuffer::from_vec(vec![1u8; 64 << 10]);
+                // The first goes at once and takes 16 s of budget.
+                for _ in 0..2 {
+                    let written = writer.write(0, &buf, WriteFlags::default()).await;
+                    written.unwrap();
+                    let _ = done.send(Instant::now());
+                }
+            })
+            .unwrap();
+        });
+        finished.recv_timeout(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let section = graph.drained();
+        finished
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the drained section left the request waiting");
+        // And none waits while the section lasts.
+        block_on(node.write(
+            0,
+            &IoBuffer::from_vec(vec![2u8; 64 << 10]),
+            WriteFlags::default(),
+        ))
+        .unwrap()
+        .unwrap();
+        drop(section);
     }
 
     #[test]

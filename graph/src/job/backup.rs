@@ -596,6 +596,36 @@ mod tests {
         wait_gone(&s, "job0");
     }
 
+    /// Found by the qmp_commands fuzz target, under load: a backup whose
+    /// writes waited for their turn in a throttle node (at 4 KiB/s) held
+    /// shutdown, which cancelled the jobs and waited for their ends before
+    /// it drained the graph, for as long as the throttle made them wait.
+    /// As qemu-storage-daemon, shutdown drains first: the throttle lets
+    /// the job's writes go, and the cancelled job ends at once.
+    #[test]
+    fn shutdown_does_not_wait_for_a_throttled_job() {
+        let s = setup(4 * MIB);
+        let arg = "driver=throttle,node-name=thr,limits.bps-total=65536,file=tgt";
+        s.graph.add(opts(arg)).unwrap();
+        let mut options = backup(SyncMode::Full);
+        options.target = "thr".into();
+        let mut tx = s.graph.drained_transaction();
+        tx.blockdev_backup(&options, None).unwrap();
+        tx.commit().unwrap();
+        // Its first chunks go, the next ones wait for a minute.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(s.graph.job("job0").is_some(), "the job ended already");
+        let graph = s.graph.clone();
+        let (done, shut) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            graph.shut_down();
+            let _ = done.send(());
+        });
+        shut.recv_timeout(Duration::from_secs(5))
+            .expect("shutdown waited for the job's throttled writes");
+        assert!(s.graph.job("job0").is_none());
+    }
+
     #[test]
     fn cancelled_sync_none_backup_takes_its_filter_out() {
         let s = setup(4 * MIB);
