@@ -19,6 +19,7 @@ pub mod qmp;
 pub mod qmp_commands;
 pub mod vhost_user;
 pub mod virtio_blk;
+pub mod watchdog;
 
 use std::collections::BTreeSet;
 

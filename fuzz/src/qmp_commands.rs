@@ -46,7 +46,7 @@
 //! the server has let go of it). The scratch file gets its first content
 //! back before each input (jobs write it, `block_resize` resizes it).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use blkgraph_backend::control::{check_arguments, Control};
@@ -159,6 +159,42 @@ fn settle(graph: &Graph, deadline: Instant) -> bool {
     }
 }
 
+/// How long a command or the graph's shutdown may take before the
+/// watchdog reports it: milliseconds, up to a second on a loaded machine;
+/// libFuzzer's `-timeout` (10 s in run.py) ends the process later.
+const WATCH_LIMIT: Duration = Duration::from_secs(4);
+
+/// Runs `step` under the watchdog ([`crate::watchdog`]), which reports
+/// every thread's stack and the graph's jobs if it hangs.
+fn watch<T>(what: &str, graph: Weak<Graph>, step: impl FnOnce() -> T) -> T {
+    crate::watchdog::watch(what, WATCH_LIMIT, move || describe_jobs(&graph), step)
+}
+
+/// Every job of the graph: its query-block-jobs entry, and whether a
+/// cancel or job-complete was asked for.
+fn describe_jobs(graph: &Weak<Graph>) -> String {
+    let Some(graph) = graph.upgrade() else {
+        return "the graph is gone".into();
+    };
+    let jobs: Vec<String> = graph
+        .jobs()
+        .iter()
+        .map(|job| {
+            format!(
+                "{} cancel-requested={} should-complete={}",
+                job.block_info(),
+                job.cancel_requested(),
+                job.should_complete()
+            )
+        })
+        .collect();
+    if jobs.is_empty() {
+        "no job".into()
+    } else {
+        jobs.join("\n")
+    }
+}
+
 /// Whether `BLKGRAPH_FUZZ_VERBOSE` is set: then each outcome is printed.
 fn verbose() -> bool {
     static VERBOSE: OnceLock<bool> = OnceLock::new();
@@ -222,6 +258,7 @@ fn warm_up() {
 /// replay inputs without the target.
 pub fn init() {
     crate::daemon_signals();
+    crate::watchdog::start();
     crate::log_if_verbose();
     scratch_file();
     socket_path();
@@ -270,7 +307,8 @@ pub fn run(data: &[u8]) {
             continue;
         }
         let before = settled.then(|| state(&control, &graph));
-        match control.execute(&name, args, &mut fds) {
+        let jobs = Arc::downgrade(&graph);
+        match watch(&name, jobs, || control.execute(&name, args, &mut fds)) {
             Ok(value) => {
                 if verbose() {
                     eprintln!("{name}: {value}");
@@ -316,7 +354,8 @@ pub fn run(data: &[u8]) {
         json!([]),
         "exports left after deleting them"
     );
-    graph.shut_down();
+    let jobs = Arc::downgrade(&graph);
+    watch("the graph's shutdown", jobs, || graph.shut_down());
     drop((control, exports, graph, fds));
     // The threads of NBD connections end just after the server lets go of
     // them: give their sockets a moment.
