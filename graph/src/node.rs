@@ -546,7 +546,19 @@ impl Node {
         if self.read_only() {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
+        self.check_bitmaps_writable()?;
         self.check(offset, len)
+    }
+
+    /// Writes to a node with a read-only dirty bitmap fail, as QEMU's
+    /// (`bdrv_has_readonly_bitmaps`): the bitmap could not record them. A
+    /// writable node has one when its image's bitmaps could not be marked
+    /// in use as it became writable (see qcow2's `reopen_commit`).
+    fn check_bitmaps_writable(&self) -> io::Result<()> {
+        if self.bitmaps.load().iter().any(|b| b.readonly()) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
     }
 
     /// The union of the permissions the node's parents hold.
@@ -572,7 +584,7 @@ impl Node {
     /// open-ended node.
     fn check_data_write(&self, offset: u64, len: u64) -> io::Result<()> {
         if !self.read_only() && self.open_ended(offset, len) {
-            return Ok(());
+            return self.check_bitmaps_writable();
         }
         self.check_write(offset, len)
     }

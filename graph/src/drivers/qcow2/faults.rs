@@ -15,7 +15,7 @@ use super::meta::{read_table, CacheSizes, File, Meta, Policy};
 use super::read_image;
 use crate::aio::{block_on, IoFuture};
 use crate::buffer::IoBuffer;
-use crate::driver::{BlockDriver, WriteFlags};
+use crate::driver::{BlockDriver, WriteFlags, ZeroFlags};
 use crate::node::{CommonOptions, Node};
 use crate::permission::Permission;
 use crate::{Graph, Options};
@@ -60,6 +60,10 @@ impl BlockDriver for Faulty {
     fn flush(&self) -> IoFuture<'_> {
         self.log.lock().push(Op::Flush);
         self.file.flush()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_> {
+        self.file.write_zeroes(offset, len, flags)
     }
 }
 
@@ -273,4 +277,78 @@ fn an_l2_table_waits_for_a_flush_after_refcounts_written_without_one() {
         log[counted..pointed].contains(&Op::Flush),
         "no flush between the refcounts and the L2 table: {log:?}"
     );
+}
+
+/// Found by review: a qcow2 node reopened read-write whose bitmaps could
+/// not be marked in use in the image (the header or directory write
+/// failed) made them writable anyway. They recorded writes while the image
+/// said they were not in use: after a crash they look consistent and miss
+/// those writes, and the next incremental backup with them. As QEMU's
+/// qcow2_reopen_commit_post, they stay read-only and writes to the node
+/// fail (EPERM) until another reopen marks them.
+#[test]
+fn bitmaps_not_marked_in_use_stay_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.qcow2");
+    for args in [
+        &["create", "-q", "-f", "qcow2"][..],
+        &["bitmap", "--add"][..],
+    ] {
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(args).arg(&path);
+        if args[0] == "create" {
+            cmd.arg("4M");
+        } else {
+            cmd.arg("b0");
+        }
+        assert!(cmd.status().expect("qemu-img runs").success());
+    }
+    let graph = Graph::shared();
+    let file = graph
+        .add(Options::from_arg(&file_arg(&path), None).unwrap())
+        .unwrap();
+    let fail_at = Arc::new(AtomicU64::new(u64::MAX));
+    let faulty = Faulty {
+        file: file.clone(),
+        fail_at: fail_at.clone(),
+        log: Arc::new(Mutex::new(Vec::new())),
+    };
+    let node = Node::new(
+        "faulty".into(),
+        "faulty",
+        Box::new(faulty),
+        &CommonOptions::default(),
+        Vec::new(),
+        false,
+        None,
+    );
+    graph.insert_node(Arc::new(node));
+    let qcow2 = |read_only: &str| {
+        let arg = format!("driver=qcow2,node-name=q,file=faulty,read-only={read_only}");
+        Options::from_arg(&arg, None).unwrap()
+    };
+    let q = graph.add(qcow2("on")).unwrap();
+    let bitmap = q.bitmap("b0").expect("the image's bitmap");
+    assert!(bitmap.readonly());
+    let write = || {
+        let buf = IoBuffer::from_vec(vec![0x5a; 4096]);
+        block_on(q.write(0, &buf, WriteFlags::default())).unwrap()
+    };
+    // The header write that marks the bitmaps fails.
+    fail_at.store(0, Ordering::Relaxed);
+    graph.reopen(vec![qcow2("off")]).unwrap();
+    assert!(!q.read_only());
+    assert!(bitmap.readonly(), "a bitmap not marked in use was writable");
+    let refused = write().unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EPERM));
+    assert_eq!(bitmap.count(), 0);
+    // Another reopen read-write marks them.
+    fail_at.store(u64::MAX, Ordering::Relaxed);
+    graph.reopen(vec![qcow2("off")]).unwrap();
+    // The graph gave the file node, which has no parent edge (the faulty
+    // driver holds it), no permissions: the qcow2 node grows it.
+    file.set_granted(Permission::ALL);
+    assert!(!bitmap.readonly());
+    write().unwrap();
+    assert!(bitmap.count() > 0, "the write was not recorded");
 }

@@ -765,12 +765,18 @@ impl BlockDriver for Qcow2 {
     }
 
     /// Going read-write: the image's bitmaps are marked in use again
-    /// (the file is writable by now) and may change.
+    /// (the file is writable by now) and may change. If they cannot be
+    /// marked, they stay read-only, and so writes to the node fail, as
+    /// QEMU's qcow2_reopen_commit_post leaves them: a bitmap that records
+    /// writes while the image says it is not in use looks consistent after
+    /// a crash, and misses them. Another reopen read-write tries again.
     fn reopen_commit(&self) {
         let Some(r) = self.reopening.lock().take() else {
             return;
         };
         let was_writable = self.writable.swap(r.writable, Ordering::AcqRel);
+        let persistent = || r.bitmaps.iter().filter(|b| b.persistent());
+        let unmarked = persistent().any(|b| b.readonly());
         let node = self.file.node();
         let f = File {
             node: &node,
@@ -779,18 +785,25 @@ impl BlockDriver for Qcow2 {
         let marked = block_on(async {
             let mut m = self.meta.lock().await;
             m.set_policy(r.policy);
-            if r.writable && !was_writable {
+            if r.writable && (!was_writable || unmarked) {
                 m.mark_bitmaps_in_use(&f).await
             } else {
                 Ok(())
             }
         });
-        if let Err(e) | Ok(Err(e)) = marked {
-            log::error!("qcow2: cannot mark the bitmaps in use: {e}");
-        }
-        if r.writable != was_writable {
-            for b in r.bitmaps.iter().filter(|b| b.persistent()) {
-                b.set_readonly(!r.writable);
+        let marked = match marked {
+            Ok(Ok(())) => true,
+            Err(e) | Ok(Err(e)) => {
+                log::error!(
+                    "qcow2: cannot mark the bitmaps in use: {e}; they stay read-only, and \
+                     writes to the node fail until they are removed or it is reopened"
+                );
+                false
+            }
+        };
+        if r.writable != was_writable || (r.writable && unmarked) {
+            for b in persistent() {
+                b.set_readonly(!(r.writable && marked));
             }
         }
     }
