@@ -67,6 +67,39 @@ impl BlockDriver for Faulty {
     }
 }
 
+impl Faulty {
+    /// A node named `faulty` over `file`, and what the test controls: the
+    /// byte whose writes fail, and the log.
+    fn node(file: Arc<Node>) -> (Node, Arc<AtomicU64>, Arc<Mutex<Vec<Op>>>) {
+        let fail_at = Arc::new(AtomicU64::new(u64::MAX));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let faulty = Faulty {
+            file,
+            fail_at: fail_at.clone(),
+            log: log.clone(),
+        };
+        let node = Node::new(
+            "faulty".into(),
+            "faulty",
+            Box::new(faulty),
+            &CommonOptions::default(),
+            Vec::new(),
+            false,
+            None,
+        );
+        (node, fail_at, log)
+    }
+}
+
+/// Runs qemu-img with `args`; it must succeed.
+fn qemu_img(args: &[&str]) {
+    let status = Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img runs");
+    assert!(status.success(), "qemu-img {args:?}");
+}
+
 struct Image {
     _dir: tempfile::TempDir,
     _graph: Graph,
@@ -85,34 +118,14 @@ impl Image {
     fn create(options: &str) -> Image {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.qcow2");
-        let created = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", options])
-            .arg(&path)
-            .arg("4M")
-            .status()
-            .expect("qemu-img runs");
-        assert!(created.success());
+        let path_arg = path.to_str().unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, path_arg, "4M"]);
         let graph = Graph::new();
         let file = graph
             .add(Options::from_arg(&file_arg(&path), None).unwrap())
             .unwrap();
         file.set_granted(Permission::ALL);
-        let fail_at = Arc::new(AtomicU64::new(u64::MAX));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let faulty = Faulty {
-            file,
-            fail_at: fail_at.clone(),
-            log: log.clone(),
-        };
-        let node = Node::new(
-            "faulty".into(),
-            "faulty",
-            Box::new(faulty),
-            &CommonOptions::default(),
-            Vec::new(),
-            false,
-            None,
-        );
+        let (node, fail_at, log) = Faulty::node(file);
         node.set_granted(Permission::ALL);
         let image = block_on(read_image(&node, ALIGN)).unwrap().unwrap();
         let (l1_offset, refcount_table_offset) = (
@@ -290,38 +303,14 @@ fn an_l2_table_waits_for_a_flush_after_refcounts_written_without_one() {
 fn bitmaps_not_marked_in_use_stay_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.qcow2");
-    for args in [
-        &["create", "-q", "-f", "qcow2"][..],
-        &["bitmap", "--add"][..],
-    ] {
-        let mut cmd = Command::new("qemu-img");
-        cmd.args(args).arg(&path);
-        if args[0] == "create" {
-            cmd.arg("4M");
-        } else {
-            cmd.arg("b0");
-        }
-        assert!(cmd.status().expect("qemu-img runs").success());
-    }
+    let path_arg = path.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", path_arg, "4M"]);
+    qemu_img(&["bitmap", "--add", path_arg, "b0"]);
     let graph = Graph::shared();
     let file = graph
         .add(Options::from_arg(&file_arg(&path), None).unwrap())
         .unwrap();
-    let fail_at = Arc::new(AtomicU64::new(u64::MAX));
-    let faulty = Faulty {
-        file: file.clone(),
-        fail_at: fail_at.clone(),
-        log: Arc::new(Mutex::new(Vec::new())),
-    };
-    let node = Node::new(
-        "faulty".into(),
-        "faulty",
-        Box::new(faulty),
-        &CommonOptions::default(),
-        Vec::new(),
-        false,
-        None,
-    );
+    let (node, fail_at, _log) = Faulty::node(file.clone());
     graph.insert_node(Arc::new(node));
     let qcow2 = |read_only: &str| {
         let arg = format!("driver=qcow2,node-name=q,file=faulty,read-only={read_only}");
