@@ -313,17 +313,26 @@ def test_open_errors(daemon_kind, daemon_bin, server_factory, workdir):
         assert "TLS is not supported" in out, out
 
 
+# Where a server puts read data that is not the read's: 16 bytes at an
+# offset whose end is past 2^64, and no bytes at all 1 GiB past the read's
+# end (an empty chunk is an error wherever it lies; one past the end made
+# the client slice its buffer out of range).
+OUTSIDE = {"past-2^64": lambda req: ((1 << 64) - 8, 16), "empty-past-end": lambda req: (req.offset + (1 << 30), 0)}
+
+
+@pytest.mark.parametrize("where", sorted(OUTSIDE))
 @pytest.mark.parametrize("delay", [0, 2])
-def test_a_reply_outside_the_read_fails_the_read(daemon_kind, start_daemon, workdir, delay):
-    """A server whose read data lies outside the read (at an offset whose
-    end is past 2^64) breaks the protocol: the read fails, at once also
-    with a reconnect-delay (sent again, it would meet the same server), and
-    the daemon goes on serving and stops cleanly."""
+def test_a_reply_outside_the_read_fails_the_read(daemon_kind, start_daemon, workdir, delay, where):
+    """A server whose read data lies outside the read breaks the protocol:
+    the read fails, at once also with a reconnect-delay (sent again, it
+    would meet the same server), and the daemon goes on serving and stops
+    cleanly."""
     sock = workdir / "scripted.sock"
 
     def outside(req):
         if req.kind == scripted.CMD_READ:
-            data = struct.pack(">Q", (1 << 64) - 8) + bytes(16)
+            at, length = OUTSIDE[where](req)
+            data = struct.pack(">Q", at) + bytes(length)
             return scripted.chunk(req.cookie, scripted.REPLY_TYPE_OFFSET_DATA, data)
         if req.kind == scripted.CMD_BLOCK_STATUS:
             # All data: QSD's export asks before it reads, and reads no hole.

@@ -704,9 +704,12 @@ impl Receiver {
                         } else {
                             return Err(protocol_error("bad hole chunk"));
                         };
-                        let inside = at
-                            .checked_sub(offset)
-                            .is_some_and(|skip| n <= u64::from(len).saturating_sub(skip));
+                        // As QEMU: an empty chunk is an error too, wherever it
+                        // claims to lie.
+                        let inside = n > 0
+                            && at.checked_sub(offset).is_some_and(|skip| {
+                                skip <= u64::from(len) && n <= u64::from(len) - skip
+                            });
                         if !inside {
                             return Err(protocol_error("the server sent data outside the read"));
                         }
