@@ -364,6 +364,12 @@ pub trait BlockDriver: Send + Sync {
     /// ended.
     fn drained_end(&self) {}
 
+    /// Requests that wait for something that may take long (an NBD
+    /// client's reconnection) fail now. A job calls it on its target when
+    /// it is cancelled by force, so that the cancel does not wait for
+    /// them (QEMU's `bdrv_cancel_in_flight`). Must not block.
+    fn cancel_in_flight(&self) {}
+
     /// Waits until the work the driver started on its own (not on behalf
     /// of a request still running, e.g. a copy that outlived its guest
     /// write) has finished. Called in drained sections, when no parent

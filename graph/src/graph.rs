@@ -232,13 +232,22 @@ impl Graph {
     /// (exports stay paused, requests still queued stay where they are,
     /// throttles hold nothing back), cancels every job and waits for its
     /// end (its filter removed), then closes every node, parents first.
+    /// The jobs are asked to cancel before the drain: their requests that
+    /// wait for long (for an NBD target's reconnection) fail then, so that
+    /// the drain does not wait for them; qemu-storage-daemon's drain waits
+    /// them out (up to `reconnect-delay`).
     pub fn shut_down(&self) {
+        let jobs = self.jobs();
+        for job in &jobs {
+            // A job that has concluded refuses; nothing to do for it.
+            let _ = job.cancel(true);
+        }
         {
             let state = self.lock();
             DrainedSection::begin(state.drain_parents(), state.nodes.values()).keep();
         }
         // Not with the graph locked: a job's end changes the graph.
-        for job in self.jobs() {
+        for job in jobs {
             job.cancel_and_wait();
         }
         let mut state = self.lock();

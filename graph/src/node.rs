@@ -751,6 +751,18 @@ impl Node {
         self.driver.drained_end()
     }
 
+    /// Requests of the node and of the nodes below it that wait for
+    /// something that may take long fail now (see
+    /// [`BlockDriver::cancel_in_flight`]); below too, unlike QEMU's
+    /// `bdrv_cancel_in_flight`, so that a format node over an NBD client
+    /// node counts as the NBD node does.
+    pub fn cancel_in_flight(&self) {
+        self.driver.cancel_in_flight();
+        for child in self.children().iter() {
+            child.node().cancel_in_flight();
+        }
+    }
+
     /// Waits until the work the driver started on its own has finished.
     pub fn drain(&self) -> IoFuture<'_> {
         self.driver.drain()

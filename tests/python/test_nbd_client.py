@@ -404,3 +404,57 @@ def test_requests_wait_no_longer_than_reconnect_delay(daemon_kind, start_daemon,
         assert client.stop() == 0
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("how", ["job-cancel", "shutdown"])
+@pytest.mark.parametrize("job", ["blockdev-backup", "blockdev-mirror"])
+def test_a_cancelled_job_does_not_wait_for_a_reconnection(daemon_kind, start_daemon, server_factory, workdir, job, how):
+    """A backup or mirror to an NBD client node whose server was killed:
+    the job's writes wait for a reconnection (reconnect-delay 300 s).
+    job-cancel, and the shutdown that cancels every job, fail those writes
+    at once, as QEMU's bdrv_cancel_in_flight, rather than wait out the
+    delay."""
+    from test_jobs import connect, make_image, ok, wait_event
+
+    if how == "shutdown" and daemon_kind == "qsd":
+        pytest.skip("qemu-storage-daemon drains before it cancels its jobs at exit: it waits out the delay")
+    srv = server_factory("qemu-nbd")
+    source = workdir / "source.raw"
+    make_image(source, SIZE)
+    daemon = start_daemon(source, qmp=True)
+    q = connect(daemon)
+    try:
+        ok(q, "blockdev-add", driver="nbd", export="exp", **{"node-name": "tgt", "reconnect-delay": 300},
+           server={"type": "unix", "path": str(srv.sock)})  # fmt: skip
+        ok(q, job, device="disk0", target="tgt", sync="full", speed=MIB, **{"job-id": "j0"})
+        deadline = time.monotonic() + 30
+        while not any(j["offset"] > 0 for j in ok(q, "query-block-jobs")):
+            assert time.monotonic() < deadline, "the backup copied nothing"
+            time.sleep(0.1)
+        srv.kill()
+        # Without a speed limit the job writes at once, finds the server
+        # gone and waits for it: its offset stops, short of the end.
+        ok(q, "block-job-set-speed", device="j0", speed=0)
+        seen, since = None, time.monotonic()
+        while time.monotonic() - since < 3:
+            (job,) = ok(q, "query-block-jobs")
+            assert job["status"] == "running" and time.monotonic() < deadline + 60, job
+            if job["offset"] != seen:
+                seen, since = job["offset"], time.monotonic()
+            time.sleep(0.1)
+        start = time.monotonic()
+        if how == "job-cancel":
+            ok(q, "job-cancel", id="j0")
+            wait_event(q, "BLOCK_JOB_CANCELLED", device="j0", timeout=120)
+            took = time.monotonic() - start
+            ok(q, "blockdev-del", **{"node-name": "tgt"})
+        else:
+            q.close()
+            assert daemon.stop(timeout=120) == 0
+            took = time.monotonic() - start
+    finally:
+        q.close()
+    # Far below the delay: nothing waited for it.
+    assert took < 30, f"{how} took {took:.1f} s"
+    if how == "job-cancel":
+        assert daemon.stop() == 0

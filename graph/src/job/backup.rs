@@ -380,6 +380,10 @@ impl JobDriver for Backup {
         })
     }
 
+    fn cancel_in_flight(&self) {
+        self.engine.target().cancel_in_flight();
+    }
+
     fn commit(&self, _graph: &Graph, _job: &Job) {
         self.thaw(true);
     }

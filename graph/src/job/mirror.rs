@@ -568,6 +568,10 @@ impl JobDriver for Mirror {
         true
     }
 
+    fn cancel_in_flight(&self) {
+        self.shared.target.node().cancel_in_flight();
+    }
+
     /// job-complete: the last changes are copied and every parent of the
     /// source moves to the target, in one drained section. A plain cancel
     /// of a ready job copies the last changes too (the target is a copy of

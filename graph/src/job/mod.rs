@@ -25,7 +25,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde_json::{json, Value};
 
 use crate::aio::{race, sleep, spawn_detached, Either, IoFuture};
@@ -82,6 +82,9 @@ enum Verdict {
 /// How long a job waits before it retries what failed with an ignored
 /// error.
 const IGNORED_ERROR_DELAY: Duration = Duration::from_millis(100);
+/// How often waiting for a job cancelled by force fails again what its
+/// requests wait for (see `Job::wait_cancelled`).
+const CANCEL_AGAIN: Duration = Duration::from_millis(100);
 
 /// The options every job takes.
 #[derive(Clone, Debug)]
@@ -140,6 +143,11 @@ pub trait JobDriver: Send + Sync + 'static {
     fn prepare(&self, _graph: &Graph, _job: &Job) -> Result<(), Error> {
         Ok(())
     }
+
+    /// The job was cancelled by force: requests to its target that wait
+    /// for something that may take long fail now (QEMU's JobDriver
+    /// `cancel` of backup and mirror). Called without the job's lock.
+    fn cancel_in_flight(&self) {}
 
     /// The job succeeded.
     fn commit(&self, _graph: &Graph, _job: &Job) {}
@@ -722,7 +730,7 @@ impl Job {
     /// job-cancel; `force` cancels a ready job instead of completing it
     /// without its final step.
     pub fn cancel(self: &Arc<Self>, force: bool) -> Result<(), Error> {
-        let status = {
+        let (status, force) = {
             let mut s = self.state.lock();
             self.check(&s, Verb::Cancel)?;
             // A plain cancel of a job that is not ready is a forced one.
@@ -734,8 +742,11 @@ impl Job {
                 s.pause_count -= 1;
             }
             self.kick(&mut s);
-            s.status
+            (s.status, force)
         };
+        if force {
+            self.driver.cancel_in_flight();
+        }
         match status {
             // The whole group is done: it ends now, as a failure.
             JobStatus::Pending => {
@@ -975,7 +986,18 @@ impl Job {
         let _ = self.cancel(true);
         let mut s = self.state.lock();
         while !matches!(s.status, JobStatus::Concluded | JobStatus::Null) {
-            self.changed.wait_for(&mut s, Duration::from_millis(100));
+            self.wait_cancelled(&mut s);
+        }
+    }
+
+    /// Waits for a change of a job cancelled by force, for at most
+    /// `CANCEL_AGAIN`, then fails again what its requests wait for: a
+    /// request may have begun to wait for long after the cancel (its
+    /// connection found lost just then).
+    fn wait_cancelled(&self, s: &mut MutexGuard<'_, State>) {
+        self.changed.wait_for(s, CANCEL_AGAIN);
+        if s.cancelled && s.force {
+            MutexGuard::unlocked(s, || self.driver.cancel_in_flight());
         }
     }
 }
@@ -988,7 +1010,12 @@ impl DrainParent for Job {
         s.pause_count += 1;
         self.kick(&mut s);
         while s.busy && !s.finished {
-            self.changed.wait(&mut s);
+            if s.cancelled && s.force {
+                // It runs to its end: nothing it waits for may last.
+                self.wait_cancelled(&mut s);
+            } else {
+                self.changed.wait(&mut s);
+            }
         }
     }
 

@@ -22,7 +22,7 @@ use crate::bitset::{Bitset, OutOfMemory};
 use crate::buffer::IoBuffer;
 use crate::driver::WriteFlags;
 use crate::job::Side;
-use crate::node::Child;
+use crate::node::{Child, Node};
 
 /// Largest single copy, as QEMU's block-copy tasks.
 const MAX_COPY: u64 = 1 << 20;
@@ -119,6 +119,11 @@ impl BlockCopy {
     }
 
     /// How many clusters the state covers.
+    /// The node copies go to.
+    pub(crate) fn target(&self) -> Arc<Node> {
+        self.target.node()
+    }
+
     pub(crate) fn cluster_count(&self) -> usize {
         self.size.div_ceil(self.cluster) as usize
     }

@@ -21,7 +21,9 @@
 //! node's users. After the delay (at once with `reconnect-delay=0`, the
 //! default, where requests in flight fail too) a request asks for one
 //! immediate attempt and fails with EIO if it does not connect; this is
-//! QEMU's behaviour. An attempt (connect and handshake) ends within 10 s,
+//! QEMU's behaviour. A job writing to the node that is cancelled by force
+//! ends the delay at once (`cancel_in_flight`), so that `job-cancel` and
+//! shutdown do not wait for it. An attempt (connect and handshake) ends within 10 s,
 //! and within the delay while there is one, whatever the server does
 //! (a server that stopped accepting, or answers slowly).
 //!
@@ -285,8 +287,10 @@ struct State {
     inflight: HashMap<u64, Inflight>,
     /// Requests waiting for a connection.
     waiters: Vec<Waker>,
-    /// Reconnect attempts made so far.
-    attempts: u64,
+    /// Reconnect attempts made so far, and waits for a reconnection
+    /// cancelled (`cancel_in_flight`): a request that began waiting at an
+    /// earlier epoch fails once the node is `Down`.
+    epoch: u64,
     /// A request in state `Down` asks for an attempt now.
     attempt_wanted: bool,
 }
@@ -366,7 +370,7 @@ fn open(ctx: &mut OpenContext<'_, '_>, options: Options) -> Result<Box<dyn Block
             conn: Conn::Down,
             inflight: HashMap::new(),
             waiters: Vec::new(),
-            attempts: 0,
+            epoch: 0,
             attempt_wanted: false,
         }),
         closing: Condvar::new(),
@@ -970,7 +974,7 @@ fn reconnect(shared: &Arc<Shared>) -> bool {
                 }
             });
         let mut state = shared.state.lock();
-        state.attempts += 1;
+        state.epoch += 1;
         let wakers: Vec<Waker> = state.waiters.drain(..).collect();
         let connected = match attempt {
             Err(e) => {
@@ -1082,22 +1086,23 @@ impl Nbd {
             }
             // Waits for the reconnection; if the delay ends first, the
             // attempts made meanwhile count as this request's: it fails
-            // then, as QEMU's do, rather than wait for one more.
+            // then, as QEMU's do, rather than wait for one more. So it
+            // does when the wait is cancelled.
             Conn::Reconnecting(_) => {
-                asked.get_or_insert(state.attempts);
+                asked.get_or_insert(state.epoch);
                 state.waiters.push(cx.waker().clone());
                 Poll::Pending
             }
             // Not connected and not waiting: one attempt, now, for this
             // request; it fails if that does not connect.
             Conn::Down => match *asked {
-                Some(n) if state.attempts > n => Poll::Ready(Err(errno(libc::EIO))),
+                Some(n) if state.epoch > n => Poll::Ready(Err(errno(libc::EIO))),
                 Some(_) => {
                     state.waiters.push(cx.waker().clone());
                     Poll::Pending
                 }
                 None => {
-                    *asked = Some(state.attempts);
+                    *asked = Some(state.epoch);
                     state.attempt_wanted = true;
                     state.waiters.push(cx.waker().clone());
                     self.shared.closing.notify_all();
@@ -1376,6 +1381,26 @@ impl BlockDriver for Nbd {
                 sleep(Duration::from_millis(1)).await?;
             }
         })
+    }
+
+    /// A job that writes to the node was cancelled by force: requests
+    /// waiting for a reconnection fail now rather than at the end of
+    /// `reconnect-delay`, and later ones as after it (one attempt each),
+    /// as QEMU's `nbd_cancel_in_flight`.
+    fn cancel_in_flight(&self) {
+        let mut state = self.shared.state.lock();
+        if !matches!(state.conn, Conn::Reconnecting(_)) {
+            return;
+        }
+        state.conn = Conn::Down;
+        state.epoch += 1;
+        let wakers: Vec<Waker> = state.waiters.drain(..).collect();
+        drop(state);
+        log::warn!(
+            "nbd node {}: requests waiting for a reconnection cancelled",
+            self.shared.node
+        );
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     fn close(&self) -> IoFuture<'_> {
