@@ -226,12 +226,20 @@ impl Reactor {
     }
 
     /// The future of operation `id` is gone: its slot is freed now if the
-    /// operation completed, or when it does.
+    /// operation completed, or when it does. A timeout is cancelled, as
+    /// nothing waits for it any more: it would otherwise hold its slot
+    /// (and the kernel its timer) until it fires, minutes later for a
+    /// throttled request let go in a drained section.
     fn abandon(&self, id: u32) {
         let mut inner = self.inner.borrow_mut();
         let slot = &mut inner.slots[id as usize];
         match slot.state {
-            OpState::Pending(_) => slot.state = OpState::Abandoned,
+            OpState::Pending(_) => {
+                slot.state = OpState::Abandoned;
+                if matches!(slot.keep, Keepalive::Timespec(_)) {
+                    inner.push_cancel(id);
+                }
+            }
             OpState::Done(_) => {
                 slot.state = OpState::Free;
                 inner.free.push(id);
@@ -255,6 +263,21 @@ impl Inner {
             .map(|(i, _)| i)
     }
 
+    /// Asks the kernel to cancel operation `id`; it completes (with
+    /// ECANCELED, or its own result if it was done first) as usual. If the
+    /// ring refuses the request, the operation runs to its end.
+    fn push_cancel(&mut self, id: u32) {
+        let cancel = opcode::AsyncCancel::new(u64::from(id))
+            .build()
+            .user_data(CANCEL);
+        // SAFETY: a cancel request points to no memory.
+        while unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            if self.ring.submit().is_err() {
+                break;
+            }
+        }
+    }
+
     /// Cancels watch `id` if it is still that of `generation`; its slot is
     /// freed at its last completion.
     fn stop_watch(&mut self, id: u32, generation: u64) {
@@ -265,15 +288,7 @@ impl Inner {
         if let OpState::Watch { stopping, .. } = &mut slot.state {
             if !*stopping {
                 *stopping = true;
-                let cancel = opcode::AsyncCancel::new(u64::from(id))
-                    .build()
-                    .user_data(CANCEL);
-                // SAFETY: a cancel request points to no memory.
-                while unsafe { self.ring.submission().push(&cancel) }.is_err() {
-                    if self.ring.submit().is_err() {
-                        break;
-                    }
-                }
+                self.push_cancel(id);
             }
         }
     }
@@ -376,15 +391,7 @@ impl Drop for Reactor {
             if let OpState::Watch { stopping, .. } = &mut inner.slots[id].state {
                 *stopping = true;
             }
-            let cancel = opcode::AsyncCancel::new(id as u64)
-                .build()
-                .user_data(CANCEL);
-            // SAFETY: a cancel request points to no memory.
-            while unsafe { inner.ring.submission().push(&cancel) }.is_err() {
-                if inner.ring.submit().is_err() {
-                    break;
-                }
-            }
+            inner.push_cancel(id as u32);
         }
         while inner.in_flight().next().is_some() {
             match inner.ring.submit_and_wait(1) {
@@ -586,6 +593,26 @@ mod tests {
             weak
         };
         assert!(weak.upgrade().is_none());
+    }
+
+    /// A timeout whose future was dropped is cancelled: its slot is free
+    /// at once, not when it would have fired (an hour later here).
+    #[test]
+    fn a_dropped_timeout_is_cancelled() {
+        block_on(async {
+            drop(poll_once(Box::pin(sleep(Duration::from_secs(3600)))));
+            sleep(Duration::from_millis(20)).await.unwrap();
+            let abandoned = with_current(|r| {
+                let inner = r.inner.borrow();
+                inner
+                    .slots
+                    .iter()
+                    .filter(|s| matches!(s.state, OpState::Abandoned))
+                    .count()
+            });
+            assert_eq!(abandoned, Some(0));
+        })
+        .unwrap();
     }
 
     #[test]
