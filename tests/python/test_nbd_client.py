@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import nbd_scripted_server as scripted
+from test_jobs import connect, make_image, ok, wait_event
 
 MIB = 1 << 20
 SIZE = 32 * MIB
@@ -414,8 +415,6 @@ def test_a_cancelled_job_does_not_wait_for_a_reconnection(daemon_kind, start_dae
     job-cancel, and the shutdown that cancels every job, fail those writes
     at once, as QEMU's bdrv_cancel_in_flight, rather than wait out the
     delay."""
-    from test_jobs import connect, make_image, ok, wait_event
-
     if how == "shutdown" and daemon_kind == "qsd":
         pytest.skip("qemu-storage-daemon drains before it cancels its jobs at exit: it waits out the delay")
     srv = server_factory("qemu-nbd")
@@ -429,7 +428,7 @@ def test_a_cancelled_job_does_not_wait_for_a_reconnection(daemon_kind, start_dae
         ok(q, job, device="disk0", target="tgt", sync="full", speed=MIB, **{"job-id": "j0"})
         deadline = time.monotonic() + 30
         while not any(j["offset"] > 0 for j in ok(q, "query-block-jobs")):
-            assert time.monotonic() < deadline, "the backup copied nothing"
+            assert time.monotonic() < deadline, f"{job} copied nothing"
             time.sleep(0.1)
         srv.kill()
         # Without a speed limit the job writes at once, finds the server
@@ -437,10 +436,10 @@ def test_a_cancelled_job_does_not_wait_for_a_reconnection(daemon_kind, start_dae
         ok(q, "block-job-set-speed", device="j0", speed=0)
         seen, since = None, time.monotonic()
         while time.monotonic() - since < 3:
-            (job,) = ok(q, "query-block-jobs")
-            assert job["status"] == "running" and time.monotonic() < deadline + 60, job
-            if job["offset"] != seen:
-                seen, since = job["offset"], time.monotonic()
+            (info,) = ok(q, "query-block-jobs")
+            assert info["status"] == "running" and time.monotonic() < deadline + 60, info
+            if info["offset"] != seen:
+                seen, since = info["offset"], time.monotonic()
             time.sleep(0.1)
         start = time.monotonic()
         if how == "job-cancel":

@@ -118,12 +118,12 @@ impl BlockCopy {
         })
     }
 
-    /// How many clusters the state covers.
     /// The node copies go to.
     pub(crate) fn target(&self) -> Arc<Node> {
         self.target.node()
     }
 
+    /// How many clusters the state covers.
     pub(crate) fn cluster_count(&self) -> usize {
         self.size.div_ceil(self.cluster) as usize
     }

@@ -23,9 +23,9 @@
 //! immediate attempt and fails with EIO if it does not connect; this is
 //! QEMU's behaviour. A job writing to the node that is cancelled by force
 //! ends the delay at once (`cancel_in_flight`), so that `job-cancel` and
-//! shutdown do not wait for it. An attempt (connect and handshake) ends within 10 s,
-//! and within the delay while there is one, whatever the server does
-//! (a server that stopped accepting, or answers slowly).
+//! shutdown do not wait for it. An attempt (connect and handshake) ends
+//! within 10 s, and within the delay while there is one, whatever the
+//! server does (a server that stopped accepting, or answers slowly).
 //!
 //! A reply that breaks the protocol (data outside its read, an unknown
 //! cookie, a bad chunk) ends the connection and fails the requests in
