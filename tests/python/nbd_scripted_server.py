@@ -59,10 +59,14 @@ def well_behaved(req):
 
 class ScriptedServer:
     """Listens on `path`; `reply(req)` gives each request's answer, and
-    `context(n)` the id of base:allocation on connection n (0, 1, ...)."""
+    `context(n)` the id of base:allocation on connection n (0, 1, ...).
+    With `reads=False` it reads nothing after the handshake, as a server
+    that hangs, until it is closed."""
 
-    def __init__(self, path, size, reply=well_behaved, context=lambda n: 1):
+    def __init__(self, path, size, reply=well_behaved, context=lambda n: 1, reads=True):
         self.path, self.size, self.reply, self.context = str(path), size, reply, context
+        self.reads = reads
+        self.closed = threading.Event()
         self.connections = 0
         self.lock = threading.Lock()
         self.open = []
@@ -104,6 +108,7 @@ class ScriptedServer:
         self.listener.listen(0)
 
     def close(self):
+        self.closed.set()
         self.listener.close()
         self.drop_connections()
 
@@ -111,6 +116,9 @@ class ScriptedServer:
         try:
             with conn:
                 self._handshake(conn, n)
+                if not self.reads:
+                    self.closed.wait()
+                    return
                 while True:
                     magic, flags, kind, cookie, offset, length = struct.unpack(">IHHQQI", recv(conn, 28))
                     assert magic == REQUEST_MAGIC

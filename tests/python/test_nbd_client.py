@@ -7,12 +7,15 @@ generator (nbd_load.py) use. With BLKGRAPH_TEST_QSD=1 everything also runs
 with qemu-storage-daemon as the client, whose nbd driver is the reference.
 """
 
+import ctypes
 import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -405,6 +408,81 @@ def test_requests_wait_no_longer_than_reconnect_delay(daemon_kind, start_daemon,
         assert client.stop() == 0
     finally:
         srv.close()
+
+
+def take_socket(pid, peer):
+    """A duplicate (pidfd_getfd) of process pid's UNIX socket connected to
+    the address `peer`."""
+    pidfd_getfd = 438
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except FileNotFoundError:
+                continue
+            fd = libc.syscall(pidfd_getfd, pidfd, int(name), 0)
+            assert fd >= 0, f"pidfd_getfd: {os.strerror(ctypes.get_errno())}"
+            s = socket.socket(fileno=fd)
+            try:
+                if s.family == socket.AF_UNIX and s.getpeername() == peer:
+                    return s
+            except OSError:
+                pass
+            s.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"process {pid} has no socket connected to {peer}")
+
+
+def test_blockdev_del_does_not_wait_for_a_server_that_stopped_reading(daemon_kind, start_daemon, workdir):
+    """A server that reads nothing more, the connection's send buffer
+    full (filled here through a duplicate of the daemon's socket; a
+    server gets there by replying to requests it has not read):
+    blockdev-del of a read-only node, which sends no flush, ends at once.
+    Before, the node's polite NBD_CMD_DISC was a blocking write, with the
+    node's state locked, that never ended, and neither did blockdev-del
+    or the daemon's stop. (A writable node's closing flush waits for its
+    reply as any request does, in QEMU too.)"""
+    if daemon_kind == "qsd":
+        pytest.skip("qemu-storage-daemon's blockdev-del does not end: its NBD client writes NBD_CMD_DISC until the socket takes it")
+    sock = workdir / "scripted.sock"
+    srv = scripted.ScriptedServer(sock, SIZE, reads=False)
+    source = workdir / "source.raw"
+    make_image(source, SIZE)
+    daemon = start_daemon(source, qmp=True)
+    q = connect(daemon)
+    done = threading.Event()
+
+    def delete():
+        ok(q, "blockdev-del", **{"node-name": "remote"})
+        done.set()
+
+    deleter = threading.Thread(target=delete, daemon=True)
+    try:
+        ok(q, "blockdev-add", driver="nbd", export="exp", **{"node-name": "remote", "read-only": True},
+           server={"type": "unix", "path": str(sock)})  # fmt: skip
+        dup = take_socket(daemon.proc.pid, str(sock))
+        filled = 0
+        try:
+            while True:
+                filled += dup.send(bytes(65536), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        assert filled > 0
+        deleter.start()
+        assert done.wait(30), "blockdev-del hung on a server that stopped reading"
+        dup.close()
+        assert "remote" not in [n["node-name"] for n in ok(q, "query-named-block-nodes", flat=True)]
+    finally:
+        # Closing the server's end also ends a blocked write.
+        srv.close()
+        if deleter.is_alive():
+            deleter.join(30)
+        q.close()
+    assert daemon.stop() == 0
 
 
 @pytest.mark.parametrize("how", ["job-cancel", "shutdown"])

@@ -1427,10 +1427,7 @@ impl Nbd {
         if let Conn::Up(Link { sock, .. }) = &state.conn {
             if polite {
                 let cookie = self.shared.cookie.fetch_add(1, Ordering::Relaxed);
-                let msg = proto::request(0, proto::CMD_DISC, cookie, 0, 0);
-                // A short blocking write; the server may be gone already.
-                let mut s: &Sock = sock;
-                let _ = s.write_all(&msg);
+                send_disconnect(sock, cookie);
             }
             sock.shutdown();
         }
@@ -1442,16 +1439,22 @@ impl Nbd {
     }
 }
 
-impl Write for &Sock {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Sock::Unix(s) => (&*s).write(buf),
-            Sock::Tcp(s) => (&*s).write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+/// Sends NBD_CMD_DISC if the socket takes it at once. The socket is shut
+/// down right after, so the request is a courtesy: a server that stopped
+/// reading, its socket's send buffer full, must not hold up the close
+/// (and the node's state with it) for ever.
+fn send_disconnect(sock: &Sock, cookie: u64) {
+    let msg = proto::request(0, proto::CMD_DISC, cookie, 0, 0);
+    // SAFETY: send reads at most msg.len() bytes of msg, which lives
+    // across the call.
+    let _ = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
 }
 
 impl Drop for Nbd {
