@@ -141,8 +141,9 @@ pub struct SourceStats {
 }
 
 impl SourceStats {
-    /// Counts a finished request; called by the source's own thread.
-    pub fn record(&self, s: &Sample) {
+    /// Counts a request that finished at `now` ([`now_ns`]); called by the
+    /// source's own thread.
+    pub fn record(&self, s: &Sample, now: u64) {
         let k = &self.kinds[s.kind as usize];
         match s.outcome {
             Outcome::Invalid => return k.invalid.add(1),
@@ -156,7 +157,7 @@ impl SourceStats {
                 }
             }
         }
-        self.last_done_ns.max(now_ns());
+        self.last_done_ns.max(now);
         if self.histograms_on.load(Ordering::Relaxed) {
             if let Some(h) = &mut self.histograms.lock()[s.kind as usize] {
                 h.record(s.ns);
@@ -363,11 +364,14 @@ mod tests {
     #[test]
     fn sources_sum_up() {
         let (a, b) = (SourceStats::default(), SourceStats::default());
-        a.record(&sample(OpKind::Read, 0, 4096, 10, Outcome::Done));
-        b.record(&sample(OpKind::Read, 0, 512, 30, Outcome::Done));
-        b.record(&sample(OpKind::Write, 8192, 4096, 5, Outcome::Done));
-        a.record(&sample(OpKind::Write, 0, 512, 5, Outcome::Failed));
-        a.record(&sample(OpKind::Flush, 0, 0, 5, Outcome::Invalid));
+        a.record(&sample(OpKind::Read, 0, 4096, 10, Outcome::Done), now_ns());
+        b.record(&sample(OpKind::Read, 0, 512, 30, Outcome::Done), now_ns());
+        b.record(
+            &sample(OpKind::Write, 8192, 4096, 5, Outcome::Done),
+            now_ns(),
+        );
+        a.record(&sample(OpKind::Write, 0, 512, 5, Outcome::Failed), now_ns());
+        a.record(&sample(OpKind::Flush, 0, 0, 5, Outcome::Invalid), now_ns());
         let mut sum = IoStats::default();
         sum.add(&a);
         sum.add(&b);
@@ -385,10 +389,10 @@ mod tests {
     #[test]
     fn histograms_bin_latencies_and_give_percentiles() {
         let s = SourceStats::default();
-        s.record(&sample(OpKind::Read, 0, 1, 5, Outcome::Done));
+        s.record(&sample(OpKind::Read, 0, 1, 5, Outcome::Done), now_ns());
         s.set_histograms(&[Some(vec![10, 100]), None, None, None]);
         for ns in [5, 10, 50, 500] {
-            s.record(&sample(OpKind::Read, 0, 1, ns, Outcome::Done));
+            s.record(&sample(OpKind::Read, 0, 1, ns, Outcome::Done), now_ns());
         }
         let mut sum = IoStats::default();
         sum.add(&s);

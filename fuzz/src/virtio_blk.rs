@@ -183,7 +183,7 @@ pub fn run(data: &[u8]) {
         let request = Request::parse(chain, &memory, &limits, SERIAL);
         let check = Check { head, size, ranges };
         if request.is_done() {
-            check.completion(&memory, request.complete(VIRTIO_BLK_S_OK as u8));
+            check.completion(&memory, request.complete(VIRTIO_BLK_S_OK as u8, 0));
         } else {
             started.push((request, check));
         }
@@ -192,7 +192,7 @@ pub fn run(data: &[u8]) {
         let root = node(capacity);
         block_on(async {
             for (request, check) in started {
-                check.completion(&memory, request.execute(root.clone()).await);
+                check.completion(&memory, request.execute(root.clone(), 0).await);
             }
         })
         .expect("block_on");

@@ -23,7 +23,7 @@ use super::reply::{OutQueue, Reply};
 use super::request::{self, Done, ReadMode, Timed};
 use super::session::{MetaContext, Session};
 use super::socket::Stream;
-use crate::stats::{OpKind, Outcome, Sample, SourceStats};
+use crate::stats::{now_ns, OpKind, Outcome, Sample, SourceStats};
 
 /// Size of the receive buffer.
 const INBUF_SIZE: usize = 256 << 10;
@@ -276,9 +276,11 @@ impl Connection<'_> {
     fn run_executor(&mut self) -> bool {
         let (out, held, stats) = (&mut self.out, &mut self.held, &self.stats);
         let mut done_any = false;
+        // One clock reading for the requests that finished together.
+        let mut now = None;
         self.exec.run(|t| {
             if let Some(sample) = &t.sample {
-                stats.record(sample);
+                stats.record(sample, *now.get_or_insert_with(now_ns));
             }
             *held -= t.done.cost;
             out.push(t.done.reply);
@@ -411,13 +413,14 @@ impl Connection<'_> {
 
     fn fail(&mut self, req: &Request, error: u32, msg: &str) {
         if let Some(kind) = op_kind(req.command) {
-            self.stats.record(&Sample {
+            let sample = Sample {
                 kind,
                 offset: req.offset,
                 bytes: u64::from(req.length),
                 ns: 0,
                 outcome: Outcome::Invalid,
-            });
+            };
+            self.stats.record(&sample, now_ns());
         }
         log::debug!(
             "NBD client {}: command {} failed: {msg}",
@@ -588,7 +591,7 @@ impl Connection<'_> {
         let stats = &self.stats;
         self.exec.run_until_idle(|t| {
             if let Some(sample) = &t.sample {
-                stats.record(sample);
+                stats.record(sample, now_ns());
             }
             *held -= t.done.cost;
             out.push(t.done.reply);

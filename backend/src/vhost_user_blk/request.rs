@@ -109,8 +109,11 @@ pub struct Completion {
     pub head: u16,
     /// Bytes written to the chain.
     pub len: u32,
-    /// What the statistics count, if anything.
+    /// What the statistics count, if anything; its `ns` is left for the
+    /// worker to fill in from `started_ns`.
     pub sample: Option<Sample>,
+    /// When the request was taken from the ring ([`crate::stats::now_ns`]).
+    pub started_ns: u64,
 }
 
 /// A byte stream over guest memory segments.
@@ -397,9 +400,9 @@ impl Request {
         matches!(self.op, Op::Done(_))
     }
 
-    /// Runs the request on `root` and writes its status.
-    pub async fn execute(self, root: Arc<Node>) -> Completion {
-        let start = std::time::Instant::now();
+    /// Runs the request on `root` and writes its status; `started_ns` is
+    /// when it was taken from the ring ([`crate::stats::now_ns`]).
+    pub async fn execute(self, root: Arc<Node>, started_ns: u64) -> Completion {
         let ok = |r: std::io::Result<()>| match r {
             Ok(()) => VIRTIO_BLK_S_OK as u8,
             Err(e) => {
@@ -428,16 +431,13 @@ impl Request {
             }
             Op::Done(status) => *status,
         };
-        let mut completion = self.complete(status);
-        if let Some(s) = &mut completion.sample {
-            s.ns = start.elapsed().as_nanos() as u64;
-        }
-        completion
+        self.complete(status, started_ns)
     }
 
     /// Writes `status` (or the status of a request that needs no I/O) and
-    /// gives the used-ring entry.
-    pub fn complete(self, status: u8) -> Completion {
+    /// gives the used-ring entry of a request taken from the ring at
+    /// `started_ns`.
+    pub fn complete(self, status: u8, started_ns: u64) -> Completion {
         let (status, outcome) = match self.op {
             Op::Done(s) => (s, Outcome::Invalid),
             _ if status == VIRTIO_BLK_S_OK as u8 => (status, Outcome::Done),
@@ -466,6 +466,7 @@ impl Request {
             head: self.head,
             len: self.used_len,
             sample,
+            started_ns,
         }
     }
 }
@@ -536,13 +537,13 @@ mod tests {
         header(&mem, 0x1000, VIRTIO_BLK_T_IN);
         let req = Request::parse(c, &mem, &LIMITS, &[]);
         assert!(req.is_done());
-        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8).len, 0);
+        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8, 0).len, 0);
         // Write data in a wrapping descriptor: IOERR in the status byte.
         let (mem, c) = chain(&[(0x1000, 16, 0), (end, 512, 0), (0x2000, 1, WRITE)]);
         header(&mem, 0x1000, VIRTIO_BLK_T_OUT);
         let req = Request::parse(c, &mem, &LIMITS, &[]);
         assert!(req.is_done());
-        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8).len, 1);
+        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8, 0).len, 1);
         let mut status = [0xffu8];
         mem.read_slice(&mut status, GuestAddress(0x2000)).unwrap();
         assert_eq!(u32::from(status[0]), VIRTIO_BLK_S_IOERR);
@@ -551,6 +552,6 @@ mod tests {
         header(&mem, 0x1000, VIRTIO_BLK_T_FLUSH);
         let req = Request::parse(c, &mem, &LIMITS, &[]);
         assert!(req.is_done());
-        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8).len, 1);
+        assert_eq!(req.complete(VIRTIO_BLK_S_OK as u8, 0).len, 1);
     }
 }

@@ -21,7 +21,7 @@ use super::device::MAX_QUEUE_SIZE;
 use super::inflight::QueueInflight;
 use super::request::{Completion, DeviceLimits, GuestMemory, Request};
 use crate::export::{InFlight, PauseGate, Requests, Source};
-use crate::stats::SourceStats;
+use crate::stats::{now_ns, SourceStats};
 
 /// A vring of this device.
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -188,8 +188,9 @@ impl QueueWorker {
             match chains_at(&memory, desc_table, size, &heads) {
                 // Still marked inflight, under their first counters.
                 Ok((memory, chains)) => {
+                    let now = now_ns();
                     for chain in chains {
-                        self.start(chain, &memory, queue);
+                        self.start(chain, &memory, queue, now);
                     }
                 }
                 Err(e) => log::error!("cannot resubmit the requests left in flight: {e}"),
@@ -205,21 +206,31 @@ impl QueueWorker {
                 .take(size)
                 .collect()
         };
+        // One clock reading for the batch: the requests were all waiting.
+        let now = if chains.is_empty() { 0 } else { now_ns() };
         for chain in chains {
             if let Some(inflight) = &mut self.inflight {
                 inflight.mark(chain.head_index());
             }
-            self.start(chain, &memory, queue);
+            self.start(chain, &memory, queue, now);
         }
         self.run(vring)
     }
 
-    fn start(&mut self, chain: Chain, memory: &Arc<GuestMemory>, queue: &QueueContext<'_>) {
+    /// Starts the request of `chain`, taken from the ring at `now`
+    /// ([`now_ns`]).
+    fn start(
+        &mut self,
+        chain: Chain,
+        memory: &Arc<GuestMemory>,
+        queue: &QueueContext<'_>,
+        now: u64,
+    ) {
         let req = Request::parse(chain, memory, &queue.limits, queue.serial);
         if req.is_done() {
-            self.done.push(req.complete(0));
+            self.done.push(req.complete(0, now));
         } else {
-            self.executor.spawn(req.execute(queue.root.clone()));
+            self.executor.spawn(req.execute(queue.root.clone(), now));
         }
     }
 
@@ -268,10 +279,13 @@ impl QueueWorker {
         if self.done.is_empty() {
             return Ok(());
         }
+        // One clock reading for the batch, which finished together.
+        let now = now_ns();
         let mut state = vring.get_mut();
         for c in self.done.drain(..) {
-            if let Some(sample) = &c.sample {
-                self.stats.record(sample);
+            if let Some(mut sample) = c.sample {
+                sample.ns = now.saturating_sub(c.started_ns);
+                self.stats.record(&sample, now);
             }
             if let Some(inflight) = &self.inflight {
                 inflight.before_used(c.head);
@@ -326,9 +340,10 @@ impl QueueWorker {
         if chains.is_empty() {
             return;
         }
+        let now = now_ns();
         for chain in chains {
             let req = Request::parse(chain, &memory, limits, &[]);
-            self.done.push(req.complete(VIRTIO_BLK_S_IOERR as u8));
+            self.done.push(req.complete(VIRTIO_BLK_S_IOERR as u8, now));
         }
         if let Err(e) = self.run(&vring) {
             log::warn!("failing the requests left in a queue: {e}");
