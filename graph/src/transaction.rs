@@ -902,6 +902,39 @@ mod tests {
         assert_eq!(counts(), (3, 3));
     }
 
+    /// Issue 7, defect 5: a quiesce resumed every export present when it
+    /// ended, so an export added meanwhile got a resume without a pause,
+    /// its counter wrapped and it never took a request again. A section
+    /// ends only the parents it paused.
+    #[test]
+    fn an_export_added_during_a_drained_section_is_not_resumed_by_it() {
+        let first = Arc::new(Export::default());
+        let g = base_with(first.clone());
+        let section = g.drained();
+        let added = Arc::new(Export::default());
+        g.attach_export(
+            "vub1",
+            "disk0",
+            Permission::CONSISTENT_READ,
+            Permission::ALL,
+            added.clone(),
+        )
+        .unwrap();
+        drop(section);
+        let counts = |e: &Export| {
+            (
+                e.paused.load(Ordering::SeqCst),
+                e.resumed.load(Ordering::SeqCst),
+            )
+        };
+        assert_eq!(counts(&first), (1, 1));
+        assert_eq!(counts(&added), (0, 0));
+        // The next section pauses and resumes both.
+        drop(g.drained());
+        assert_eq!(counts(&first), (2, 2));
+        assert_eq!(counts(&added), (1, 1));
+    }
+
     #[test]
     fn a_lost_bitmap_is_inconsistent_and_unusable() {
         let g = base();
