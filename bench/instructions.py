@@ -27,14 +27,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402
 
-
-def log(msg):
-    print(f"[instructions] {msg}", file=sys.stderr, flush=True)
+SCENARIO = {"rw": "randread", "bs": 4096, "queues": 1}
 
 
 def top_functions(out_file, requests, count):
@@ -57,41 +55,30 @@ def top_functions(out_file, requests, count):
 def measure(binary, bench, runtime, iodepth, top):
     with tempfile.TemporaryDirectory(prefix="blkgraph-instr-") as d:
         d = Path(d)
-        socket, out = d / "vub.sock", d / "callgrind.out"
-        cmd = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-            str(binary),
+        socket, pidfile, out = d / "vub.sock", d / "daemon.pid", d / "callgrind.out"
+        args = [
+            "--tool=callgrind", f"--callgrind-out-file={out}", str(binary),
             "--blockdev", "driver=null-co,node-name=disk0,size=1073741824",
             "--export",
-            f"type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,addr.path={socket},"
-            "writable=on,num-queues=1,logical-block-size=512,x-poll-us=0",
+            f"type=vhost-user-blk,id=vub0,node-name=disk0,addr.type=unix,"
+            f"addr.path={compare.qemu_escape(socket)},writable=on,num-queues=1,"
+            "logical-block-size=512,x-poll-us=0",
+            "--pidfile", str(pidfile),
         ]  # fmt: skip
-        with open(d / "daemon.log", "w") as logf:
-            daemon = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+        # valgrind runs the daemon in its own process: the pidfile names it.
+        daemon = compare.Daemon("valgrind", args, d, pidfile, socket, "callgrind")
         try:
-            deadline = time.monotonic() + 60
-            while not socket.exists():
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"{binary} did not start: {(d / 'daemon.log').read_text()[-2000:]}")
-                time.sleep(0.1)
-            p = subprocess.run(
-                [str(bench), "--socket", str(socket), "--rw", "randread", "--bs", "4096",
-                 "--iodepth", str(iodepth), "--runtime", str(runtime)],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if p.returncode != 0:
-                raise SystemExit(f"blkgraph-bench failed: {p.stderr.strip()}")
-            result = json.loads(p.stdout)
+            sc = dict(SCENARIO, iodepth=iodepth)
+            result = compare.run_bench(bench, socket, daemon.proc.pid, sc, runtime, 0)
         finally:
-            daemon.terminate()
-            daemon.wait(120)
+            daemon.stop()
         requests = result["ios"]
         instructions = None
         for line in out.read_text(errors="replace").splitlines():
             if line.startswith("summary:") or line.startswith("totals:"):
                 instructions = int(line.split()[1])
         if not instructions or not requests:
-            raise SystemExit(f"no count for {binary}")
+            raise compare.Fatal(f"no count for {binary}")
         return {
             "binary": str(binary),
             "requests": requests,
@@ -110,15 +97,15 @@ def main():
     ap.add_argument("--top", type=int, default=15, help="functions listed per binary")
     ap.add_argument("--output", type=Path, help="also write the JSON summary here")
     args = ap.parse_args()
-    binaries = args.binaries or [REPO / "target/release/blkgraph"]
-    bench = Path(os.environ.get("BENCH_BIN", REPO / "target/release/blkgraph-bench"))
+    binaries = args.binaries or [compare.REPO / "target/release/blkgraph"]
+    bench = Path(os.environ.get("BENCH_BIN", compare.REPO / "target/release/blkgraph-bench"))
     if not bench.exists():
-        raise SystemExit(f"{bench} is missing: cargo build --release -p blkgraph-bench")
+        raise compare.Fatal(f"{bench} is missing: cargo build --release -p blkgraph-bench")
     results = []
     for b in binaries:
-        log(f"{b}: {args.runtime} s under callgrind")
+        compare.log(f"{b}: {args.runtime} s under callgrind")
         r = measure(b, bench, args.runtime, args.iodepth, args.top)
-        log(f"  {r['requests']} requests, {r['instructions_per_request']} instructions each")
+        compare.log(f"  {r['requests']} requests, {r['instructions_per_request']} instructions each")
         results.append(r)
     summary = {"runtime_s": args.runtime, "iodepth": args.iodepth, "results": results}
     text = json.dumps(summary, indent=2)
@@ -128,4 +115,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except compare.Fatal as e:
+        print(f"instructions.py: {e}", file=sys.stderr)
+        sys.exit(1)
